@@ -1,0 +1,86 @@
+"""The root ``medcli`` command: global options, command groups, and the error boundary.
+
+Each command module exposes ``register(root)`` and is imported here; none of them imports torch at
+module level.  ``MedcliGroup.invoke`` is the single place where a ``MedcliError`` becomes one red line on
+stderr and an exit code (the same path for the console script and for ``CliRunner`` tests).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from typer.core import TyperGroup
+
+from medcli import __version__
+from medcli.cli import console
+from medcli.errors import EXIT_CODES, MedcliError
+
+
+class MedcliGroup(TyperGroup):
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except MedcliError as e:
+            if console.verbose():
+                console.err.print_exception(show_locals=False)
+            console.print_error(str(e))
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            console.print_error("interrupted; partial downloads and checkpoints are kept for --resume")
+            raise typer.Exit(130) from None
+
+
+_exit_codes = " · ".join(f"{code} {what.split(':')[0]}" for code, what in EXIT_CODES.items())
+
+app = typer.Typer(
+    cls=MedcliGroup,
+    name="medcli",
+    help=(
+        "Grade glioma MRI (LGG vs HGG) with MedicalNet-pretrained 3D ResNets.\n\n"
+        "Fetch and verify weights, index data, train with patient-level stratified k-fold CV, evaluate "
+        "with confidence intervals, and predict on new scans."
+    ),
+    epilog=f"Exit codes: {_exit_codes}.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"medcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show full key lists and tracebacks (also MEDCLI_DEBUG=1)."
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    console.set_verbose(verbose)
+
+
+def _register_commands() -> None:
+    # One module per command group; order here is the order in `medcli --help`.
+    from medcli.cli import bench, data, evaluate, plugins, predict, train, weights
+
+    for module in (weights, data, train, evaluate, predict, plugins, bench):
+        module.register(app)
+
+
+_register_commands()
+
+
+def main() -> None:
+    app(prog_name="medcli")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

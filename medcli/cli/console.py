@@ -1,0 +1,53 @@
+"""Rendering shared by all commands: consoles, error lines, JSON output, progress.
+
+stdout carries results only (tables, or JSON under ``--json``); messages, warnings and progress go to
+stderr.  Rich turns colour off by itself under ``NO_COLOR`` or when the stream is not a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from rich.console import Console
+
+# Width is only a fallback for non-terminals (CI logs); Rich measures real terminals itself.
+out = Console(soft_wrap=False)
+err = Console(stderr=True)
+
+_state = {"verbose": os.environ.get("MEDCLI_DEBUG", "") not in ("", "0")}
+
+
+def set_verbose(flag: bool) -> None:
+    _state["verbose"] = _state["verbose"] or flag
+
+
+def verbose() -> bool:
+    return _state["verbose"]
+
+
+def info(message: str) -> None:
+    """An INFO line on stderr (the seed's log voice)."""
+    err.print(f"INFO: {message}", highlight=False, markup=False)
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]WARNING:[/] {message}", highlight=False)
+
+
+def print_error(message: str) -> None:
+    """The one red line an error gets."""
+    err.print(f"[bold red]Error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+
+
+def print_json(data: Any) -> None:
+    """JSON, and nothing else, on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def progress_enabled() -> bool:
+    """Progress bars only on an interactive stderr: CI logs stay readable."""
+    return err.is_terminal

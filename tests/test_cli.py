@@ -1,0 +1,83 @@
+"""The CLI surface: help for every command, no torch at help time, errors as one line + exit code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from medcli.errors import EXIT_CODES, DataError, MedcliError
+
+
+def _all_command_paths():
+    from typer.main import get_command
+
+    from medcli.cli.app import app
+
+    def walk(cmd, prefix):
+        yield prefix
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, [*prefix, name])
+
+    return list(walk(get_command(app), []))
+
+
+@pytest.mark.parametrize("path", _all_command_paths(), ids=lambda p: " ".join(p) or "medcli")
+def test_every_command_has_help(cli, path):
+    result = cli(*path, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+@pytest.mark.parametrize("args", [["--help"], ["weights", "--help"]])
+def test_help_does_not_import_torch(args):
+    code = (
+        "import sys\n"
+        "from medcli.cli.app import main\n"
+        f"sys.argv = ['medcli', *{args!r}]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "assert 'torch' not in sys.modules, 'torch imported by --help'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_version(cli):
+    from medcli import __version__
+
+    result = cli("--version")
+    assert result.exit_code == 0
+    assert __version__ in result.output
+
+
+def test_exit_codes_are_distinct_and_documented():
+    import medcli.errors as errors
+
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, MedcliError)]
+    for c in classes:
+        assert c.exit_code in EXIT_CODES, c
+    assert DataError("x").exit_code == 3
+
+
+def test_medcli_error_becomes_one_line_and_exit_code(monkeypatch):
+    """A MedcliError raised inside any command is rendered by the root group, not as a traceback."""
+    import typer
+    from typer.testing import CliRunner
+
+    from medcli.cli.app import MedcliGroup
+
+    app = typer.Typer(cls=MedcliGroup)
+
+    @app.command()
+    def boom():
+        raise DataError("scan.nii.gz has NaN voxels", hint="fix the file or drop the subject")
+
+    @app.command()
+    def other():
+        pass
+
+    result = CliRunner().invoke(app, ["boom"])
+    assert result.exit_code == 3
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "NaN voxels" in lines[0] and "fix the file" in lines[0]
