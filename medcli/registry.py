@@ -26,13 +26,11 @@ def suggest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
 
 
 def unknown_name_error(kind: str, name: str, candidates: Iterable[str]) -> UnknownNameError:
-    cands = sorted(candidates)
+    cands = sorted(candidates, key=str.lower)
     close = suggest(name, cands)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else None
-    return UnknownNameError(
-        f"unknown {kind} {name!r}; choose one of: {', '.join(cands)}",
-        hint=hint,
-    )
+    choices = f"choose one of: {', '.join(cands)}" if cands else f"no {kind} is available"
+    return UnknownNameError(f"unknown {kind} {name!r}; {choices}", hint=hint)
 
 
 class Registry:
@@ -60,9 +58,11 @@ class Registry:
         return normalize(name) in self._items
 
     def names(self) -> list[str]:
-        return sorted(self._display.values())
+        return sorted(self._display.values(), key=str.lower)
 
     def get(self, name: str) -> Callable[..., Any]:
+        if not isinstance(name, str):
+            raise unknown_name_error(self.kind, repr(name), self.names())
         try:
             return self._items[normalize(name)]
         except KeyError:
