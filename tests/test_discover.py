@@ -1,0 +1,328 @@
+"""Discovery of BraTS layouts and CSV manifests from real (tiny) NIfTI trees, quirks and problems included."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers_data import TINY, copy_tree, lps_affine, truncate, write_subject, write_volume
+
+from medcli.data import MODALITIES
+from medcli.data.discover import Subject, discover
+from medcli.data.synth import synth_cohort
+from medcli.errors import DataError
+
+N = 12
+
+
+@pytest.fixture(scope="module")
+def cohorts(tmp_path_factory) -> dict[str, Path]:
+    """One synthetic cohort per layout (same seed: the 2019 and 2020 ones are the same patients)."""
+    base = tmp_path_factory.mktemp("cohorts")
+    out = {}
+    for layout in ("2020", "2019", "csv"):
+        out[layout] = synth_cohort(
+            base / "both" / layout if layout != "csv" else base / "csv", N, TINY, layout
+        ).out
+    return out
+
+
+def _truth(root: Path) -> dict[str, str]:
+    info = json.loads((root / "synth_info.json").read_text())
+    return {s["subject_id"]: s["grade"] for s in info["subjects"]}
+
+
+def _problem(cohort, subject_id: str):
+    hits = [p for p in cohort.problems if p.subject == subject_id]
+    assert hits, f"no problem recorded for {subject_id}: {cohort.problems}"
+    return hits[0]
+
+
+# ----------------------------------------------------------------------------------------------- layouts
+
+
+def test_brats2020_flat_layout_grades_from_name_mapping(cohorts):
+    cohort = discover(cohorts["2020"])
+    assert cohort.layout == "brats2020"
+    assert not cohort.problems
+    assert {s.subject_id: s.grade for s in cohort.subjects} == _truth(cohorts["2020"])
+    s = cohort.subjects[0]
+    assert s.subject_id == "BraTS20_Training_001"
+    assert list(s.paths) == list(MODALITIES)
+    assert s.paths["t1ce"].name == "BraTS20_Training_001_t1ce.nii.gz"
+    assert s.seg is not None and s.seg.name.endswith("_seg.nii.gz")
+    assert s.patient_id == s.subject_id and s.source == "brats2020"
+    assert s.label == (1 if s.grade == "HGG" else 0)
+    assert cohort.required_modalities == MODALITIES
+
+
+def test_brats2019_graded_folders(cohorts):
+    cohort = discover(cohorts["2019"])
+    assert cohort.layout == "brats2019"
+    truth = _truth(cohorts["2019"])
+    assert {s.subject_id: s.grade for s in cohort.subjects} == truth
+    for s in cohort.subjects:
+        assert s.paths["t1"].parent.parent.name == s.grade  # the grade folder
+
+
+def test_csv_manifest_in_folder_and_as_file(cohorts):
+    by_folder = discover(cohorts["csv"])
+    by_file = discover(cohorts["csv"] / "manifest.csv")
+    assert by_folder.layout == by_file.layout == "csv"
+    assert [s.to_dict() for s in by_folder.subjects] == [s.to_dict() for s in by_file.subjects]
+    assert {s.subject_id: s.grade for s in by_folder.subjects} == _truth(cohorts["csv"])
+    assert by_folder.subjects[0].patient_id == "patient_001"
+
+
+def test_csv_with_numeric_labels_shared_patients_and_partial_columns(tmp_path):
+    for sid in ("a1", "a2", "b1", "c1"):
+        write_subject(tmp_path / "scans", sid, ("t1ce", "flair"))
+    rows = [
+        ("Subject_ID", "Patient", "Label", "T1c", "FLAIR"),  # aliases and capitals
+        ("a1", "pa", "1", "scans/a1/a1_t1ce.nii.gz", "scans/a1/a1_flair.nii.gz"),
+        ("a2", "pa", "1", "scans/a2/a2_t1ce.nii.gz", "scans/a2/a2_flair.nii.gz"),
+        ("b1", "pb", "0", "scans/b1/b1_t1ce.nii.gz", "scans/b1/b1_flair.nii.gz"),
+        ("c1", "", "", "scans/c1/c1_t1ce.nii.gz", "scans/c1/c1_flair.nii.gz"),
+    ]
+    manifest = tmp_path / "cohort.csv"
+    with open(manifest, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    cohort = discover(manifest)
+    by_id = {s.subject_id: s for s in cohort.subjects}
+    assert set(by_id) == {"a1", "a2", "b1", "c1"}
+    assert by_id["a1"].patient_id == by_id["a2"].patient_id == "pa"
+    assert by_id["c1"].patient_id == "c1"  # defaults to the subject id
+    assert (by_id["a1"].grade, by_id["b1"].grade, by_id["c1"].grade) == ("HGG", "LGG", None)
+    assert cohort.required_modalities == ("t1ce", "flair")  # only the columns the manifest has
+    assert by_id["b1"].paths["t1ce"] == tmp_path / "scans/b1/b1_t1ce.nii.gz"
+    assert [s.subject_id for s in cohort.require_labels()] == ["a1", "a2", "b1"]
+    assert _problem(cohort, "c1").severity == "warning"
+
+
+def test_csv_bad_label_missing_file_and_not_a_manifest(tmp_path):
+    write_subject(tmp_path, "x", ("t1ce",))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("subject_id,grade,t1ce\nx,GBM,x/x_t1ce.nii.gz\ny,LGG,y/missing_t1ce.nii.gz\n")
+    cohort = discover(manifest)
+    assert [s.subject_id for s in cohort.subjects] == ["x"] and cohort.subjects[0].grade is None
+    assert "'GBM'" in _problem(cohort, "x").what
+    assert "not found" in _problem(cohort, "y").what
+    assert [s.subject_id for s in cohort.excluded] == ["y"]
+
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match="not a subject manifest"):
+        discover(other)
+
+
+def test_brats2018_capitalisation_and_uncompressed_nii(tmp_path):
+    root = tmp_path / "MICCAI_BraTS_2018_Data_Training"
+    write_subject(root / "HGG", "Brats18_CBICA_AAB_1", ext=".nii")
+    write_subject(root / "LGG", "Brats18_2013_0_1")
+    (root / "survival_data.csv").write_text("Brats18ID,Age,Survival\nBrats18_CBICA_AAB_1,60,289\n")
+    cohort = discover(root)
+    assert cohort.layout == "brats2018"
+    assert {s.subject_id: s.grade for s in cohort.subjects} == {
+        "Brats18_CBICA_AAB_1": "HGG",
+        "Brats18_2013_0_1": "LGG",
+    }
+    hgg = next(s for s in cohort.subjects if s.grade == "HGG")
+    assert hgg.paths["flair"].name == "Brats18_CBICA_AAB_1_flair.nii"
+    # One grade folder on its own keeps its grade.
+    assert [(s.subject_id, s.grade) for s in discover(root / "LGG").subjects] == [("Brats18_2013_0_1", "LGG")]
+
+
+def test_odd_segmentation_name_of_training_355(tmp_path, cohorts):
+    root = copy_tree(cohorts["2020"], tmp_path / "b20")
+    folder = root / "BraTS20_Training_003"
+    (folder / "BraTS20_Training_003_seg.nii.gz").rename(folder / "W39_1998.09.19_Segm.nii.gz")
+    cohort = discover(root)
+    s = next(s for s in cohort.subjects if s.subject_id == "BraTS20_Training_003")
+    assert s.seg is not None and s.seg.name == "W39_1998.09.19_Segm.nii.gz"
+    assert not cohort.problems
+
+
+def test_brats2021_has_no_grade_and_is_refused_for_training(tmp_path):
+    root = tmp_path / "RSNA_ASNR_MICCAI_BraTS2021_TrainingData"
+    for sid in ("BraTS2021_00000", "BraTS2021_00002"):
+        write_subject(root, sid)
+    cohort = discover(root)
+    assert cohort.layout == "brats2021"
+    assert len(cohort.subjects) == 2 and all(s.grade is None and s.label is None for s in cohort.subjects)
+    assert any("no LGG/HGG grade" in n for n in cohort.notes)
+    with pytest.raises(DataError, match="no LGG/HGG grade") as e:
+        cohort.require_labels()
+    assert "predict" in str(e.value)
+
+
+def test_brats2023_modality_names_map_to_canonical(tmp_path):
+    write_subject(tmp_path / "gli", "BraTS-GLI-00000-000", ("t1n", "t1c", "t2w", "t2f", "seg"), sep="-")
+    cohort = discover(tmp_path / "gli")
+    assert cohort.layout == "brats2023"
+    s = cohort.subjects[0]
+    assert s.paths["t1ce"].name == "BraTS-GLI-00000-000-t1c.nii.gz"
+    assert s.paths["flair"].name.endswith("-t2f.nii.gz") and s.paths["t1"].name.endswith("-t1n.nii.gz")
+
+
+def test_flat_folders_without_name_mapping_are_unlabelled(tmp_path, cohorts):
+    root = copy_tree(cohorts["2020"], tmp_path / "b20")
+    (root / "name_mapping.csv").unlink()
+    cohort = discover(root)
+    assert len(cohort.subjects) == N and cohort.grade_counts()["unlabelled"] == N
+    with pytest.raises(DataError, match="name_mapping.csv"):
+        cohort.require_labels()
+
+
+def test_2019_and_2020_are_deduplicated_through_name_mapping(cohorts):
+    parent = cohorts["2020"].parent  # holds both years
+    for cohort in (discover(parent), discover(cohorts["2019"], cohorts["2020"])):
+        assert len(cohort.subjects) == N
+        assert {s.source for s in cohort.subjects} == {"brats2020"}  # the newer copy is kept
+        assert set(cohort.layout.split("+")) == {"brats2019", "brats2020"}
+        assert any(f"{N} brats2019 subjects reappear in brats2020" in n for n in cohort.notes)
+
+
+def test_same_root_twice_is_not_a_duplicate(cohorts):
+    assert len(discover(cohorts["2020"], cohorts["2020"]).subjects) == N
+
+
+# ----------------------------------------------------------------------------------------------- problems
+
+
+def test_problem_subjects_are_reported_and_set_aside(tmp_path, cohorts):
+    root = copy_tree(cohorts["2020"], tmp_path / "b20")
+
+    def f(i: int, modality: str) -> Path:
+        return root / f"BraTS20_Training_{i:03d}" / f"BraTS20_Training_{i:03d}_{modality}.nii.gz"
+
+    f(1, "flair").unlink()  # missing modality
+    truncate(f(2, "t1ce"))  # interrupted download
+    f(3, "t2").write_text("<html>Access denied</html>")  # not a NIfTI at all
+    write_volume(f(4, "t1"), shape=(20, 24, 16))  # a different grid
+    shifted = lps_affine()
+    shifted[0, 3] += 5.0
+    write_volume(f(5, "t2"), affine=shifted)  # same shape, different position
+    write_volume(f(6, "t1").with_name("BraTS20_Training_006_t1.nii"))  # a second t1 file
+
+    cohort = discover(root)
+    expected = {
+        "BraTS20_Training_001": "missing flair",
+        "BraTS20_Training_002": "truncated",
+        "BraTS20_Training_003": "HTML",
+        "BraTS20_Training_004": "shape (20, 24, 16) differs",
+        "BraTS20_Training_005": "affine differs",
+        "BraTS20_Training_006": "2 files for t1",
+    }
+    for sid, what in expected.items():
+        problem = _problem(cohort, sid)
+        assert what in problem.what and problem.hint and problem.severity == "error"
+    assert sorted(s.subject_id for s in cohort.excluded) == sorted(expected)
+    assert len(cohort.subjects) == N - len(expected)
+    assert not set(expected) & {s.subject_id for s in cohort.subjects}
+    json.dumps(cohort.to_dict())  # JSON-ready, problems included
+
+
+def test_required_modalities_decide_what_is_missing(tmp_path, cohorts):
+    root = copy_tree(cohorts["2020"], tmp_path / "b20")
+    (root / "BraTS20_Training_001" / "BraTS20_Training_001_flair.nii.gz").unlink()
+    assert len(discover(root).subjects) == N - 1
+    cohort = discover(root, modalities=["T1c"])  # alias accepted
+    assert len(cohort.subjects) == N and cohort.required_modalities == ("t1ce",)
+    with pytest.raises(DataError, match="unknown modality"):
+        discover(root, modalities=["dwi"])
+
+
+def test_truncated_uncompressed_file_is_caught_from_its_size(tmp_path):
+    root = tmp_path / "flat"
+    write_subject(root, "case1", ext=".nii")
+    truncate(root / "case1" / "case1_t2.nii", keep=0.8)
+    cohort = discover(root)
+    assert "truncated" in _problem(cohort, "case1").what
+    with pytest.raises(DataError, match="no usable subject"):
+        cohort.require_usable()
+
+
+def test_bad_segmentation_is_a_warning_only(tmp_path):
+    root = tmp_path / "flat"
+    write_subject(root, "case1")
+    write_volume(root / "case1" / "case1_seg.nii.gz", shape=(16, 16, 16), dtype=np.uint8)
+    cohort = discover(root)
+    assert len(cohort.subjects) == 1 and cohort.subjects[0].seg is None
+    assert _problem(cohort, "case1").severity == "warning"
+
+
+def test_nothing_found_and_missing_path_are_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no BraTS subjects or CSV manifest"):
+        discover(tmp_path / "empty")
+    with pytest.raises(DataError, match="does not exist"):
+        discover(tmp_path / "nope")
+    single = write_volume(tmp_path / "scan_t1ce.nii.gz")
+    with pytest.raises(DataError, match="single NIfTI file"):
+        discover(single)
+
+
+def test_subject_folder_itself_is_one_subject(tmp_path):
+    folder = write_subject(tmp_path, "BraTS20_Training_042")
+    cohort = discover(folder)
+    assert [s.subject_id for s in cohort.subjects] == ["BraTS20_Training_042"]
+
+
+def test_subject_grade_and_label_agree():
+    assert Subject("a", grade="hgg").label == 1
+    assert Subject("b", label=0).grade == "LGG"
+    with pytest.raises(ValueError):
+        Subject("c", grade="HGG", label=0)
+
+
+def test_discovery_reads_headers_only(tmp_path, monkeypatch):
+    """Voxel data are never read: a file whose image bytes are garbage (size intact) still indexes."""
+    root = tmp_path / "flat"
+    write_subject(root, "case1", ext=".nii")
+    path = root / "case1" / "case1_t1.nii"
+    raw = bytearray(path.read_bytes())
+    raw[400:] = b"\xff" * (len(raw) - 400)
+    path.write_bytes(bytes(raw))
+    import nibabel
+
+    def no_data(*a, **k):  # any attempt to load an image's voxels fails the test
+        raise AssertionError("discover read voxel data")
+
+    monkeypatch.setattr(nibabel.Nifti1Image, "get_fdata", no_data)
+    monkeypatch.setattr(nibabel, "load", no_data)
+    assert len(discover(root).subjects) == 1
+
+
+def test_loose_files_of_several_subjects_are_grouped_by_name(tmp_path):
+    for sid in ("p01", "p02"):
+        for token in ("t1ce", "flair"):
+            write_volume(tmp_path / "scans" / f"{sid}_{token}.nii.gz")
+    cohort = discover(tmp_path / "scans", modalities=["t1ce", "flair"])
+    assert [s.subject_id for s in cohort.subjects] == ["p01", "p02"]
+    assert cohort.subjects[1].paths["flair"].name == "p02_flair.nii.gz"
+    assert all(s.grade is None for s in cohort.subjects)
+
+
+def test_2018_and_2020_linked_through_the_2020_mapping(tmp_path):
+    old = tmp_path / "b18"
+    write_subject(old / "HGG", "Brats18_CBICA_AAB_1")
+    write_subject(old / "LGG", "Brats18_2013_0_1")
+    new = tmp_path / "b20"
+    write_subject(new, "BraTS20_Training_001")
+    write_subject(new, "BraTS20_Training_002")
+    (new / "name_mapping.csv").write_text(
+        "Grade,BraTS_2017_subject_ID,BraTS_2018_subject_ID,TCGA_TCIA_subject_ID,BraTS_2019_subject_ID,"
+        "BraTS_2020_subject_ID\n"
+        "HGG,NA,Brats18_CBICA_AAB_1,NA,BraTS19_CBICA_AAB_1,BraTS20_Training_001\n"
+        "LGG,NA,NA,NA,NA,BraTS20_Training_002\n"
+    )
+    cohort = discover(old, new)
+    assert sorted(s.subject_id for s in cohort.subjects) == [
+        "BraTS20_Training_001",
+        "BraTS20_Training_002",
+        "Brats18_2013_0_1",  # not in the 2020 mapping: a patient of its own
+    ]
+    assert any("1 brats2018 subject reappears in brats2020" in n for n in cohort.notes)
