@@ -1,0 +1,259 @@
+"""A verified on-disk cache of preprocessed arrays (nnU-Net style: preprocess once, memory-map every epoch).
+
+Layout under the cache root (``medcli.paths.cache_dir()`` by default)::
+
+    <root>/<cfg.key()>/config.json                   the PreprocessConfig these arrays were made with
+    <root>/<cfg.key()>/<subject>-<sources>.npy       float32 [C, D, H, W], read with np.load(mmap_mode="r")
+    <root>/<cfg.key()>/<subject>-<sources>.json      geometry + the source files' identity
+
+``<sources>`` hashes each source file's resolved path, size and mtime_ns, and the directory is the config's
+key, so an edited config or a modified scan is never served stale: it simply maps to another entry.
+
+Writers put each file in place with ``os.replace`` from a temp file in the same directory (an atomic
+rename on POSIX), JSON first and array last; readers only trust an entry whose array exists, loads, has the
+expected shape/dtype and whose JSON names the same sources.  So concurrent DDP ranks or DataLoader workers
+that miss at once all preprocess and all write identical bytes, and nobody ever reads a half-written file.
+Nothing is held in RAM: arrays are memory-mapped (the OS page cache does the caching).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medcli.data.preprocess import Geometry, PreprocessConfig, preprocess
+from medcli.errors import DataError, MedcliError
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write ``path`` through a temp file in its directory, fsync, then ``os.replace`` it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _source_identity(paths: Mapping[str, str | Path], cfg: PreprocessConfig) -> list[list[Any]]:
+    """``[modality, resolved path, size, mtime_ns]`` for each modality the config uses."""
+    paths = {str(k).lower(): v for k, v in paths.items() if v is not None}
+    identity = []
+    for m in cfg.modalities:
+        if m not in paths:
+            return []  # preprocess() raises the proper "missing modality" error
+        p = Path(paths[m]).resolve()
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            raise DataError(
+                f"{p}: file not found", hint="check the path, or re-index the data folder"
+            ) from None
+        identity.append([m, str(p), st.st_size, st.st_mtime_ns])
+    return identity
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    array_path: Path
+    meta_path: Path
+    sources: list[list[Any]] = field(hash=False)
+
+
+class PreprocessCache:
+    """Preprocessed arrays on disk, keyed by the source files and the config.  Picklable (holds a path)."""
+
+    def __init__(self, root: str | Path | None = None):
+        if root is None:
+            from medcli.paths import cache_dir
+
+            root = cache_dir()
+        self.root = Path(root).expanduser()
+
+    def __repr__(self) -> str:
+        return f"PreprocessCache({str(self.root)!r})"
+
+    def config_dir(self, cfg: PreprocessConfig) -> Path:
+        return self.root / cfg.key()
+
+    def entry(self, subject_id: str, paths: Mapping[str, str | Path], cfg: PreprocessConfig) -> CacheEntry:
+        sources = _source_identity(paths, cfg)
+        digest = hashlib.sha256(json.dumps(sources).encode()).hexdigest()[:16]
+        stem = f"{_UNSAFE.sub('_', subject_id)}-{digest}"
+        folder = self.config_dir(cfg)
+        return CacheEntry(folder / f"{stem}.npy", folder / f"{stem}.json", sources)
+
+    def lookup(
+        self, subject_id: str, paths: Mapping[str, str | Path], cfg: PreprocessConfig
+    ) -> np.ndarray | None:
+        """The cached array (read-only memmap), or None when absent, stale or unreadable."""
+        entry = self.entry(subject_id, paths, cfg)
+        return self._read(entry, cfg)
+
+    def _read(self, entry: CacheEntry, cfg: PreprocessConfig) -> np.ndarray | None:
+        if not entry.sources:
+            return None
+        try:
+            array = np.load(entry.array_path, mmap_mode="r")
+            meta = json.loads(entry.meta_path.read_text())
+        except (OSError, ValueError, EOFError):  # absent, or damaged by something outside medcli
+            return None
+        expected = (cfg.in_channels, *cfg.input_size)
+        if array.shape != expected or array.dtype != np.float32 or meta.get("sources") != entry.sources:
+            return None
+        return array
+
+    def get_or_create(
+        self, subject_id: str, paths: Mapping[str, str | Path], cfg: PreprocessConfig
+    ) -> np.ndarray:
+        """The subject's preprocessed array, preprocessing and storing it on a miss."""
+        entry = self.entry(subject_id, paths, cfg)
+        array = self._read(entry, cfg)
+        if array is None:
+            self._create(entry, subject_id, paths, cfg)
+            array = self._read(entry, cfg)
+            if array is None:  # pragma: no cover - only if the disk lies to us
+                raise DataError(
+                    f"cache entry {entry.array_path} could not be read back after writing",
+                    hint="check free space and permissions of the cache directory (--cache / MEDCLI_CACHE)",
+                )
+        return array
+
+    def ensure(self, subject_id: str, paths: Mapping[str, str | Path], cfg: PreprocessConfig) -> bool:
+        """Make sure the entry exists; True when it had to be preprocessed now (False: already cached)."""
+        entry = self.entry(subject_id, paths, cfg)
+        if self._read(entry, cfg) is not None:
+            return False
+        self._create(entry, subject_id, paths, cfg)
+        return True
+
+    def geometry(self, subject_id: str, paths: Mapping[str, str | Path], cfg: PreprocessConfig) -> Geometry:
+        """The subject's geometry (for mapping model-space outputs back onto the scan)."""
+        self.get_or_create(subject_id, paths, cfg)
+        meta = json.loads(self.entry(subject_id, paths, cfg).meta_path.read_text())
+        return Geometry.from_dict(meta["geometry"])
+
+    def _create(
+        self, entry: CacheEntry, subject_id: str, paths: Mapping[str, str | Path], cfg: PreprocessConfig
+    ) -> None:
+        result = preprocess(paths, cfg, subject_id=subject_id)
+        folder = entry.array_path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            config_file = folder / "config.json"
+            if not config_file.exists():
+                blob = json.dumps(cfg.to_dict(), indent=2).encode()
+                _atomic_write(config_file, lambda f: f.write(blob))
+            meta = {
+                "subject_id": subject_id,
+                "sources": entry.sources,
+                "shape": list(result.array.shape),
+                "dtype": "float32",
+                "geometry": result.geometry.to_dict(),
+            }
+            blob = json.dumps(meta, indent=1).encode()
+            # JSON first, array last: a visible array always has its JSON beside it.
+            _atomic_write(entry.meta_path, lambda f: f.write(blob))
+            _atomic_write(entry.array_path, lambda f: np.save(f, result.array))
+        except OSError as e:
+            raise DataError(
+                f"cannot write the preprocessing cache at {folder} ({e.strerror or e})",
+                hint="choose a writable directory with --cache or MEDCLI_CACHE",
+            ) from e
+
+
+# --- filling the cache ahead of training (`medcli data prepare`) ---------------------------------------
+
+
+@dataclass
+class PrepareReport:
+    """What ``prepare`` did: subjects preprocessed now, found already cached, and failures with reasons."""
+
+    cached: list[str] = field(default_factory=list)
+    already_cached: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cached": len(self.cached),
+            "already_cached": len(self.already_cached),
+            "failed": [{"subject_id": s, "reason": r} for s, r in self.failed],
+        }
+
+
+def _prepare_one(cache: PreprocessCache, subject_id: str, paths: dict, cfg: PreprocessConfig) -> bool:
+    return cache.ensure(subject_id, paths, cfg)
+
+
+def _init_worker() -> None:
+    # One intra-op thread per worker process: N workers on N cores, not N×N threads.
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def prepare_cohort(
+    subjects: Iterable[Any],
+    cfg: PreprocessConfig,
+    cache: PreprocessCache,
+    *,
+    workers: int = 1,
+    on_progress: Callable[[str, str], None] | None = None,
+) -> PrepareReport:
+    """Fill ``cache`` for ``subjects`` (objects with ``subject_id`` and ``paths``), ``workers`` processes.
+
+    A subject that fails (broken file, missing modality) is recorded with its reason and the rest go on.
+    ``on_progress(subject_id, status)`` is called once per subject, status in cached/already/failed.
+    """
+    report = PrepareReport()
+    jobs = [(s.subject_id, {k: str(v) for k, v in s.paths.items()}) for s in subjects]
+
+    def record(sid: str, outcome: bool | BaseException) -> None:
+        if isinstance(outcome, MedcliError):
+            report.failed.append((sid, str(outcome)))
+            status = "failed"
+        elif isinstance(outcome, BaseException):
+            report.failed.append((sid, f"{type(outcome).__name__}: {outcome}"))
+            status = "failed"
+        else:
+            (report.cached if outcome else report.already_cached).append(sid)
+            status = "cached" if outcome else "already"
+        if on_progress is not None:
+            on_progress(sid, status)
+
+    if workers <= 1:
+        for sid, paths in jobs:
+            try:
+                record(sid, _prepare_one(cache, sid, paths, cfg))
+            except Exception as e:  # one bad subject must not stop the others
+                record(sid, e)
+        return report
+
+    # spawn, not fork: the parent may hold torch/OpenMP threads, which do not survive a fork reliably.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, mp_context=context) as pool:
+        futures = {pool.submit(_prepare_one, cache, sid, paths, cfg): sid for sid, paths in jobs}
+        for future in as_completed(futures):
+            exc = future.exception()
+            record(futures[future], exc if exc is not None else future.result())
+    report.cached.sort()
+    report.already_cached.sort()
+    report.failed.sort()
+    return report

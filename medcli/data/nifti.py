@@ -1,0 +1,148 @@
+"""Reading NIfTI volumes: one place that turns a file into a checked float32 array on a known grid.
+
+Every image medcli reads goes through :func:`read_nifti`, so a broken file fails the same way in ``data
+prepare``, ``train`` and ``predict``: a :class:`~medcli.errors.DataError` naming the file and saying what
+to do.  Volumes are reoriented to a canonical axis order (RAS by default: array axis 0 runs to the Right,
+1 to Anterior, 2 to Superior) because redistributed BraTS copies disagree on orientation (LPS, RAS, ...);
+the orientation transform is kept so model-space maps can be written back onto the original file's grid.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+
+from medcli.errors import DataError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True)
+class NiftiVolume:
+    """A volume reoriented to ``orientation``, plus what is needed to go back to the file's own grid.
+
+    ``data`` may be a view on the file's (possibly integer) voxels; :func:`load_volume` returns a
+    contiguous float32 copy.  ``ornt`` is nibabel's orientation transform from the file's voxel axes to the
+    canonical ones (rows ``[new axis, flip]``); ``original_shape``/``original_affine`` describe the file.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    original_shape: tuple[int, int, int]
+    original_affine: np.ndarray
+    ornt: np.ndarray
+    path: Path
+
+
+def _fail(path: Path, what: str, todo: str) -> DataError:
+    return DataError(f"{path}: {what}", hint=todo)
+
+
+def _squeeze_to_3d(raw: np.ndarray, path: Path) -> np.ndarray:
+    """Accept 3D, or 4D+ whose extra dimensions are all 1 (common for NIfTI written by some tools)."""
+    if raw.ndim > 3 and all(n == 1 for n in raw.shape[3:]):
+        raw = raw.reshape(raw.shape[:3])
+    if raw.ndim > 3:
+        raise _fail(
+            path,
+            f"is a {raw.ndim}D image of shape {tuple(raw.shape)}, expected one 3D volume",
+            "split the series and pass one 3D volume per modality",
+        )
+    if raw.ndim < 3 or min(raw.shape) < 2:
+        raise _fail(
+            path,
+            f"is a 2D image (shape {tuple(raw.shape)}), expected a 3D volume",
+            "pass the full 3D scan, not a single slice",
+        )
+    return raw
+
+
+def read_nifti(path: str | Path, orientation: str = "RAS") -> NiftiVolume:
+    """Read ``path`` and reorient it to ``orientation`` without casting (a view where possible).
+
+    Checks: the file exists and is NIfTI, decompresses completely, is 3D, has only finite values and is
+    not all zero.  Voxel scaling (scl_slope/scl_inter) is applied in float32, never float64.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(
+            path, "file not found", "check the path, or re-run `medcli data index` on the data folder"
+        )
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # nibabel raises ImageFileError, HeaderDataError, OSError, EOFError, ...
+        raise _fail(
+            path, f"is not a readable NIfTI file ({type(e).__name__}: {e})", "pass a .nii or .nii.gz image"
+        ) from e
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise _fail(
+            path, f"is a {type(img).__name__}, not NIfTI", "convert it to .nii.gz (e.g. with dcm2niix)"
+        )
+    try:
+        proxy = img.dataobj
+        if hasattr(proxy, "get_unscaled"):
+            raw = np.asanyarray(proxy.get_unscaled())
+            slope, inter = float(proxy.slope), float(proxy.inter)
+        else:  # an in-memory image
+            raw, slope, inter = np.asanyarray(proxy), 1.0, 0.0
+    except (EOFError, OSError, ValueError, zlib.error) as e:
+        raise _fail(
+            path,
+            f"is truncated or corrupt ({type(e).__name__}: {e})",
+            "re-copy or re-download the file; check it with `gzip -t`",
+        ) from e
+    raw = _squeeze_to_3d(raw, path)
+    if slope != 1.0 or inter != 0.0:
+        raw = raw.astype(np.float32) * np.float32(slope) + np.float32(inter)
+    if raw.dtype.kind == "f":
+        n_bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
+        if n_bad:
+            raise _fail(
+                path, f"has {n_bad} NaN/Inf voxels", "fix or re-export the image, or drop this subject"
+            )
+    elif raw.dtype.kind not in "iub":
+        raise _fail(
+            path, f"has unsupported voxel type {raw.dtype}", "re-export it as integer or float voxels"
+        )
+    if not raw.any():
+        raise _fail(path, "is all zeros (empty image)", "re-export the image, or drop this subject")
+
+    affine = img.affine
+    ornt = orientations.ornt_transform(
+        orientations.io_orientation(affine), orientations.axcodes2ornt(tuple(orientation))
+    )
+    data = orientations.apply_orientation(raw, ornt)
+    new_affine = affine @ orientations.inv_ornt_aff(ornt, raw.shape)
+    return NiftiVolume(
+        data=data,
+        affine=new_affine,
+        original_shape=tuple(int(n) for n in raw.shape),
+        original_affine=np.asarray(affine, dtype=np.float64),
+        ornt=ornt,
+        path=path,
+    )
+
+
+def load_volume(path: str | Path, orientation: str = "RAS") -> tuple[np.ndarray, np.ndarray]:
+    """``(float32 array, affine)`` of ``path`` reoriented to ``orientation`` (RAS canonical by default)."""
+    vol = read_nifti(path, orientation)
+    return np.ascontiguousarray(vol.data, dtype=np.float32), vol.affine
+
+
+def invert_ornt(ornt: np.ndarray) -> np.ndarray:
+    """The transform undoing ``ornt`` (input axis i went to axis ``ornt[i, 0]``, flipped or not)."""
+    ornt = np.asarray(ornt, dtype=float)
+    inverse = np.empty_like(ornt)
+    for i, (axis, flip) in enumerate(ornt):
+        inverse[int(axis)] = (i, flip)
+    return inverse
+
+
+def to_file_grid(canonical: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """Undo :func:`read_nifti`'s reorientation: put an array on the canonical grid back on the file's grid."""
+    return np.ascontiguousarray(orientations.apply_orientation(canonical, invert_ornt(ornt)))

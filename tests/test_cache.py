@@ -1,0 +1,257 @@
+"""The preprocessing cache: hits, invalidation, atomic writes, concurrent writers, and prepare_cohort."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers_nifti import make_subject, phantom, save_nifti
+
+from medcli.data.cache import PreprocessCache, prepare_cohort
+from medcli.data.preprocess import PreprocessConfig, preprocess
+from medcli.errors import DataError
+
+CFG = PreprocessConfig(modalities=("t1ce", "flair"), input_size=(16, 16, 16), crop_margin=2)
+
+
+@dataclass
+class Subj:
+    subject_id: str
+    paths: dict
+
+
+@pytest.fixture
+def subject(tmp_path):
+    return "S1", make_subject(tmp_path / "data" / "S1", ("t1ce", "flair"))
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if p.is_file())
+
+
+def test_miss_then_hit_returns_the_same_memmapped_array(tmp_path, subject):
+    sid, paths = subject
+    cache = PreprocessCache(tmp_path / "cache")
+    first = cache.get_or_create(sid, paths, CFG)
+    assert isinstance(first, np.memmap) and not first.flags.writeable
+    np.testing.assert_array_equal(first, preprocess(paths, CFG).array)
+    entry = cache.entry(sid, paths, CFG)
+    written = entry.array_path.stat().st_mtime_ns
+    assert cache.ensure(sid, paths, CFG) is False  # a hit: nothing recomputed
+    second = cache.get_or_create(sid, paths, CFG)
+    assert second.tobytes() == first.tobytes()
+    assert entry.array_path.stat().st_mtime_ns == written
+    assert cache.geometry(sid, paths, CFG) == preprocess(paths, CFG).geometry
+    assert not [n for n in _files(cache.root) if n.endswith(".tmp")]
+
+
+def test_config_change_is_a_different_entry(tmp_path, subject):
+    sid, paths = subject
+    cache = PreprocessCache(tmp_path / "cache")
+    assert cache.ensure(sid, paths, CFG) is True
+    other = PreprocessConfig(modalities=("t1ce", "flair"), input_size=(16, 16, 16), crop_margin=3)
+    assert cache.lookup(sid, paths, other) is None
+    assert cache.ensure(sid, paths, other) is True
+    np.testing.assert_array_equal(cache.get_or_create(sid, paths, other), preprocess(paths, other).array)
+    assert cache.config_dir(other) != cache.config_dir(CFG)
+
+
+def test_modified_source_file_is_never_served_stale(tmp_path, subject):
+    sid, paths = subject
+    cache = PreprocessCache(tmp_path / "cache")
+    old = np.array(cache.get_or_create(sid, paths, CFG))
+    # Rewrite t1ce with other content; the file's identity (size/mtime) changes.
+    save_nifti(paths["t1ce"], phantom(seed=42, blob_at=(8, 8, 8)))
+    assert cache.lookup(sid, paths, CFG) is None
+    new = cache.get_or_create(sid, paths, CFG)
+    assert not np.array_equal(new, old)
+    np.testing.assert_array_equal(new, preprocess(paths, CFG).array)
+
+
+def test_touched_source_with_same_size_is_a_miss(tmp_path, subject):
+    sid, paths = subject
+    cache = PreprocessCache(tmp_path / "cache")
+    cache.ensure(sid, paths, CFG)
+    st = paths["flair"].stat()
+    os.utime(paths["flair"], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert cache.lookup(sid, paths, CFG) is None
+
+
+def test_damaged_entry_and_leftover_temp_file_are_not_read(tmp_path, subject):
+    sid, paths = subject
+    cache = PreprocessCache(tmp_path / "cache")
+    good = np.array(cache.get_or_create(sid, paths, CFG))
+    entry = cache.entry(sid, paths, CFG)
+    # A crash mid-write leaves only a temp file; damage elsewhere truncates the final file.
+    (entry.array_path.parent / f".{entry.array_path.name}.abc.tmp").write_bytes(b"\x93NUMPY partial")
+    entry.array_path.write_bytes(entry.array_path.read_bytes()[:300])
+    assert cache.lookup(sid, paths, CFG) is None
+    np.testing.assert_array_equal(cache.get_or_create(sid, paths, CFG), good)
+
+
+def test_missing_source_and_unwritable_cache_are_data_errors(tmp_path, subject):
+    sid, paths = subject
+    with pytest.raises(DataError, match="missing modality flair"):
+        PreprocessCache(tmp_path / "c").get_or_create(sid, {"t1ce": paths["t1ce"]}, CFG)
+    with pytest.raises(DataError, match="nope.nii.gz: file not found"):
+        PreprocessCache(tmp_path / "c").get_or_create(sid, {**paths, "flair": tmp_path / "nope.nii.gz"}, CFG)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the cache directory should be")
+    with pytest.raises(DataError, match="cannot write the preprocessing cache"):
+        PreprocessCache(blocker / "cache").get_or_create(sid, paths, CFG)
+
+
+def test_cache_pickles_as_its_root(tmp_path):
+    cache = PreprocessCache(tmp_path / "c")
+    assert pickle.loads(pickle.dumps(cache)).root == cache.root
+
+
+def test_default_root_follows_medcli_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEDCLI_CACHE", str(tmp_path / "elsewhere"))
+    assert PreprocessCache().root == tmp_path / "elsewhere"
+
+
+def _writer(root: str, paths: dict, ready, go) -> None:
+    """A separate process that rewrites the same entry again and again (as racing DDP ranks would)."""
+    import torch
+
+    torch.set_num_threads(1)  # as DataLoader workers do after a fork
+    cache = PreprocessCache(root)
+    entry = cache.entry("S1", paths, CFG)
+    ready.release()
+    go.wait(30)
+    for _ in range(25):
+        cache._create(entry, "S1", paths, CFG)  # a full rewrite: preprocess, JSON, array
+
+
+def test_concurrent_writers_never_expose_a_partial_file(tmp_path, subject):
+    sid, paths = subject
+    root = tmp_path / "cache"
+    cache = PreprocessCache(root)
+    expected = np.array(cache.get_or_create(sid, paths, CFG))
+    ctx = mp.get_context("fork")  # instant start; the children use a single torch thread
+    ready, go = ctx.Semaphore(0), ctx.Event()
+    writers = [ctx.Process(target=_writer, args=(str(root), paths, ready, go)) for _ in range(2)]
+    for w in writers:
+        w.start()
+    try:
+        for _ in writers:
+            assert ready.acquire(timeout=60)
+        go.set()
+        reads = 0
+        while any(w.is_alive() for w in writers) or reads == 0:
+            got = cache.lookup(sid, paths, CFG)
+            assert got is not None, "a reader saw a missing or partial entry"
+            assert np.array_equal(got, expected)
+            reads += 1
+        for w in writers:
+            w.join(timeout=60)
+            assert w.exitcode == 0
+    finally:
+        for w in writers:
+            if w.is_alive():
+                w.kill()
+    assert reads > 5
+    assert not [n for n in _files(root) if n.endswith(".tmp")]
+    assert len([n for n in _files(root) if n.endswith(".npy")]) == 1
+
+
+def test_prepare_cohort_counts_and_reasons(tmp_path):
+    data = tmp_path / "data"
+    subjects = [Subj(f"S{i}", make_subject(data / f"S{i}", ("t1ce", "flair"), seed=i)) for i in range(3)]
+    broken = make_subject(data / "S3", ("t1ce", "flair"), seed=3)
+    broken["flair"].write_bytes(b"garbage")
+    subjects.append(Subj("S3", broken))
+    subjects.append(Subj("S4", {"t1ce": subjects[0].paths["t1ce"]}))
+    cache = PreprocessCache(tmp_path / "cache")
+    cache.ensure("S0", subjects[0].paths, CFG)
+    seen = []
+    report = prepare_cohort(subjects, CFG, cache, on_progress=lambda s, st: seen.append((s, st)))
+    assert report.cached == ["S1", "S2"] and report.already_cached == ["S0"]
+    reasons = dict(report.failed)
+    assert "S3_flair.nii.gz" in reasons["S3"] and "missing modality flair" in reasons["S4"]
+    assert sorted(seen) == [
+        ("S0", "already"),
+        ("S1", "cached"),
+        ("S2", "cached"),
+        ("S3", "failed"),
+        ("S4", "failed"),
+    ]
+    assert report.to_dict()["cached"] == 2
+
+
+# --- `medcli data prepare` ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cohort(tmp_path):
+    from medcli.data.synth import synth_cohort
+
+    synth_cohort(tmp_path / "brats", n_subjects=4, shape=(32, 32, 24), seed=0)
+    return tmp_path / "brats"
+
+
+def test_prepare_fills_the_cache_then_finds_it(cli, cohort, tmp_path):
+    args = [
+        "data",
+        "prepare",
+        cohort,
+        "--cache",
+        tmp_path / "c",
+        "--input-size",
+        "16",
+        "--modalities",
+        "t1ce,flair",
+    ]
+    first = cli(*args, "--json")
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout)  # stdout holds the JSON and nothing else
+    assert summary["cached"] == 4 and summary["already_cached"] == 0 and summary["failed"] == []
+    assert summary["config"]["modalities"] == ["t1ce", "flair"]
+    again = json.loads(cli(*args, "--json").stdout)
+    assert again["cached"] == 0 and again["already_cached"] == 4
+    # What training will ask for is served from what prepare wrote.
+    from medcli.data.discover import discover
+
+    cfg = PreprocessConfig(modalities=("t1ce", "flair"), input_size=16)
+    store = PreprocessCache(tmp_path / "c")
+    for s in discover(cohort).subjects:
+        assert store.lookup(s.subject_id, s.paths, cfg) is not None
+    table = cli(*args)
+    assert table.exit_code == 0 and "already cached" in table.stdout
+
+
+def test_prepare_reports_a_broken_subject_and_exits_10(cli, cohort, tmp_path):
+    bad = next(cohort.glob("*_002/*_t1ce.nii.gz"))
+    img = nib.load(str(bad))
+    data = img.get_fdata().astype(np.float32)
+    data[data > 0] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), str(bad))
+    result = cli("data", "prepare", cohort, "--cache", tmp_path / "c", "--input-size", "16", "--json")
+    assert result.exit_code == 10
+    summary = json.loads(result.stdout)
+    assert summary["cached"] == 3
+    [failure] = summary["failed"]
+    assert failure["subject_id"].endswith("_002") and "NaN" in failure["reason"]
+    assert "1 of 4 subjects failed" in result.stderr
+
+
+def test_prepare_rejects_a_bad_input_size(cli, cohort, tmp_path):
+    result = cli("data", "prepare", cohort, "--cache", tmp_path / "c", "--input-size", "12,12")
+    assert result.exit_code == 2 and "--input-size '12,12' is invalid" in result.stderr
+
+
+@pytest.mark.slow
+def test_prepare_with_worker_processes(cli, cohort, tmp_path):
+    result = cli(
+        "data", "prepare", cohort, "--cache", tmp_path / "c", "--input-size", "16", "-j", "2", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["cached"] == 4
