@@ -17,11 +17,12 @@ from rich.console import Console
 out = Console(soft_wrap=False)
 err = Console(stderr=True)
 
-_state = {"verbose": os.environ.get("MEDCLI_DEBUG", "") not in ("", "0")}
+_state = {"verbose": False}
 
 
 def set_verbose(flag: bool) -> None:
-    _state["verbose"] = _state["verbose"] or flag
+    """Set by the root callback on every invocation: ``-v`` or ``MEDCLI_DEBUG=1``."""
+    _state["verbose"] = flag or os.environ.get("MEDCLI_DEBUG", "") not in ("", "0")
 
 
 def verbose() -> bool:
