@@ -27,7 +27,10 @@ class MedcliGroup(TyperGroup):
             console.print_error(str(e))
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            console.print_error("interrupted; partial downloads and checkpoints are kept for --resume")
+            console.print_error(
+                "interrupted; a partial download resumes when you run the same command again, "
+                "and training resumes from last.pt with --resume"
+            )
             raise typer.Exit(130) from None
 
 

@@ -1,0 +1,287 @@
+"""`medcli weights fetch` and `medcli weights list`: get MedicalNet releases onto disk, verified.
+
+Rendering only: the manifest and the downloader live in ``medcli.weights`` (no torch there); the load
+check after a fetch uses ``medcli.models`` and is imported inside the command, so ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+
+from medcli.cli import console
+from medcli.errors import IncompleteLoadError, MedcliError, PartialFailure, UsageError
+
+
+def register(weights_app: typer.Typer) -> None:
+    """Add ``fetch`` and ``list`` to the ``weights`` group."""
+    weights_app.command("fetch")(fetch)
+    weights_app.command("list")(list_weights)
+
+
+# ------------------------------------------------------------------------------------------------ fetch
+def fetch(
+    name: str | None = typer.Argument(
+        None,
+        help="Release to fetch (see `medcli weights list`), e.g. resnet50, resnet18_8dataset. "
+        "Default: resnet50_23dataset.",
+        show_default=False,
+    ),
+    dest: Path | None = typer.Option(
+        None,
+        "--dest",
+        help="File (or existing directory) to write. Default: pretrained/medicalnet_resnet50_3d.pth for the "
+        "default release, $MEDCLI_HOME/weights/<file> for the others.",
+        show_default=False,
+    ),
+    url: str | None = typer.Option(
+        None,
+        "--url",
+        help="Fetch from this URL instead of the manifest's mirrors: your own mirror, or a file you "
+        "downloaded (a path or file://). Verified against NAME's checksum unless --sha256 is given.",
+        show_default=False,
+    ),
+    sha256: str | None = typer.Option(
+        None, "--sha256", help="Expected SHA-256 of the --url file, when it is not a manifest release."
+    ),
+    force: bool = typer.Option(False, "--force", help="Download again even if a verified copy is present."),
+    all_: bool = typer.Option(
+        False, "--all", help="Fetch every release into $MEDCLI_HOME/weights/ (about 2.5 GB)."
+    ),
+    timeout: float = typer.Option(
+        60.0,
+        "--timeout",
+        min=0.1,
+        help="Seconds without data before a mirror counts as stalled (connect timeout: at most 10 s).",
+    ),
+    retries: int = typer.Option(3, "--retries", min=0, help="Retries per mirror for transient errors."),
+    check: bool = typer.Option(
+        True, "--check/--no-check", help="Load the fetched file into the matching ResNet and report the keys."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+) -> None:
+    """Download MedicalNet weights, verify size and SHA-256, and check they load.
+
+    Interrupted downloads resume (HTTP Range) when run again; mirrors are tried in order; a verified file
+    is not downloaded twice.  Proxies work through HTTPS_PROXY / NO_PROXY.
+    """
+    from medcli.weights.manifest import install_path, load_manifest, weights_dir
+    from medcli.weights.verify import normalize_sha256
+
+    manifest = load_manifest()
+    if all_:
+        if name or url or dest or sha256:
+            raise UsageError(
+                "--all fetches every release to $MEDCLI_HOME/weights; it takes no NAME, --url, "
+                "--dest or --sha256",
+                hint="drop those options, or drop --all",
+            )
+        entries = list(manifest.entries)
+    else:
+        entries = [manifest.get(name) if name else manifest.default]
+    if sha256 and not url:
+        raise UsageError(
+            "--sha256 checks the file given with --url",
+            hint=f"the manifest already holds {entries[0].name}'s checksum; add --url URL, or drop --sha256",
+        )
+    expected_sha = normalize_sha256(sha256) if sha256 else None
+    connect_timeout = min(timeout, 10.0)
+
+    results: list[dict] = []
+    failures: list[str] = []
+    for entry in entries:
+        if dest:
+            target = _resolve_dest(dest, entry.file)
+        else:
+            target = weights_dir() / entry.file if all_ else install_path(entry)
+        own_file = expected_sha is not None and expected_sha != entry.sha256
+        try:
+            result = _fetch_one(
+                target,
+                [url] if url else _sources(entry, target),
+                sha256=expected_sha or entry.sha256,
+                size=None if own_file else entry.size,
+                force=force,
+                timeout=(connect_timeout, timeout),
+                retries=retries,
+            )
+            # A file of the user's own (--sha256) is not the release; NAME only says which ResNet loads it.
+            row = {"name": None if own_file else entry.name, "depth": entry.depth, **result.to_dict()}
+            if not (all_ or json_out):
+                _print_fetch_table([row])
+            if check and result.action != "present":  # a present file was checked when it was fetched
+                # One fetch: the full key report (a result, on stdout); --all: one summary line each.
+                render = "none" if json_out else "summary" if all_ else "full"
+                row["load"] = _check_loads(
+                    entry.depth, result.path, own_file=own_file, render=render
+                ).to_dict()
+            results.append(row)
+        except MedcliError as e:
+            if not all_:
+                raise
+            console.print_error(f"{entry.name}: {e}")
+            failures.append(entry.name)
+            results.append({"name": entry.name, "error": str(e), "exit_code": e.exit_code})
+
+    if json_out:
+        console.print_json(results)
+    elif all_:
+        _print_fetch_table([r for r in results if "error" not in r])
+    if failures:
+        raise PartialFailure(
+            f"{len(failures)} of {len(entries)} releases failed: {', '.join(failures)}",
+            hint="run the same command again: finished files are skipped and partial ones resume",
+        )
+
+
+def _sources(entry, target: Path) -> list[str]:
+    """Where to get ``entry`` from: a local copy elsewhere (e.g. ``$MEDCLI_HOME/weights`` after ``--all``)
+    first, copied through the same checksum check, then the manifest's mirrors."""
+    from medcli.weights.manifest import local_candidates
+
+    local = [str(p) for p in local_candidates(entry) if p.is_file() and p.resolve() != target.resolve()]
+    return [*local, *entry.urls]
+
+
+def _resolve_dest(dest: Path, file_name: str) -> Path:
+    dest = dest.expanduser()
+    return dest / file_name if dest.is_dir() else dest
+
+
+def _fetch_one(target: Path, urls: list[str], **options):
+    """Run the downloader with progress on stderr (a bar on terminals, INFO lines always)."""
+    from medcli.weights.download import fetch as download
+
+    with _progress(target.name) as on_progress:
+        result = download(urls, target, progress=on_progress, notify=console.info, **options)
+    if result.action == "present":
+        console.info(f"{target} is present and verified; not downloading (--force downloads again)")
+    else:
+        rate = result.bytes_transferred / max(result.seconds, 1e-9) / 2**20
+        console.info(
+            f"{target.name}: {_mib(result.size)} verified in {result.seconds:.1f}s "
+            f"({rate:.1f} MiB/s) → {target}"
+        )
+    return result
+
+
+@contextmanager
+def _progress(label: str):
+    """Yield a ``progress(done, total)`` callback: a Rich bar (bytes, rate, ETA) only on a terminal."""
+    if not console.progress_enabled():
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console.err, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _check_loads(depth: int, path: Path, *, own_file: bool, render: str):
+    """Load the fetched file into a ResNet of its depth: the checksum says the bytes are right, this says
+    medcli can use them.  ``render``: "full" (the `weights verify` report), "summary" (one line) or "none"."""
+    import torch
+
+    from medcli.cli.weights import render_load_report
+    from medcli.models import create_model, load_pretrained
+    from medcli.models.pretrained import incomplete_hint
+
+    with torch.device("meta"):  # skip the random init: the weights replace it
+        model = create_model(depth=depth, num_classes=2)
+    try:
+        report = load_pretrained(model.to_empty(device="cpu"), path, require=True)
+    except IncompleteLoadError as e:  # e.g. another depth's file
+        raise IncompleteLoadError(
+            f"{path} is installed and its checksum verified, but it does not fit a ResNet-{depth}: "
+            f"{e.message}",
+            hint="give the NAME of a release with the file's depth (`medcli weights list`), or --no-check",
+        ) from e
+    if render == "full":
+        render_load_report(report)
+    elif render == "summary":
+        console.info(f"{path}: {report.summary_line()}")
+    if not report.ok:
+        what = "your file" if own_file else "the verified release"
+        raise IncompleteLoadError(
+            f"{path}: {what} does not load completely into a ResNet-{depth}: {report.summary_line()}",
+            hint=incomplete_hint(report),
+        )
+    return report
+
+
+def _print_fetch_table(rows: list[dict]) -> None:
+    from rich.table import Table
+
+    if not rows:
+        return
+    table = Table(title="MedicalNet weights", title_justify="left")
+    table.add_column("name")
+    table.add_column("status")
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("path", overflow="fold")
+    for r in rows:
+        status = {"present": "present, verified", "downloaded": "downloaded, verified"}.get(
+            r["action"], "corrupt copy replaced, verified"
+        )
+        name = r["name"] or f"your file (ResNet-{r['depth']})"
+        table.add_row(name, f"[green]{status}[/]", _mib(r["size"]), r["path"])
+    console.out.print(table)
+
+
+# ------------------------------------------------------------------------------------------------- list
+def list_weights(
+    json_out: bool = typer.Option(False, "--json", help="Print the releases as JSON on stdout."),
+) -> None:
+    """List the known MedicalNet releases and whether a verified copy is on this machine.
+
+    Local copies are looked for at pretrained/medicalnet_resnet50_3d.pth (the default release) and
+    $MEDCLI_HOME/weights/<file>; a present file is checked for size and SHA-256.
+    """
+    from medcli.weights.manifest import load_manifest, local_status
+
+    manifest = load_manifest()
+    rows = [(e, local_status(e)) for e in manifest.entries]
+    if json_out:
+        console.print_json([{**e.to_dict(), "local": c.to_dict()} for e, c in rows])
+        return
+
+    from rich.table import Table
+
+    table = Table(title="MedicalNet releases (* = default)", title_justify="left")
+    table.add_column("name (aliases)")
+    table.add_column("depth", justify="right")
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("local copy")
+    table.add_column("path", overflow="fold")
+    for e, c in rows:
+        state = {"verified": "[green]verified[/]", "absent": "[dim]absent[/]"}.get(
+            c.state, f"[red]corrupt: {c.reason}[/]"
+        )
+        label = e.name + (" *" if e.is_default else "") + (f" ({', '.join(e.aliases)})" if e.aliases else "")
+        table.add_row(label, str(e.depth), _mib(e.size), state, str(c.path))
+    console.out.print(table)
+
+
+def _mib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**20:.1f} MiB"

@@ -1,0 +1,502 @@
+"""`medcli weights fetch/list` and the downloader under them, against a real HTTP server on 127.0.0.1.
+
+Nothing leaves the machine: the packaged manifest's URLs are never contacted; tests pass local URLs
+(``--url``) or point ``MEDCLI_WEIGHTS_MANIFEST`` at a manifest of generated files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from helpers_weights import FakeMirror
+
+from medcli.errors import DownloadError, UnknownNameError
+from medcli.paths import DEFAULT_WEIGHTS
+from medcli.weights.download import fetch, part_path
+from medcli.weights.manifest import install_path, load_manifest, local_status
+
+MiB = 2**20
+
+
+def _blob(n: int = 3 * MiB + 123, seed: int = 0) -> bytes:
+    """Incompressible bytes that do not start with '<' (that would look like a web page)."""
+    data = bytearray(hashlib.sha256(str(seed).encode()).digest() * (n // 32 + 1))[:n]
+    for i in range(0, n, 4096):  # vary every block so a shifted resume cannot hash the same
+        data[i : i + 8] = i.to_bytes(8, "little")
+    data[0] = 0x80
+    return bytes(data)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def mirror():
+    with FakeMirror() as m:
+        yield m
+
+
+FAST = {"backoff": 0.01, "timeout": (2.0, 2.0)}
+
+
+# ------------------------------------------------------------------------------------------ download core
+def test_fetch_streams_verifies_and_installs(mirror, tmp_path):
+    data = _blob()
+    url = mirror.add("/w.pth", data)
+    seen = []
+    dest = tmp_path / "sub" / "w.pth"
+    result = fetch(
+        [url], dest, sha256=_sha(data), size=len(data), progress=lambda d, t: seen.append((d, t)), **FAST
+    )
+    assert result.action == "downloaded" and result.url == url
+    assert dest.read_bytes() == data
+    assert not part_path(dest).exists()
+    assert [r["range"] for r in mirror.requests] == [None]
+    assert seen[0] == (0, len(data)) and seen[-1] == (len(data), len(data))
+    assert all(b >= a for (a, _), (b, _) in zip(seen, seen[1:], strict=False))  # monotonic progress
+
+
+def test_dropped_connection_leaves_part_and_second_fetch_resumes_with_range(mirror, tmp_path):
+    data = _blob()
+    url = mirror.add("/w.pth", data, "drop:1500000", "ok")
+    dest = tmp_path / "w.pth"
+    with pytest.raises(DownloadError) as err:
+        fetch([url], dest, sha256=_sha(data), size=len(data), retries=0, **FAST)
+    assert url in str(err.value) and "resume" in str(err.value)
+    assert not dest.exists()
+    kept = part_path(dest).stat().st_size
+    assert 0 < kept <= 1500000
+    assert part_path(dest).read_bytes() == data[:kept]
+
+    result = fetch([url], dest, sha256=_sha(data), size=len(data), **FAST)
+    assert result.action == "downloaded" and result.resumed_from == kept
+    last = mirror.requests[-1]
+    assert last["range"] == f"bytes={kept}-" and last["status"] == 206 and last["sent"] == len(data) - kept
+    assert result.bytes_transferred == len(data) - kept
+    assert dest.read_bytes() == data
+
+
+def test_retry_within_one_fetch_resumes(mirror, tmp_path):
+    data = _blob()
+    url = mirror.add("/w.pth", data, "drop:2000000", "ok")
+    dest = tmp_path / "w.pth"
+    notes: list[str] = []
+    result = fetch([url], dest, sha256=_sha(data), size=len(data), retries=2, notify=notes.append, **FAST)
+    assert dest.read_bytes() == data
+    assert [r["status"] for r in mirror.requests] == [200, 206]
+    assert mirror.requests[1]["range"] == f"bytes={result.resumed_from}-" and result.resumed_from > 0
+    assert any("connection dropped" in n and "retry 1/2" in n for n in notes), notes
+
+
+def test_server_ignoring_range_restarts_from_zero(mirror, tmp_path):
+    data = _blob()
+    url = mirror.add("/w.pth", data, "drop:1500000", "ignore-range")
+    dest = tmp_path / "w.pth"
+    with pytest.raises(DownloadError):
+        fetch([url], dest, sha256=_sha(data), size=len(data), retries=0, **FAST)
+    kept = part_path(dest).stat().st_size
+    notes: list[str] = []
+    result = fetch([url], dest, sha256=_sha(data), size=len(data), notify=notes.append, **FAST)
+    assert mirror.requests[-1]["range"] == f"bytes={kept}-" and mirror.requests[-1]["status"] == 200
+    assert result.resumed_from == 0 and result.bytes_transferred == len(data)
+    assert dest.read_bytes() == data  # not the old prefix + the whole file
+    assert any("does not support resuming" in n for n in notes)
+
+
+def test_part_larger_than_expected_is_discarded(mirror, tmp_path):
+    data = _blob()
+    url = mirror.add("/w.pth", data)
+    dest = tmp_path / "w.pth"
+    part_path(dest).write_bytes(data + b"extra")
+    fetch([url], dest, sha256=_sha(data), size=len(data), **FAST)
+    assert mirror.requests[0]["range"] is None
+    assert dest.read_bytes() == data
+
+
+def test_bad_part_prefix_is_detected_and_downloaded_again(mirror, tmp_path):
+    data = _blob()
+    url = mirror.add("/w.pth", data)
+    dest = tmp_path / "w.pth"
+    part_path(dest).write_bytes(b"\x80" + b"x" * 999_999)  # another file's first MB
+    result = fetch([url], dest, sha256=_sha(data), size=len(data), **FAST)
+    assert [r["range"] for r in mirror.requests] == ["bytes=1000000-", None]
+    assert dest.read_bytes() == data and result.resumed_from == 0
+
+
+def test_complete_part_is_installed_without_a_request(mirror, tmp_path):
+    data = _blob()
+    url = mirror.add("/w.pth", data)
+    dest = tmp_path / "w.pth"
+    part_path(dest).write_bytes(data)
+    fetch([url], dest, sha256=_sha(data), size=len(data), **FAST)
+    assert mirror.requests == [] and dest.read_bytes() == data
+
+
+def test_checksum_mismatch_installs_nothing(mirror, tmp_path):
+    data = _blob()
+    url = mirror.add("/w.pth", _blob(seed=1))  # same size, other bytes
+    dest = tmp_path / "w.pth"
+    with pytest.raises(DownloadError) as err:
+        fetch([url], dest, sha256=_sha(data), size=len(data), **FAST)
+    msg = str(err.value)
+    assert err.value.exit_code == 6
+    assert "checksum mismatch" in msg and url in msg and _sha(data)[:12] in msg
+    assert not dest.exists() and not part_path(dest).exists()
+
+
+def test_wrong_size_is_refused_before_download(mirror, tmp_path):
+    data = _blob()
+    url = mirror.add("/w.pth", data[:5000])
+    dest = tmp_path / "w.pth"
+    with pytest.raises(DownloadError, match="offers 5,000 bytes, expected"):
+        fetch([url], dest, sha256=_sha(data), size=len(data), **FAST)
+    assert not dest.exists()
+
+
+@pytest.mark.parametrize("behaviour", ["html", "html-body"])
+def test_web_page_instead_of_weights_is_reported(mirror, tmp_path, behaviour):
+    data = _blob()
+    url = mirror.add("/w.pth", data, behaviour)
+    dest = tmp_path / "w.pth"
+    with pytest.raises(DownloadError) as err:
+        fetch([url], dest, sha256=_sha(data), size=None, **FAST)
+    assert "web page, not the weights" in str(err.value) and "browser" in str(err.value)
+    assert not dest.exists()
+    assert not part_path(dest).exists()
+    assert len(mirror.requests) == 1  # not retried: another attempt gets the same page
+
+
+@pytest.mark.parametrize("status", [404, 500])
+def test_next_mirror_after_failure(mirror, tmp_path, status):
+    data = _blob()
+    bad = mirror.add("/bad.pth", data, f"status:{status}")
+    good = mirror.add("/good.pth", data)
+    dest = tmp_path / "w.pth"
+    notes: list[str] = []
+    result = fetch(
+        [bad, good], dest, sha256=_sha(data), size=len(data), retries=1, notify=notes.append, **FAST
+    )
+    assert result.url == good and dest.read_bytes() == data
+    tries_on_bad = [r for r in mirror.requests if r["path"] == "/bad.pth"]
+    assert len(tries_on_bad) == (2 if status == 500 else 1)  # 5xx is retried, 404 is not
+    assert any("trying the next mirror" in n for n in notes)
+
+
+def test_all_mirrors_failing_names_each_url(mirror, tmp_path):
+    a = mirror.add("/a.pth", b"", "status:404")
+    b = mirror.add("/b.pth", b"", "status:503")
+    with pytest.raises(DownloadError) as err:
+        fetch([a, b], tmp_path / "w.pth", sha256="0" * 64, retries=1, **FAST)
+    msg = str(err.value)
+    assert f"{a}: HTTP 404" in msg and f"{b}: HTTP 503" in msg and "gave up after 2 attempts" in msg
+
+
+def test_stalled_server_hits_read_timeout(mirror, tmp_path):
+    data = _blob()
+    url = mirror.add("/w.pth", data, "stall:100000")
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError) as err:
+        fetch([url], tmp_path / "w.pth", sha256=_sha(data), size=len(data), retries=0, timeout=(2, 0.3))
+    assert time.monotonic() - t0 < 5
+    assert "read timeout: no data for 0.3s" in str(err.value) and url in str(err.value)
+
+
+def test_refused_connection_is_retried_then_reported(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/w.pth"
+    notes: list[str] = []
+    with pytest.raises(DownloadError, match="connection refused") as err:
+        fetch([url], tmp_path / "w.pth", sha256="0" * 64, retries=2, notify=notes.append, **FAST)
+    assert "gave up after 3 attempts" in str(err.value)
+    assert sum("retry" in n for n in notes) == 2
+
+
+def test_present_verified_file_makes_no_request(mirror, tmp_path):
+    data = _blob()
+    url = mirror.add("/w.pth", data)
+    dest = tmp_path / "w.pth"
+    dest.write_bytes(data)
+    before = dest.stat().st_mtime_ns
+    result = fetch([url], dest, sha256=_sha(data), size=len(data), **FAST)
+    assert result.action == "present" and mirror.requests == [] and dest.stat().st_mtime_ns == before
+    forced = fetch([url], dest, sha256=_sha(data), size=len(data), force=True, **FAST)
+    assert forced.action == "downloaded" and len(mirror.requests) == 1
+
+
+def test_corrupt_present_file_is_replaced(mirror, tmp_path):
+    data = _blob()
+    url = mirror.add("/w.pth", data)
+    dest = tmp_path / "w.pth"
+    dest.write_bytes(data[:-1] + b"\0")
+    result = fetch([url], dest, sha256=_sha(data), size=len(data), **FAST)
+    assert result.action == "replaced" and dest.read_bytes() == data
+
+
+def test_ctrl_c_keeps_the_part_for_resuming(mirror, tmp_path):
+    data = _blob()
+    url = mirror.add("/w.pth", data)
+    dest = tmp_path / "w.pth"
+
+    def interrupt(done, total):
+        if done >= MiB:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fetch([url], dest, sha256=_sha(data), size=len(data), progress=interrupt, **FAST)
+    kept = part_path(dest).stat().st_size
+    assert kept >= MiB and not dest.exists()
+    fetch([url], dest, sha256=_sha(data), size=len(data), **FAST)
+    assert mirror.requests[-1]["range"] == f"bytes={kept}-" and dest.read_bytes() == data
+
+
+def test_local_file_source(tmp_path):
+    data = _blob()
+    src = tmp_path / "downloaded in a browser.pth"
+    src.write_bytes(data)
+    for i, url in enumerate([str(src), src.as_uri()]):
+        dest = tmp_path / f"w{i}.pth"
+        assert fetch([url], dest, sha256=_sha(data), size=len(data)).action == "downloaded"
+        assert dest.read_bytes() == data
+
+
+def test_unwritable_destination_is_a_download_error(mirror, tmp_path):
+    data = _blob(1000)
+    url = mirror.add("/w.pth", data)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(DownloadError, match="cannot write"):
+        fetch([url], blocker / "w.pth", sha256=_sha(data), **FAST)
+
+
+def test_proxy_from_environment_is_used(mirror, tmp_path, monkeypatch):
+    """HTTP_PROXY works as requests reads it: the local server plays the proxy for an unresolvable host."""
+    data = _blob(100_000)
+    target = "http://weights.example.invalid/w.pth"
+    mirror.add(target, data)  # a proxy receives the absolute URL as the request path
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(var, mirror.url(""))
+    fetch([target], tmp_path / "w.pth", sha256=_sha(data), size=len(data), **FAST)
+    assert [r["path"] for r in mirror.requests] == [target]
+    assert (tmp_path / "w.pth").read_bytes() == data
+
+
+# ----------------------------------------------------------------------------------------------- manifest
+def test_packaged_manifest_lists_every_release():
+    m = load_manifest()
+    by_file = {e.file: e for e in m.entries}
+    assert len(by_file) == 11 and len(set(m.names())) == 11
+    default = m.default
+    assert (default.name, default.depth, default.datasets) == ("resnet50_23dataset", 50, 23)
+    assert default.file == "resnet_50_23dataset.pth" and default.size == 184_885_051
+    assert default.sha256.startswith("ff48a622")
+    assert any("zenodo.org/records/15234379" in u for u in default.urls)
+    assert by_file["resnet_152.pth"].size is None and by_file["resnet_10_23dataset.pth"].size is None
+    for e in m.entries:
+        assert len(e.sha256) == 64 and int(e.sha256, 16) >= 0
+        hf = f"https://huggingface.co/TencentMedicalNet/MedicalNet-Resnet{e.depth}/resolve/main/{e.file}"
+        assert e.urls[0] == hf
+
+
+def test_manifest_lookup_by_name_alias_or_file():
+    m = load_manifest()
+    assert m.get("resnet50") is m.default
+    assert m.get("ResNet50_23Dataset") is m.default
+    assert m.get("resnet_50_23dataset.pth") is m.default
+    assert m.get("resnet18").datasets == 23 and m.get("resnet101").datasets == 8
+    assert m.get("resnet_18.pth").name == "resnet18_8dataset"
+    with pytest.raises(UnknownNameError, match="did you mean"):
+        m.get("resnet5")
+
+
+def test_install_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDCLI_HOME", str(tmp_path))
+    m = load_manifest()
+    assert install_path(m.default) == DEFAULT_WEIGHTS == Path("pretrained/medicalnet_resnet50_3d.pth")
+    assert install_path(m.get("resnet18")) == tmp_path / "weights" / "resnet_18_23dataset.pth"
+
+
+def test_manifest_is_package_data():
+    """A non-editable install must carry manifest.json (setuptools only packages .py files by default)."""
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    package_data = config["tool"]["setuptools"].get("package-data", {})
+    assert "manifest.json" in package_data.get("medcli.weights", []), package_data
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def _write_manifest(path: Path, entries: list[dict], default: str) -> Path:
+    path.write_text(
+        json.dumps({"format": "medcli-weights-manifest/1", "default": default, "weights": entries})
+    )
+    return path
+
+
+def _entry(name: str, file: str, data: bytes, urls: list[str], depth: int = 10) -> dict:
+    return {
+        "name": name,
+        "depth": depth,
+        "datasets": 8,
+        "file": file,
+        "size": len(data),
+        "sha256": _sha(data),
+        "urls": urls,
+    }
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch, mirror):
+    """A cwd, a MEDCLI_HOME and a manifest of two generated releases served by ``mirror``."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEDCLI_HOME", str(tmp_path / "home"))
+    a, b = _blob(seed=1), _blob(2 * MiB, seed=2)
+    entries = [
+        _entry("alpha", "alpha.pth", a, [mirror.add("/alpha.pth", a)]),
+        _entry("beta", "beta.pth", b, [mirror.add("/beta.pth", b)]),
+    ]
+    manifest = _write_manifest(tmp_path / "manifest.json", entries, default="alpha")
+    monkeypatch.setenv("MEDCLI_WEIGHTS_MANIFEST", str(manifest))
+    return {"alpha": a, "beta": b, "home": tmp_path / "home" / "weights"}
+
+
+def test_cli_list_json_reports_local_state(cli, site):
+    (site["home"]).mkdir(parents=True)
+    (site["home"] / "beta.pth").write_bytes(site["beta"][:-1])  # corrupt (size)
+    result = cli("weights", "list", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert rows["alpha"]["local"]["state"] == "absent" and rows["alpha"]["default"] is True
+    assert rows["alpha"]["local"]["path"] == str(DEFAULT_WEIGHTS)
+    assert rows["beta"]["local"]["state"] == "corrupt" and "size" in rows["beta"]["local"]["reason"]
+
+    DEFAULT_WEIGHTS.parent.mkdir()
+    DEFAULT_WEIGHTS.write_bytes(site["alpha"])
+    rows = {r["name"]: r for r in json.loads(cli("weights", "list", "--json").stdout)}
+    assert rows["alpha"]["local"]["state"] == "verified"
+
+
+def test_cli_list_table(cli, site):
+    result = cli("weights", "list")
+    assert result.exit_code == 0
+    assert "alpha *" in result.stdout and "beta" in result.stdout and "absent" in result.stdout
+
+
+def test_cli_fetch_all_into_medcli_home(cli, site, mirror):
+    result = cli("weights", "fetch", "--all", "--no-check", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["action"] for r in rows] == ["downloaded", "downloaded"]
+    assert (site["home"] / "alpha.pth").read_bytes() == site["alpha"]
+    assert (site["home"] / "beta.pth").read_bytes() == site["beta"]
+    again = cli("weights", "fetch", "--all", "--no-check", "--json")
+    assert [r["action"] for r in json.loads(again.stdout)] == ["present", "present"]
+    assert len(mirror.requests) == 2
+    # The default release is also wanted at the seed's path: copied from the verified local copy.
+    assert cli("weights", "fetch", "--no-check").exit_code == 0
+    assert DEFAULT_WEIGHTS.read_bytes() == site["alpha"] and len(mirror.requests) == 2
+
+
+def test_cli_fetch_all_partial_failure(cli, site, mirror):
+    mirror.plans["/beta.pth"] = ["status:404"]
+    result = cli("weights", "fetch", "--all", "--no-check", "--retries", "0")
+    assert result.exit_code == 10
+    assert (site["home"] / "alpha.pth").exists() and not (site["home"] / "beta.pth").exists()
+    assert "beta" in result.stderr and "HTTP 404" in result.stderr
+
+
+def test_cli_fetch_default_goes_to_seed_path(cli, site):
+    result = cli("weights", "fetch", "--no-check")
+    assert result.exit_code == 0, result.stderr
+    assert DEFAULT_WEIGHTS.read_bytes() == site["alpha"]
+    assert "alpha" in result.stdout and "downloaded" in result.stdout
+
+
+def test_cli_fetch_own_url_and_sha(cli, mirror, tmp_path):
+    data = _blob()
+    url = mirror.add("/mine.pth", data)
+    dest = tmp_path / "mine.pth"
+    ok = cli("weights", "fetch", "--url", url, "--sha256", _sha(data).upper(), "--dest", dest, "--no-check")
+    assert ok.exit_code == 0, ok.stderr
+    assert dest.read_bytes() == data
+
+
+def test_cli_checksum_mismatch_exit_6_and_nothing_installed(cli, mirror, tmp_path):
+    url = mirror.add("/mine.pth", _blob(seed=5))
+    dest = tmp_path / "mine.pth"
+    result = cli("weights", "fetch", "--url", url, "--sha256", _sha(_blob()), "--dest", dest, "--no-check")
+    assert result.exit_code == 6
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("Error")]
+    assert len(lines) == 1 and "checksum mismatch" in lines[0]
+    assert not dest.exists() and not part_path(dest).exists() and result.stdout == ""
+
+
+def test_cli_html_page_exit_6(cli, mirror, tmp_path):
+    url = mirror.add("/page", b"", "html")
+    result = cli("weights", "fetch", "--url", url, "--sha256", "a" * 64, "--dest", tmp_path / "w.pth")
+    assert result.exit_code == 6 and "web page, not the weights" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sha256", "a" * 64], "--sha256 checks the file given with --url"),
+        (["--url", "http://127.0.0.1:9/x", "--sha256", "xyz"], "not a SHA-256"),
+        (["--all", "resnet18"], "--all fetches every release"),
+        (["resnet5"], "did you mean"),
+    ],
+)
+def test_cli_usage_errors(cli, tmp_path, args, message):
+    result = cli("weights", "fetch", *args)
+    assert result.exit_code == 2 and message in result.stderr
+
+
+@pytest.fixture(scope="module")
+def resnet10_file(tmp_path_factory) -> Path:
+    from medcli.models.synthetic import write_medicalnet_checkpoint
+
+    return write_medicalnet_checkpoint(tmp_path_factory.mktemp("ckpt") / "resnet_10.pth", depth=10)
+
+
+@pytest.mark.slow
+def test_cli_fetch_checks_the_file_loads(cli, mirror, tmp_path, monkeypatch, resnet10_file):
+    """The real thing end to end: a MedicalNet-layout ResNet-10 file, served, fetched, verified, loaded."""
+    data = resnet10_file.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEDCLI_HOME", str(tmp_path / "home"))
+    entry = _entry("r10", "resnet_10.pth", data, [mirror.add("/resnet_10.pth", data)], depth=10)
+    monkeypatch.setenv("MEDCLI_WEIGHTS_MANIFEST", str(_write_manifest(tmp_path / "m.json", [entry], "r10")))
+    result = cli("weights", "fetch", "--json")
+    assert result.exit_code == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    assert row["load"]["ok"] is True
+    assert DEFAULT_WEIGHTS.read_bytes() == data
+    assert local_status(load_manifest().default).verified
+
+
+@pytest.mark.slow
+def test_cli_fetch_reports_a_file_of_another_depth(cli, mirror, tmp_path, resnet10_file):
+    data = resnet10_file.read_bytes()
+    url = mirror.add("/resnet_10.pth", data)
+    dest = tmp_path / "w.pth"
+    result = cli("weights", "fetch", "resnet18", "--url", url, "--sha256", _sha(data), "--dest", dest)
+    assert result.exit_code == 5
+    assert "does not fit a ResNet-18" in result.stderr and "ResNet-10" in result.stderr
+    assert dest.read_bytes() == data  # the bytes are what the user asked for; only the check failed
+
+
+def test_console_script_exit_code_and_streams(medcli_proc, mirror, tmp_path):
+    """A real process: the error is one line on stderr, stdout stays empty, the exit code is 6."""
+    url = mirror.add("/w.pth", b"", "status:404")
+    proc = medcli_proc("weights", "fetch", "--url", url, "--sha256", "b" * 64, "--dest", tmp_path / "w.pth")
+    assert proc.returncode == 6 and proc.stdout == ""
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and "HTTP 404" in errors[0] and url in errors[0]
