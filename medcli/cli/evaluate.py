@@ -1,9 +1,258 @@
-"""`medcli evaluate`: (lands with its issue)."""
+"""`medcli eval`: metrics with patient-level bootstrap CIs, per fold and pooled over a CV run, plus plots.
+
+Rendering only; the evaluation lives in ``medcli.engine.evaluator`` (imported inside the command).  Tables
+go to stdout (or JSON with ``--json``); notes, plot paths and progress to stderr.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from medcli.cli import console
+from medcli.errors import UsageError
+
+# (key in BinaryMetrics, label) in display order; AUC and balanced accuracy first (79% of BraTS is HGG).
+ROWS = (
+    ("auc", "ROC AUC"),
+    ("balanced_accuracy", "balanced accuracy"),
+    ("sensitivity", "sensitivity (HGG)"),
+    ("specificity", "specificity (HGG)"),
+    ("f1", "F1 (HGG)"),
+    ("mcc", "MCC"),
+    ("accuracy", "accuracy"),
+    ("brier", "Brier score"),
+    ("ece", "ECE"),
+)
+FOLD_COLUMNS = ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1", "mcc", "brier", "ece")
+SHORT = {
+    "auc": "ROC AUC",
+    "balanced_accuracy": "balanced acc.",
+    "sensitivity": "sensitivity HGG",
+    "specificity": "specificity HGG",
+    "f1": "F1 (HGG)",
+    "mcc": "MCC",
+    "brier": "Brier",
+    "ece": "ECE",
+}
+
+
+def eval_command(
+    target: Path = typer.Argument(
+        ...,
+        metavar="RUN_OR_CHECKPOINT",
+        help="A run directory (all folds: per fold + pooled out-of-fold), a fold directory, or a .pt "
+        "checkpoint.",
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", help="Data folder for --recompute or a checkpoint. \\[default: the one training used]"
+    ),
+    fold: int | None = typer.Option(
+        None,
+        "--fold",
+        help="Only this fold of a run; for a checkpoint it must be the fold it was trained for.",
+    ),
+    recompute: bool = typer.Option(
+        False,
+        "--recompute/--stored",
+        help="Score best.pt on the data again instead of the stored val_predictions.csv (the default: same "
+        "epoch as best.pt, no data needed).",
+    ),
+    weights: str = typer.Option("ema", "--weights", help="ema (falls back to raw when absent) or raw."),
+    tune_threshold: str | None = typer.Option(
+        None,
+        "--tune-threshold",
+        help="youden: choose the threshold on validation data (cross-fitted across folds); else --threshold.",
+    ),
+    threshold: float = typer.Option(0.5, "--threshold", help="Fixed decision threshold on P(HGG)."),
+    n_boot: int = typer.Option(
+        1000, "--n-boot", help="Bootstrap resamples over patients for 95% CIs (0: none)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    bins: int = typer.Option(10, "--bins", help="Equal-width bins for ECE and the reliability diagram."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Where plots and eval.json go. \\[default: <target>/eval]"
+    ),
+    no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
+    precision: str = typer.Option("auto", "--precision", help="For --recompute: auto, fp32 or bf16."),
+    device: str = typer.Option("auto", "--device", help="For --recompute: auto, cpu, cuda or cuda:N."),
+    json_out: bool = typer.Option(False, "--json", help="Print only JSON on stdout."),
+) -> None:
+    """Evaluate a fold, a checkpoint or a whole CV run: AUC, balanced accuracy, sensitivity/specificity,
+    F1, MCC, Brier, ECE and the confusion matrix, with 95% bootstrap CIs over patients, and plots."""
+    if n_boot < 0:
+        raise UsageError(f"--n-boot {n_boot} is negative", hint="use 0 to skip CIs, or e.g. 1000")
+    if bins < 1:
+        raise UsageError(f"--bins {bins} must be at least 1", hint="e.g. --bins 10")
+    if not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold {threshold} is outside [0, 1]", hint="e.g. --threshold 0.5")
+
+    from medcli.engine.evaluator import evaluate
+
+    with _Progress() as progress:
+        report = evaluate(
+            target,
+            data=data,
+            fold=fold,
+            recompute=recompute,
+            weights=weights,
+            tune_threshold=tune_threshold,
+            threshold=threshold,
+            n_boot=n_boot,
+            seed=seed,
+            n_bins=bins,
+            out_dir=out,
+            plots=not no_plots,
+            precision=precision,
+            device=device,
+            on_progress=progress.update,
+        )
+    if json_out:
+        console.print_json(report.to_dict())
+    else:
+        _render(report)
+    for note in report.notes:
+        console.info(note)
+    for name, path in report.plots.items():
+        console.info(f"{name}: {path}")
+
+
+class _Progress:
+    """A Rich bar per fold while best.pt is re-scored (``--recompute``), only on an interactive stderr."""
+
+    def __enter__(self):
+        self.bar, self.tasks = None, {}
+        if console.progress_enabled():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console.err
+            )
+            self.bar.__enter__()
+        return self
+
+    def update(self, label: str, done: int, total: int) -> None:
+        if self.bar is None:
+            return
+        if label not in self.tasks:
+            self.tasks[label] = self.bar.add_task(f"scoring {label}", total=total)
+        self.bar.update(self.tasks[label], completed=done)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value, reason: str | None = None, digits: int = 3) -> str:
+    if value is None:
+        return f"n/a ({reason})" if reason else "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _ci(ci: dict | None) -> str:
+    if not ci or ci.get("low") is None:
+        return "n/a"
+    return f"{ci['low']:.3f}–{ci['high']:.3f}"
+
+
+def _threshold_text(report) -> str:
+    t = report.threshold
+    if t["method"] == "fixed":
+        return f"threshold {t['value']:g}"
+    if "deploy" in t:
+        return f"Youden thresholds cross-fitted per fold (deploy {t['deploy']:.3f})"
+    return f"Youden threshold {t['value']:.3f}"
+
+
+def _render(report) -> None:
+    from rich.table import Table
+
+    out = console.out
+    if len(report.folds) > 1:
+        # Metrics as rows and folds as columns: stays readable at 80 columns for 5-10 folds.
+        sources = sorted({f"{r.source} · {r.weights} weights" for r in report.folds})
+        table = Table(title=f"Per fold: {report.target} ({', '.join(sources)})", title_justify="left")
+        table.add_column("metric", no_wrap=True)
+        for r in report.folds:
+            table.add_column(f"fold {r.fold}", justify="right", no_wrap=True)
+        table.add_column("mean ± sd", justify="right", no_wrap=True)
+        table.add_row("n (LGG/HGG)", *(f"{r.metrics.n_lgg}/{r.metrics.n_hgg}" for r in report.folds), "")
+        for c in FOLD_COLUMNS:
+            s = report.summary.get(c) or {}
+            if s.get("mean") is None:
+                mean_sd = "n/a"
+            else:
+                mean_sd = (
+                    f"{s['mean']:.3f} ± {s['sd']:.3f}" if s.get("sd") is not None else f"{s['mean']:.3f}"
+                )
+            table.add_row(SHORT[c], *(_fmt(getattr(r.metrics, c)) for r in report.folds), mean_sd)
+        undefined = [
+            f"fold {r.fold}: {r.metrics.undefined_reason}" for r in report.folds if r.metrics.undefined_reason
+        ]
+        if undefined:
+            table.caption = "n/a: " + "; ".join(undefined)
+        out.print(table)
+        title = f"Pooled out-of-fold ({report.pooled.n} scans · {_threshold_text(report)})"
+    else:
+        r = report.folds[0]
+        fold = f"fold {r.fold}" if r.fold is not None else "validation"
+        title = f"{fold} of {report.target} ({r.source} · {r.weights} weights · {_threshold_text(report)})"
+    _metrics_table(report.pooled, title, report.n_boot)
+    _per_class_and_confusion(report.pooled)
+
+
+def _metrics_table(m, title: str, n_boot: int) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric", no_wrap=True)
+    table.add_column("value", justify="right")
+    if n_boot:
+        table.add_column(f"95% CI ({n_boot} patient bootstraps)", justify="right", no_wrap=True)
+    for key, label in ROWS:
+        value = getattr(m, key)
+        row = [label, _fmt(value, m.undefined_reason if value is None else None)]
+        if n_boot:
+            row.append(_ci(m.ci.get(key)))
+        table.add_row(*row)
+    table.caption = (
+        f"n={m.n} ({m.n_lgg} LGG, {m.n_hgg} HGG) · ECE with {m.ece_bins} equal-width bins on P(HGG)"
+    )
+    console.out.print(table)
+
+
+def _per_class_and_confusion(m) -> None:
+    from rich.table import Table
+
+    table = Table(title="Per class", title_justify="left")
+    for col in ("class", "support", "sensitivity", "specificity", "precision", "F1"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, c in m.per_class.items():
+        table.add_row(
+            name,
+            str(c["support"]),
+            _fmt(c["sensitivity"], None),
+            _fmt(c["specificity"], None),
+            _fmt(c["precision"], None),
+            _fmt(c["f1"], None),
+        )
+    console.out.print(table)
+
+    cm = Table(title="Confusion matrix", title_justify="left")
+    cm.add_column("true \\ predicted")
+    cm.add_column("LGG", justify="right")
+    cm.add_column("HGG", justify="right")
+    for name, row in zip(("LGG", "HGG"), m.confusion, strict=True):
+        cm.add_row(name, *(str(v) for v in row))
+    console.out.print(cm)
 
 
 def register(root: typer.Typer) -> None:
-    """Add this module's commands to the root app (none yet)."""
+    root.command("eval", help="Evaluate a run, fold or checkpoint: metrics with bootstrap CIs and plots.")(
+        eval_command
+    )

@@ -1,9 +1,202 @@
-"""`medcli predict`: (lands with its issue)."""
+"""`medcli predict`: grade + P(HGG) for new scans, from one checkpoint or a fold ensemble.
+
+Rendering only: finding the model, reading the scans, ensembling, TTA and Grad-CAM live in
+``medcli.engine.predictor`` / ``medcli.engine.saliency`` (imported inside the command so ``--help`` stays
+instant).  Results go to stdout (a table, or JSON with ``--json``); progress and failures to stderr.  A batch
+in which some scans fail still predicts the rest, lists the failures and exits 10.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+from pathlib import Path
+
 import typer
+
+from medcli.cli import console
+from medcli.errors import MedcliError, PartialFailure, UsageError
+from medcli.paths import default_runs_root
+
+CSV_FIELDS = (
+    "scan_id",
+    "grade",
+    "p_hgg",
+    "p_sd",
+    "p_min",
+    "p_max",
+    "n_members",
+    "n_flips",
+    "label",
+    "saliency_nifti",
+    "saliency_png",
+)
+
+
+def predict_command(
+    inputs: list[Path] = typer.Argument(
+        ...,
+        metavar="INPUT...",
+        help="NIfTI scan(s) (single-modality models), subject folder(s) in BraTS naming, a directory of "
+        "subjects, or a CSV manifest.",
+    ),
+    model: Path | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="A checkpoint (.pt), a fold directory (uses best.pt) or a run directory (all folds: ensemble). "
+        "\\[default: the newest run under $MEDCLI_RUNS or ./runs]",
+    ),
+    weights: str = typer.Option("ema", "--weights", help="ema (falls back to raw when absent) or raw."),
+    tta: bool = typer.Option(
+        False,
+        "--tta/--no-tta",
+        help="Average over the 8 flips of the 3 spatial axes (batched with the ensemble).",
+    ),
+    precision: str = typer.Option(
+        "auto", "--precision", help="auto (bf16 where the hardware has it natively), fp32 or bf16."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Call HGG when P(HGG) >= this."),
+    saliency: Path | None = typer.Option(
+        None,
+        "--saliency",
+        help="Write Grad-CAM maps here: <scan>_gradcam.nii.gz on the scan's own grid, and a PNG of 3 slices.",
+    ),
+    csv_path: Path | None = typer.Option(None, "--csv", help="Also write the predictions to this CSV file."),
+    json_out: bool = typer.Option(False, "--json", help="Print only JSON on stdout."),
+) -> None:
+    """Predict the grade (LGG/HGG) of new scans with a trained model or a fold ensemble."""
+    if weights not in ("ema", "raw"):
+        raise UsageError(
+            f"--weights {weights!r} is not ema or raw", hint="use --weights ema or --weights raw"
+        )
+    if not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold {threshold} is outside [0, 1]", hint="e.g. --threshold 0.5")
+
+    from medcli.engine import predictor as P
+
+    source = P.find_checkpoints(model, default_runs_root())
+    if model is None:
+        console.info(f"Using the newest run: {source.root} ({len(source.checkpoints)} fold(s))")
+    predictor = P.load_predictor(
+        source, weights=weights, tta=tta, precision=precision, device=device, threshold=threshold
+    )
+    modalities = tuple(predictor.preprocess_cfg.modalities)
+    console.info(
+        f"Model: {len(predictor.models)} member(s) from {source.root} · modalities {','.join(modalities)} · "
+        f"input {'x'.join(map(str, predictor.preprocess_cfg.input_size))} · {predictor.precision} on "
+        f"{predictor.device}" + (" · 8-flip TTA" if tta else "")
+    )
+
+    scans, input_failures = P.collect_scans(inputs, modalities)
+    if not scans:
+        _raise_all_failed(input_failures)
+
+    result = _run(predictor, scans, saliency)
+    result.failures[:0] = input_failures
+    if not result.predictions:
+        _raise_all_failed(result.failures)
+
+    if csv_path is not None:
+        _write_csv(csv_path, result)
+    if json_out:
+        console.print_json(result.to_dict())
+    else:
+        _print_table(result)
+        if csv_path is not None:
+            console.info(f"Predictions written to {csv_path}")
+        if saliency is not None:
+            console.info(f"Grad-CAM maps (NIfTI on each scan's grid + PNG) written to {saliency}/")
+    for f in result.failures:
+        _warn_failure(f)
+    if result.failures:
+        n = len(result.failures) + len(result.predictions)
+        raise PartialFailure(
+            f"{len(result.failures)} of {n} scans failed ({', '.join(f.scan_id for f in result.failures[:5])}"
+            f"{', ...' if len(result.failures) > 5 else ''}); the others were predicted",
+            hint="see the warnings above for what is wrong with each and what to do",
+        )
+
+
+def _raise_all_failed(failures) -> None:
+    """Nothing could be predicted: one failure keeps its own message and exit code."""
+    if len(failures) == 1:
+        e = MedcliError(failures[0].error)
+        e.exit_code = failures[0].exit_code
+        raise e
+    for f in failures:
+        _warn_failure(f)
+    from medcli.errors import DataError
+
+    raise DataError(
+        f"none of the {len(failures)} inputs could be predicted", hint="see the warnings above for each one"
+    )
+
+
+def _warn_failure(f) -> None:
+    console.warn(f.error if f.error.startswith(f.scan_id) else f"{f.scan_id}: {f.error}")
+
+
+def _run(predictor, scans, saliency):
+    if not console.progress_enabled() or len(scans) < 2:
+        return predictor.predict(scans, saliency_dir=saliency)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console.err
+    ) as bar:
+        task = bar.add_task("predict", total=len(scans))
+        return predictor.predict(scans, saliency_dir=saliency, on_scan=lambda *_: bar.advance(task))
+
+
+def _print_table(result) -> None:
+    from rich.table import Table
+
+    members = f"{result.n_members} model(s)" + (" x 8 flips" if result.tta else "")
+    show_label = any(p.label is not None for p in result.predictions)
+    table = Table(title=f"Predictions ({members}, threshold {result.threshold:g})", title_justify="left")
+    table.add_column("scan")
+    table.add_column("grade")
+    table.add_column("P(HGG)", justify="right")
+    spread = result.n_members * (8 if result.tta else 1) > 1
+    if spread:
+        table.add_column("sd", justify="right")
+        table.add_column("min–max", justify="right")
+    if show_label:
+        table.add_column("label")
+    for p in result.predictions:
+        row = [p.scan_id, f"[bold]{p.grade}[/]", f"{p.p_hgg:.3f}"]
+        if spread:
+            row += [f"{p.p_sd:.3f}", f"{p.p_min:.3f}–{p.p_max:.3f}"]
+        if show_label:
+            row.append("" if p.label is None else ("LGG", "HGG")[p.label])
+        table.add_row(*row)
+    console.out.print(table)
+
+
+def _write_csv(path: Path, result) -> None:
+    import os
+    import tempfile
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for p in result.predictions:
+        row = p.to_dict()
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_FIELDS})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+            fh.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def register(root: typer.Typer) -> None:
-    """Add this module's commands to the root app (none yet)."""
+    root.command("predict", help="Predict LGG/HGG for new scans (fold ensembles, flip TTA, Grad-CAM).")(
+        predict_command
+    )

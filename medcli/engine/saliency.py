@@ -1,0 +1,114 @@
+"""Grad-CAM saliency on the scan's own voxel grid.
+
+Grad-CAM (Selvaraju et al. 2017) at the last ResNet stage: the class score's gradient with respect to the
+feature map, averaged over space, weights the feature channels; their ReLU'd sum is a coarse map
+(``input/8`` per axis) that is upsampled trilinearly to model space.  For an ensemble each member's map is
+normalised to [0, 1] and the maps are averaged.  The model-space map then goes back through the
+preprocessing (resize, crop, reorientation; ``medcli.data.preprocess.to_original_grid``) so the NIfTI we
+write has the input file's shape and affine and overlays the scan in any viewer (ITK-SNAP, 3D Slicer,
+FSLeyes).  The map is zeroed outside the brain (voxels that are 0 in every modality) and renormalised.
+A PNG shows three orthogonal slices through the saliency peak.
+
+Only the head needs gradients: the backbone runs once without autograd and the feature map is the leaf.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from medcli.engine.predictor import Predictor, ScanInput
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
+    """Grad-CAM of class ``target`` for a batch ``x [N,C,D,H,W]`` → ``[N, D, H, W]`` in [0, 1] (model space).
+
+    Uses ``model.forward_features`` (last stage) and ``model.classify``; runs in float32.
+    """
+    model.eval()
+    with torch.no_grad():
+        feats = model.forward_features(x.float())
+    feats = feats.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model.classify(feats)
+        (grads,) = torch.autograd.grad(logits[:, target].sum(), feats)
+    weights = grads.mean(dim=(2, 3, 4), keepdim=True)
+    cam = torch.relu((weights * feats.detach()).sum(dim=1, keepdim=True))  # [N, 1, d, h, w]
+    cam = F.interpolate(cam, size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)[:, 0]
+    peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12)
+    return cam / peak[:, None, None, None]
+
+
+def ensemble_grad_cam(models: list[nn.Module], x: torch.Tensor, target: int) -> torch.Tensor:
+    """Mean of the members' normalised Grad-CAMs, renormalised to [0, 1]."""
+    cams = torch.stack([grad_cam(m, x, target) for m in models]).mean(dim=0)
+    peak = cams.flatten(1).amax(dim=1).clamp_min(1e-12)
+    return cams / peak[:, None, None, None]
+
+
+def _atomic_nifti(img, path: Path) -> None:
+    import nibabel as nib
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_saliency(
+    predictor: Predictor, x: torch.Tensor, pre: Any, scan: ScanInput, out_dir: Path, target: int
+) -> tuple[Path, Path]:
+    """Write ``<scan_id>_gradcam.nii.gz`` (original grid and affine) and ``<scan_id>_gradcam.png``."""
+    import nibabel as nib
+
+    from medcli.data.preprocess import to_original_grid
+    from medcli.engine.plots import plot_saliency_slices
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = predictor.models
+    cam = ensemble_grad_cam(models, x.to(predictor.device).contiguous(), target)[0].cpu().numpy()
+    volume, affine = to_original_grid(cam.astype(np.float32), pre.geometry)
+    volume = np.asarray(volume, dtype=np.float32)
+
+    modalities = predictor.preprocess_cfg.modalities
+    reference_path = scan.paths[modalities[0]]
+    reference = nib.load(str(reference_path))
+    image = np.asarray(reference.dataobj, dtype=np.float32).reshape(volume.shape)
+    # Only the brain can be salient: zero outside it (BraTS background is exactly 0 in every modality, the
+    # same mask preprocessing normalises over).  The upsampled coarse map otherwise bleeds into the air.
+    brain = image != 0
+    for m in modalities[1:]:
+        brain |= np.asarray(nib.load(str(scan.paths[m])).dataobj).reshape(volume.shape) != 0
+    volume[~brain] = 0.0
+    if volume.max() > 0:
+        volume /= volume.max()
+    img = nib.Nifti1Image(volume, np.asarray(affine, dtype=np.float64))
+    # Keep the scan's coordinate-system codes so viewers place the overlay exactly on it.
+    img.header.set_xyzt_units(*reference.header.get_xyzt_units())
+    img.set_sform(img.affine, code=int(reference.header["sform_code"]) or 1)
+    img.set_qform(img.affine, code=int(reference.header["qform_code"]) or 1)
+    nii_path = out_dir / f"{scan.scan_id}_gradcam.nii.gz"
+    _atomic_nifti(img, nii_path)
+
+    peak = np.unravel_index(int(np.argmax(volume)), volume.shape)
+    grade = ("LGG", "HGG")[target]
+    png_path = plot_saliency_slices(
+        image,
+        volume,
+        peak,
+        out_dir / f"{scan.scan_id}_gradcam.png",
+        title=f"{scan.scan_id}: Grad-CAM for {grade} ({reference_path.name})",
+    )
+    return nii_path, png_path

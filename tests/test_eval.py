@@ -1,0 +1,271 @@
+"""`medcli eval`: run/fold/checkpoint targets, metrics equal to scikit-learn, CIs, thresholds, plots,
+single-class folds, and recomputation from best.pt on real data with the run's saved split."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers_predict import tiny_checkpoint, write_cohort
+from sklearn import metrics as skm
+
+from medcli.engine import metrics as M
+from medcli.engine.runs import FoldDir
+
+
+def _has(text: str, needle: str) -> bool:
+    return "".join(needle.split()) in "".join(text.split())
+
+
+def _fold_rows(seed: int, n: int, ema: bool = True, only: int | None = None):
+    rng = np.random.default_rng(seed)
+    labels = np.full(n, only) if only is not None else (rng.random(n) < 0.7).astype(int)
+    p = np.round(np.clip(0.3 * labels + 0.7 * rng.random(n), 0, 1), 4)
+    p_ema = np.round(np.clip(p + 0.05 * rng.standard_normal(n), 0, 1), 4)
+    rows = [
+        {
+            "subject_id": f"s{seed}_{i}",
+            "patient_id": f"pat{seed}_{i // 2}",  # two scans per patient
+            "label": int(labels[i]),
+            "p_hgg": float(p[i]),
+            "p_hgg_ema": float(p_ema[i]) if ema else None,
+        }
+        for i in range(n)
+    ]
+    return rows
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A 3-fold run directory with the trainer's own val_predictions.csv writer."""
+    root = tmp_path / "runs" / "r"
+    all_rows = {}
+    for k in range(3):
+        fd = FoldDir(root, k)
+        fd.path.mkdir(parents=True)
+        all_rows[k] = _fold_rows(k, 30)
+        fd.write_predictions(all_rows[k])
+    return root, all_rows
+
+
+def _arrays(rows, column="p_hgg_ema"):
+    return np.array([r["label"] for r in rows]), np.array([r[column] for r in rows])
+
+
+def _json(result):
+    assert result.stdout.lstrip().startswith("{"), result.stdout
+    return json.loads(result.stdout)
+
+
+def test_run_per_fold_mean_sd_and_pooled_equal_sklearn(cli, run):
+    root, rows = run
+    r = cli("eval", root, "--json", "--n-boot", "200")
+    assert r.exit_code == 0, r.stderr
+    out = _json(r)
+    assert out["kind"] == "run" and [f["fold"] for f in out["folds"]] == [0, 1, 2]
+    aucs = []
+    for f in out["folds"]:
+        y, p = _arrays(rows[f["fold"]])
+        assert f["weights"] == "ema" and f["source"] == "stored"
+        assert f["metrics"]["auc"] == pytest.approx(skm.roc_auc_score(y, p))
+        assert f["metrics"]["mcc"] == pytest.approx(skm.matthews_corrcoef(y, p >= 0.5))
+        aucs.append(skm.roc_auc_score(y, p))
+    assert out["summary"]["auc"]["mean"] == pytest.approx(np.mean(aucs))
+    assert out["summary"]["auc"]["sd"] == pytest.approx(np.std(aucs, ddof=1))
+    y, p = _arrays([row for k in range(3) for row in rows[k]])
+    pooled = out["pooled"]
+    assert pooled["n"] == 90
+    assert pooled["auc"] == pytest.approx(skm.roc_auc_score(y, p))
+    assert pooled["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, p >= 0.5))
+    assert pooled["brier"] == pytest.approx(skm.brier_score_loss(y, p))
+    assert pooled["confusion"] == skm.confusion_matrix(y, p >= 0.5).tolist()
+    groups = [row["patient_id"] for k in range(3) for row in rows[k]]
+    assert pooled["ci"] == M.bootstrap_ci(y, p, groups, n_boot=200, seed=0)
+    assert out["bootstrap"] == {"n": 200, "seed": 0, "unit": "patient", "level": 0.95}
+    for name in ("roc", "reliability", "confusion", "json"):
+        assert (root / "eval").joinpath(out["plots"][name]).exists()
+    assert json.loads((root / "eval" / "eval.json").read_text())["pooled"]["auc"] == pooled["auc"]
+
+
+def test_run_table_and_plot_paths(cli, run):
+    root, _ = run
+    r = cli("eval", root, "--n-boot", "100")
+    assert r.exit_code == 0, r.stderr
+    assert "mean ± sd" in r.stdout and "Pooled out-of-fold" in r.stdout and "95% CI" in r.stdout
+    assert "ROC AUC" in r.stdout and "Confusion matrix" in r.stdout and "sensitivity (HGG)" in r.stdout
+    assert _has(r.stderr, str(root / "eval" / "roc.png"))
+
+
+def test_raw_weights_use_the_raw_column(cli, run):
+    root, rows = run
+    out = _json(cli("eval", root / "fold1", "--json", "--weights", "raw", "--n-boot", "0"))
+    y, p = _arrays(rows[1], "p_hgg")
+    assert out["kind"] == "fold" and out["folds"][0]["weights"] == "raw"
+    assert out["pooled"]["auc"] == pytest.approx(skm.roc_auc_score(y, p))
+    assert out["pooled"]["ci"] == {}
+
+
+def test_missing_ema_falls_back_to_raw_with_a_note(cli, tmp_path):
+    fd = FoldDir(tmp_path / "r", 0)
+    fd.path.mkdir(parents=True)
+    rows = _fold_rows(5, 20, ema=False)
+    fd.write_predictions(rows)
+    r = cli("eval", fd.path, "--json", "--n-boot", "0", "--no-plots")
+    out = _json(r)
+    assert out["folds"][0]["weights"] == "raw"
+    assert any("no EMA predictions" in n for n in out["notes"])
+
+
+def test_single_class_fold_auc_is_undefined_not_nan(cli, tmp_path):
+    root = tmp_path / "r"
+    for k, only in ((0, None), (1, 1)):
+        fd = FoldDir(root, k)
+        fd.path.mkdir(parents=True)
+        fd.write_predictions(_fold_rows(k, 12, only=only))
+    r = cli("eval", root, "--json", "--n-boot", "100")
+    assert r.exit_code == 0, r.stderr
+    assert "NaN" not in r.stdout
+    out = _json(r)
+    f1 = out["folds"][1]["metrics"]
+    assert f1["auc"] is None and f1["undefined_reason"] == "only HGG in the validation set"
+    assert out["summary"]["auc"]["n"] == 1
+    assert out["pooled"]["auc"] is not None
+    table = cli("eval", root / "fold1", "--n-boot", "0", "--no-plots")
+    assert table.exit_code == 0
+    assert _has(table.stdout, "n/a (only HGG in the validation set)")
+
+
+def test_youden_is_cross_fitted_across_folds(cli, run):
+    root, rows = run
+    out = _json(cli("eval", root, "--json", "--tune-threshold", "youden", "--n-boot", "0", "--no-plots"))
+    t = out["threshold"]
+    assert t["method"] == "youden"
+    for k in range(3):
+        y, p = _arrays([row for j in range(3) if j != k for row in rows[j]])
+        assert t["per_fold"][str(k)] == pytest.approx(M.youden_threshold(y, p))
+        assert out["folds"][k]["threshold"] == pytest.approx(t["per_fold"][str(k)])
+        yk, pk = _arrays(rows[k])
+        want = skm.balanced_accuracy_score(yk, pk >= t["per_fold"][str(k)])
+        assert out["folds"][k]["metrics"]["balanced_accuracy"] == pytest.approx(want)
+    y, p = _arrays([row for k in range(3) for row in rows[k]])
+    assert t["deploy"] == pytest.approx(M.youden_threshold(y, p))
+    # A single fold can only tune on itself, and the report says so.
+    one = _json(
+        cli("eval", root / "fold0", "--json", "--tune-threshold", "youden", "--n-boot", "0", "--no-plots")
+    )
+    assert any("optimistic" in n for n in one["notes"])
+
+
+def test_bad_targets(cli, tmp_path):
+    r = cli("eval", tmp_path / "nope")
+    assert r.exit_code == 2 and _has(r.stderr, "not found")
+    (tmp_path / "emptyrun").mkdir()
+    r = cli("eval", tmp_path / "emptyrun")
+    assert r.exit_code == 2 and _has(r.stderr, "val_predictions.csv")
+    r = cli("eval", tmp_path / "emptyrun", "--tune-threshold", "magic")
+    assert r.exit_code == 2
+
+
+# ------------------------------------------------------------------------------------ recompute from best.pt
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A cohort, its saved 2-fold split and a tiny checkpoint per fold (real preprocessing at predict)."""
+    from medcli.data.discover import discover
+    from medcli.data.splits import make_splits
+
+    root = tmp_path_factory.mktemp("recompute")
+    data = root / "data"
+    write_cohort(data, n=6)
+    subjects = discover(data, modalities=("t1ce",)).require_labels()
+    splits = make_splits(subjects, k=2, seed=0)
+    run = root / "runs" / "r"
+    splits.save(run / "splits.json")
+    for k in range(2):
+        path = tiny_checkpoint(run / f"fold{k}" / "best.pt", fold=k, seed=k)
+        import torch
+
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["split_hash"] = splits.cohort_hash
+        ckpt["config"].update({"data": str(data), "folds": 2, "seed": 0})
+        torch.save(ckpt, path)
+    return {"data": data, "run": run, "splits": splits}
+
+
+def test_recompute_uses_the_saved_split_and_matches_predict(cli, trained):
+    run, splits = trained["run"], trained["splits"]
+    r = cli("eval", run, "--recompute", "--json", "--n-boot", "0", "--no-plots", "--weights", "raw")
+    assert r.exit_code == 0, r.stderr
+    out = _json(r)
+    for k in range(2):
+        fold = out["folds"][k]
+        assert fold["source"] == "recomputed" and fold["metrics"]["n"] == len(splits.fold(k)[1])
+    # The recomputed P(HGG) of a validation subject equals what `predict` says with the same checkpoint.
+    from medcli.engine.evaluator import recompute_predictions
+
+    fp, _ = recompute_predictions(run / "fold1" / "best.pt", weights="raw")
+    assert fp.subject_ids == splits.fold(1)[1]
+    sid = fp.subject_ids[0]
+    pr = cli("predict", trained["data"] / sid, "--model", run / "fold1", "--weights", "raw", "--json")
+    assert pr.exit_code == 0, pr.stderr
+    assert json.loads(pr.stdout)["predictions"][0]["p_hgg"] == pytest.approx(fp.p[0], abs=1e-6)
+
+
+def test_checkpoint_target_refuses_another_fold(cli, trained):
+    ckpt = trained["run"] / "fold0" / "best.pt"
+    r = cli("eval", ckpt, "--fold", "1", "--data", trained["data"], "--n-boot", "0")
+    assert r.exit_code == 2 and _has(r.stderr, "trained for fold 0")
+    r = cli(
+        "eval", ckpt, "--data", trained["data"], "--json", "--n-boot", "50", "--out", trained["run"] / "e"
+    )
+    assert r.exit_code == 0, r.stderr
+    out = _json(r)
+    assert out["kind"] == "checkpoint" and out["folds"][0]["fold"] == 0
+    assert (trained["run"] / "e" / "roc.png").stat().st_size > 2000
+
+
+def test_checkpoint_with_another_split_is_refused(cli, trained, tmp_path):
+    import torch
+
+    path = tmp_path / "other.pt"
+    ckpt = torch.load(trained["run"] / "fold0" / "best.pt", weights_only=True)
+    ckpt["split_hash"] = "0" * 64
+    torch.save(ckpt, path)
+    r = cli("eval", path, "--data", trained["data"], "--n-boot", "0", "--no-plots")
+    assert r.exit_code == 8 and _has(r.stderr, "another split")
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_train_then_eval_and_predict_agree(cli, tmp_path):
+    """A real 2-fold tiny training; eval's stored and recomputed predictions agree (same preprocessing, same
+    weights, exact fast path), and the run ensemble in predict is the mean of its folds."""
+    from pathlib import Path
+
+    from medcli.engine.evaluator import read_val_predictions, recompute_predictions
+
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    write_cohort(data, n=8)
+    args = ["--data", data, "--out", runs, "--name", "t", "--depth", "tiny", "--input-size", "16"]
+    args += ["--epochs", "1", "--folds", "2", "--fold", "all", "--no-pretrained", "--batch-size", "2"]
+    r = cli("train", *args, "--loss", "ce")
+    assert r.exit_code == 0, r.stderr
+    run = runs / "t"
+    for k in (0, 1):
+        stored, _ = read_val_predictions(run / f"fold{k}", "ema")
+        again, _ = recompute_predictions(run / f"fold{k}" / "best.pt", weights="ema")
+        assert stored.subject_ids == again.subject_ids
+        np.testing.assert_allclose(stored.p, again.p, atol=1e-4)
+    out = _json(cli("eval", run, "--json", "--n-boot", "100"))
+    assert out["kind"] == "run" and out["pooled"]["n"] == 8
+    scan = Path(data) / "BraTS20_Training_001"
+    ps = [
+        _json(cli("predict", scan, "--model", m, "--json"))["predictions"][0]["p_hgg"]
+        for m in (run / "fold0", run / "fold1")
+    ]
+    both = _json(cli("predict", scan, "--model", run, "--json"))["predictions"][0]["p_hgg"]
+    assert both == pytest.approx(np.mean(ps), abs=1e-6)

@@ -1,0 +1,330 @@
+"""`medcli predict` on real tiny checkpoints and real NIfTI files: ensembles, TTA, reorientation,
+Grad-CAM on the original grid, partial failures and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from helpers_predict import LPS, brain_volume, tiny_checkpoint, write_nifti, write_subject
+
+from medcli.engine import predictor as P
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Two tiny folds of one run (t1ce, input 16) and a few 24^3 subjects."""
+    root = tmp_path_factory.mktemp("predict")
+    run = root / "runs" / "tiny-t1ce"
+    tiny_checkpoint(run / "fold0" / "best.pt", fold=0, seed=0)
+    tiny_checkpoint(run / "fold1" / "best.pt", fold=1, seed=1)
+    data = root / "data"
+    for i in range(3):
+        write_subject(data, f"BraTS20_Training_{i + 1:03d}", ("t1ce",), seed=i, hgg=bool(i % 2))
+    return {"root": root, "run": run, "data": data}
+
+
+def _scan(world, i=1) -> Path:
+    return world["data"] / f"BraTS20_Training_{i:03d}" / f"BraTS20_Training_{i:03d}_t1ce.nii.gz"
+
+
+def _has(text: str, needle: str) -> bool:
+    """Whitespace-insensitive containment: Rich wraps long stderr lines at the terminal width."""
+    return "".join(str(needle).split()) in "".join(text.split())
+
+
+def _json(result):
+    assert result.stdout.strip().startswith("{"), result.stdout
+    return json.loads(result.stdout)
+
+
+def test_single_nifti_json_and_csv(cli, world, tmp_path):
+    csv_path = tmp_path / "out" / "pred.csv"
+    r = cli("predict", _scan(world), "--model", world["run"] / "fold0", "--json", "--csv", csv_path)
+    assert r.exit_code == 0, r.stderr
+    out = _json(r)
+    (pred,) = out["predictions"]
+    assert pred["scan_id"] == "BraTS20_Training_001"
+    assert 0.0 <= pred["p_hgg"] <= 1.0
+    assert pred["grade"] == ("HGG" if pred["p_hgg"] >= 0.5 else "LGG")
+    assert out["precision"] == "fp32"  # this CPU has no native bf16; auto must not pick emulated bf16
+    text = csv_path.read_text().splitlines()
+    assert text[0].startswith("scan_id,grade,p_hgg") and text[1].startswith("BraTS20_Training_001,")
+
+
+def test_table_output(cli, world):
+    r = cli("predict", world["data"], "--model", world["run"], "--tta")
+    assert r.exit_code == 0, r.stderr
+    assert "BraTS20_Training_003" in r.stdout and "P(HGG)" in r.stdout and "min–max" in r.stdout
+    assert _has(r.stderr, "8-flip TTA")
+
+
+def test_ensemble_and_tta_equal_mean_of_members(world):
+    """The batched ensemble x 8-flip TTA equals the mean of every member on every flipped copy."""
+    from medcli.engine.checkpoint import load_for_inference
+
+    source = P.find_checkpoints(world["run"], world["root"])
+    assert source.kind == "run" and len(source.checkpoints) == 2
+    pred = P.load_predictor(source, tta=True, precision="fp32", device="cpu", max_batch=3)
+    x = torch.from_numpy(pred.preprocess(P.ScanInput("s", {"t1ce": _scan(world)})).array)[None]
+    x = torch.cat([x, x.flip(2) * 0.5])  # two different scans in one batch
+    probs = pred.probabilities(x)
+    assert probs.shape == (2, 8, 2)
+
+    expected = np.zeros((2, 8, 2))
+    for m, path in enumerate(source.checkpoints):
+        model, _, _ = load_for_inference(path)
+        for f, dims in enumerate(P.FLIPS):
+            with torch.no_grad():
+                xf = x.flip(dims) if dims else x
+                expected[m, f] = torch.softmax(model(xf), 1)[:, 1].numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    assert len(set(P.FLIPS)) == 8
+
+    scan = P.ScanInput("s", {"t1ce": _scan(world)})
+    (result,) = pred.predict([scan]).predictions
+    np.testing.assert_allclose(result.p_hgg, expected[:, :, 0].mean(), atol=1e-5)
+    np.testing.assert_allclose(result.p_members, expected[:, :, 0].mean(axis=1), atol=1e-5)
+    assert result.p_min == pytest.approx(expected[:, :, 0].min(), abs=1e-5)
+    assert result.p_sd == pytest.approx(expected[:, :, 0].std(), abs=1e-5)
+
+
+def test_run_ensemble_cli_equals_mean_of_folds(cli, world):
+    def p(model):
+        r = cli("predict", _scan(world, 2), "--model", model, "--json", "--tta")
+        assert r.exit_code == 0, r.stderr
+        return _json(r)["predictions"][0]
+
+    folds = [p(world["run"] / f"fold{k}") for k in (0, 1)]
+    both = p(world["run"])
+    assert both["n_members"] == 2 and both["n_flips"] == 8
+    assert both["p_hgg"] == pytest.approx(np.mean([f["p_hgg"] for f in folds]), abs=1e-6)
+
+
+def test_default_model_is_newest_run(cli, world, tmp_path):
+    runs = tmp_path / "runs"
+    old = tiny_checkpoint(runs / "old" / "fold0" / "best.pt", seed=5)
+    new = tiny_checkpoint(runs / "new" / "fold0" / "best.pt", seed=6)
+    os.utime(old, (1_000_000, 1_000_000))
+    r = cli("predict", _scan(world), "--json", env={"MEDCLI_RUNS": str(runs)})
+    assert r.exit_code == 0, r.stderr
+    assert _has(r.stderr, f"newest run: {new.parent.parent}")
+    r = cli("predict", _scan(world), env={"MEDCLI_RUNS": str(tmp_path / "empty")})
+    assert r.exit_code == 8 and _has(r.stderr, "no trained run found")
+
+
+def test_reoriented_scan_gets_same_probability(cli, world, tmp_path):
+    """The same image stored LPS and RAS (data flipped, affine flipped) is the same scan to medcli."""
+    data = brain_volume((24, 20, 18), seed=7, hgg=True)
+    lps = write_nifti(tmp_path / "a" / "S_t1ce.nii.gz", data, LPS)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = [data.shape[0] - 1, data.shape[1] - 1]
+    ras = write_nifti(tmp_path / "b" / "S_t1ce.nii.gz", data[::-1, ::-1].copy(), LPS @ flip)
+    assert np.allclose(nib.load(lps).affine @ [0, 0, 0, 1], nib.load(ras).affine @ [23, 19, 0, 1])
+    ps = []
+    for path in (lps, ras):
+        r = cli("predict", path, "--model", world["run"], "--json", "--tta")
+        assert r.exit_code == 0, r.stderr
+        ps.append(_json(r)["predictions"][0]["p_hgg"])
+    assert ps[0] == pytest.approx(ps[1], abs=1e-6)
+
+
+def test_saliency_on_original_grid(cli, world, tmp_path):
+    data = np.zeros((34, 30, 26), dtype=np.int16)
+    data[6:32, 5:27, 4:22] = brain_volume((26, 22, 18), seed=3, hgg=True)  # brain away from the corners
+    affine = np.array(
+        [[0, 0, 1.2, -10], [-1.0, 0, 0, 30], [0, 1.1, 0, -5], [0, 0, 0, 1]]
+    )  # oblique axis order
+    scan = write_nifti(tmp_path / "in" / "X_t1ce.nii.gz", data, affine)
+    out = tmp_path / "sal"
+    r = cli("predict", scan, "--model", world["run"], "--saliency", out, "--json")
+    assert r.exit_code == 0, r.stderr
+    pred = _json(r)["predictions"][0]
+    img = nib.load(pred["saliency_nifti"])
+    assert img.shape == data.shape
+    np.testing.assert_allclose(img.affine, affine, atol=1e-5)
+    sal = np.asarray(img.dataobj)
+    assert np.isfinite(sal).all() and sal.min() >= 0 and 0.9 < sal.max() <= 1.0 + 1e-5
+    # The map lives inside the brain's bounding box plus the crop margin (4): zero beyond it.
+    nz = np.argwhere(sal > 0)
+    assert (nz.min(axis=0) >= [6 - 4, 5 - 4, 4 - 4]).all() and (
+        nz.max(axis=0) < [32 + 4, 27 + 4, 22 + 4]
+    ).all()
+    assert sal[0, 0, 0] == 0 and sal[-1, -1, -1] == 0
+    assert (sal[data == 0] == 0).all() and sal[data != 0].max() == pytest.approx(1.0)  # brain only
+    png = Path(pred["saliency_png"])
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 2000
+    assert sorted(p.name for p in out.iterdir()) == ["X_gradcam.nii.gz", "X_gradcam.png"]
+
+
+def test_bf16_close_to_fp32(world):
+    source = P.find_checkpoints(world["run"], world["root"])
+    scan = P.ScanInput("s", {"t1ce": _scan(world)})
+    fp32 = P.load_predictor(source, precision="fp32", device="cpu", tta=True).predict([scan]).predictions[0]
+    bf16_pred = P.load_predictor(source, precision="bf16", device="cpu", tta=True)
+    assert bf16_pred.channels_last
+    bf16 = bf16_pred.predict([scan]).predictions[0]
+    assert abs(bf16.p_hgg - fp32.p_hgg) < 0.02
+
+
+# ------------------------------------------------------------------------------------------------ failures
+
+
+def _truncate(path: Path) -> Path:
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    return path
+
+
+def test_batch_with_a_bad_scan_predicts_the_rest_and_exits_10(cli, world, tmp_path):
+    data = tmp_path / "cohort"
+    for i in range(3):
+        write_subject(data, f"S{i}", ("t1ce",), seed=i)
+    bad = _truncate(data / "S1" / "S1_t1ce.nii.gz")
+    r = cli("predict", data, "--model", world["run"] / "fold0", "--json")
+    assert r.exit_code == 10, r.stderr
+    out = _json(r)
+    assert [p["scan_id"] for p in out["predictions"]] == ["S0", "S2"]
+    assert [f["scan_id"] for f in out["failures"]] == ["S1"]
+    assert _has(r.stderr, str(bad)) and _has(r.stderr, "1 of 3 scans failed")
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (input path, text the error must contain)."""
+    good = brain_volume((24, 24, 24), seed=1)
+    cases = {}
+    p = write_nifti(tmp / "4d_t1ce.nii.gz", np.stack([good, good], axis=-1))
+    cases["4d"] = (p, "4D")
+    p = write_nifti(tmp / "2d_t1ce.nii.gz", good[:, :, 12])
+    cases["2d"] = (p, "2D")
+    nan = good.astype(np.float32)
+    nan[5, 5, 5] = np.nan
+    cases["nan"] = (write_nifti(tmp / "nan_t1ce.nii.gz", nan), "NaN")
+    inf = good.astype(np.float32)
+    inf[5, 5, 5] = np.inf
+    cases["inf"] = (write_nifti(tmp / "inf_t1ce.nii.gz", inf), "NaN/Inf")
+    cases["zeros"] = (write_nifti(tmp / "zero_t1ce.nii.gz", np.zeros_like(good)), "all zeros")
+    cases["corrupt"] = (_truncate(write_nifti(tmp / "cut_t1ce.nii.gz", good)), "truncated")
+    junk = tmp / "junk_t1ce.nii.gz"
+    junk.write_bytes(b"<html>not a scan</html>")
+    cases["not nifti"] = (junk, "not a readable NIfTI")
+    empty = tmp / "empty_dir"
+    empty.mkdir()
+    cases["empty dir"] = (empty, "no BraTS subjects")
+    return cases
+
+
+@pytest.mark.parametrize("case", ["4d", "2d", "nan", "inf", "zeros", "corrupt", "not nifti", "empty dir"])
+def test_bad_input_is_one_clear_error(cli, world, tmp_path, case):
+    path, text = _bad_inputs(tmp_path)[case]
+    r = cli("predict", path, "--model", world["run"] / "fold0")
+    assert r.exit_code == 3, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1
+    assert _has(r.stderr, path.name) and _has(r.stderr, text)
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def two_channel_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("twochan") / "run"
+    tiny_checkpoint(run / "fold0" / "best.pt", modalities=("t1ce", "flair"))
+    return run
+
+
+def test_missing_modality(cli, two_channel_run, tmp_path):
+    write_subject(tmp_path / "d", "S0", ("t1ce",))
+    r = cli("predict", tmp_path / "d" / "S0", "--model", two_channel_run)
+    assert r.exit_code == 3 and _has(r.stderr, "missing flair")
+
+
+def test_single_file_for_a_multimodal_model(cli, two_channel_run, tmp_path):
+    paths = write_subject(tmp_path / "d", "S0", ("t1ce", "flair"))
+    r = cli("predict", paths["t1ce"], "--model", two_channel_run)
+    assert r.exit_code == 3 and _has(r.stderr, "needs 2 modalities (t1ce, flair)")
+
+
+def test_modalities_on_different_grids(cli, two_channel_run, tmp_path):
+    folder = tmp_path / "d" / "S0"
+    write_nifti(folder / "S0_t1ce.nii.gz", brain_volume((24, 24, 24)))
+    write_nifti(folder / "S0_flair.nii.gz", brain_volume((24, 24, 20)))
+    r = cli("predict", folder, "--model", two_channel_run)
+    assert r.exit_code == 3 and _has(r.stderr, "S0_flair.nii.gz") and _has(r.stderr, "differs")
+
+
+def test_two_modalities_predict(cli, two_channel_run, tmp_path):
+    write_subject(tmp_path / "d", "S0", ("t1ce", "flair", "t2"))
+    r = cli("predict", tmp_path / "d" / "S0", "--model", two_channel_run, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert _json(r)["predictions"][0]["scan_id"] == "S0"
+
+
+def test_ensemble_of_mismatched_folds(cli, world, tmp_path):
+    run = tmp_path / "mixed"
+    tiny_checkpoint(run / "fold0" / "best.pt")
+    tiny_checkpoint(run / "fold1" / "best.pt", modalities=("t1ce", "flair"))
+    r = cli("predict", _scan(world), "--model", run)
+    assert r.exit_code == 8 and _has(r.stderr, "fold1") and _has(r.stderr, "preprocessing differs")
+
+
+def test_checkpoint_whose_weights_do_not_fit_its_depth(cli, world, tmp_path):
+    path = tiny_checkpoint(tmp_path / "x.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["model"]["depth"] = 10  # a ResNet-10 claim with tiny weights
+    torch.save(ckpt, path)
+    r = cli("predict", _scan(world), "--model", path)
+    assert r.exit_code == 8 and _has(r.stderr, "x.pt") and _has(r.stderr, "do not fit")
+
+
+def test_pretrained_weights_file_is_not_a_model(cli, world, tmp_path):
+    path = tmp_path / "resnet_10.pth"
+    torch.save({"state_dict": {"module.conv1.weight": torch.zeros(1)}}, path)
+    r = cli("predict", _scan(world), "--model", path)
+    assert (
+        r.exit_code == 8
+        and _has(r.stderr, "not a medcli training checkpoint")
+        and _has(r.stderr, "pretrained")
+    )
+
+
+def test_usage_errors(cli, world):
+    r = cli("predict", _scan(world), "--model", world["run"], "--precision", "fp8")
+    assert r.exit_code == 2 and _has(r.stderr, "fp8")
+    r = cli("predict", _scan(world), "--model", world["run"], "--weights", "best")
+    assert r.exit_code == 2
+
+
+# ------------------------------------------------------------------------------------------- the fast path
+
+
+def test_fast_path_rewrites_compute_the_same_function():
+    """BN folding, the fp32 stem and phase-batched dilated convs change speed, not outputs (checked in fp32,
+    on sizes where layer4's dilation-4 convs take the phase path (32, 40) and the fallback (16))."""
+    import copy
+
+    from medcli.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    for m in model.modules():  # non-trivial BN statistics, so folding is really exercised
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    fast = P.optimize_for_cpu_bf16(P.fuse_conv_bn(copy.deepcopy(model)))
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fast.modules())
+    assert sum(isinstance(m, P.DilatedAsBatchedConv3d) for m in fast.modules()) >= 2
+    for size in (16, 32, 40):
+        x = torch.randn(2, 1, size, size, size)
+        with torch.no_grad():
+            want = model(x)
+            torch.testing.assert_close(fast(x), want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                fast(x.contiguous(memory_format=torch.channels_last_3d)), want, atol=1e-5, rtol=1e-5
+            )
