@@ -1,9 +1,448 @@
-"""`medcli train`: (lands with its issue)."""
+"""`medcli train`: one fold (or all folds) of stratified k-fold CV, with the seed's flags.
+
+The seed's command line runs unchanged (``--batch_size``, ``--grad_clip``, ``--gradient_accumulation_steps``,
+``--ema_decay``, ``--multi_gpu`` beside their hyphenated spellings).  Settings come from, lowest to highest
+priority: TrainConfig's defaults, a ``--config FILE.toml``, then flags given on the command line.
+
+This module only parses and renders: the recipe lives in ``medcli.engine.trainer`` (imported inside the
+command so ``medcli --help`` never loads torch).
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
 import typer
+from rich.markup import escape
+
+from medcli.cli import console
+from medcli.engine.config import TrainConfig
+from medcli.errors import DeviceError, UsageError
+from medcli.paths import DEFAULT_WEIGHTS, default_data_root, default_runs_root
+
+_D = TrainConfig.__dataclass_fields__  # defaults shown in --help come from the one place they live
+
+
+def _default(name: str) -> Any:
+    return _D[name].default
+
+
+# CLI parameter name → TrainConfig field (the same name unless listed).
+_NOT_CONFIG = {"fold", "config", "resume", "force", "json_out", "no_pretrained", "ctx"}
+
+
+def train_command(
+    ctx: typer.Context,
+    fold: str = typer.Option("0", "--fold", help="Fold to train, 0..K-1, or 'all' for every fold in turn."),
+    folds: int = typer.Option(_default("folds"), "--folds", help="Number of CV folds K."),
+    data: Path = typer.Option(
+        None, "--data", help="Data root (BraTS folder or CSV manifest). (default: $MEDCLI_DATA or ./data)"
+    ),
+    out: Path = typer.Option(None, "--out", help="Where runs go. (default: $MEDCLI_RUNS or ./runs)"),
+    name: str | None = typer.Option(
+        None, "--name", help="Run name. (default: from model, modalities and loss, e.g. resnet50-t1ce-ldam)"
+    ),
+    pretrained_path: str = typer.Option(
+        str(DEFAULT_WEIGHTS),
+        "--pretrained-path",
+        "--pretrained_path",
+        help="MedicalNet weights; a missing file means random init with a warning.",
+    ),
+    no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Train from random initialization."),
+    require_pretrained: bool = typer.Option(
+        False,
+        "--require-pretrained",
+        help="Fail (exit 4) instead of warning when the weights file is missing.",
+    ),
+    depth: str = typer.Option(
+        str(_default("depth")), "--depth", help="ResNet depth: 10/18/34/50/101/152/200 or tiny."
+    ),
+    modalities: str = typer.Option(
+        "t1ce", "--modalities", help="Comma-separated input sequences, e.g. t1ce,flair."
+    ),
+    input_size: str = typer.Option(
+        "128", "--input-size", "--input_size", help="Model input edge (128) or D,H,W."
+    ),
+    lr: float = typer.Option(_default("lr"), "--lr", help="Backbone learning rate."),
+    batch_size: int = typer.Option(
+        _default("batch_size"), "--batch-size", "--batch_size", help="Micro-batch size."
+    ),
+    epochs: int = typer.Option(_default("epochs"), "--epochs"),
+    optimizer: str = typer.Option(_default("optimizer"), "--optimizer", help="adam, adamw or sgd."),
+    loss: str = typer.Option(
+        _default("loss"),
+        "--loss",
+        help="ce, weighted-ce, focal, ldam, ldam-drw or a plugin (case-insensitive).",
+    ),
+    scheduler: str = typer.Option(
+        _default("scheduler"), "--scheduler", help="cosine (with warm-up), step, plateau or none."
+    ),
+    dropout: float = typer.Option(_default("dropout"), "--dropout"),
+    grad_clip: float = typer.Option(
+        _default("grad_clip"), "--grad-clip", "--grad_clip", help="Max gradient norm (0: off)."
+    ),
+    gradient_accumulation_steps: int = typer.Option(
+        _default("gradient_accumulation_steps"),
+        "--gradient-accumulation-steps",
+        "--gradient_accumulation_steps",
+        help="Micro-batches per optimiser step.",
+    ),
+    ema_decay: float = typer.Option(
+        _default("ema_decay"),
+        "--ema-decay",
+        "--ema_decay",
+        help="EMA of weights (0: off); validated and saved.",
+    ),
+    select: str = typer.Option(
+        _default("select"), "--select", help="Weights that pick best.pt: auto (EMA when on), ema or raw."
+    ),
+    weight_decay: float = typer.Option(
+        _default("weight_decay"), "--weight-decay", "--weight_decay", help="Not applied to norms and biases."
+    ),
+    head_lr_mult: float = typer.Option(
+        _default("head_lr_mult"), "--head-lr-mult", help="The new head's lr = lr × this."
+    ),
+    freeze_backbone_epochs: int = typer.Option(
+        _default("freeze_backbone_epochs"), "--freeze-backbone-epochs", help="Train only the head at first."
+    ),
+    warmup_epochs: float = typer.Option(
+        _default("warmup_epochs"), "--warmup-epochs", help="Linear lr warm-up (epochs, may be fractional)."
+    ),
+    ldam_s: float = typer.Option(_default("ldam_s"), "--ldam-s", help="LDAM logit scale s."),
+    ldam_max_m: float = typer.Option(_default("ldam_max_m"), "--ldam-max-m", help="LDAM largest margin."),
+    drw_start: float | None = typer.Option(
+        None,
+        "--drw-start",
+        help="ldam-drw: epoch (>=1) or fraction of training (<1) where re-weighting starts.",
+    ),
+    gpu: bool = typer.Option(False, "--gpu", help="Require a CUDA GPU (exit 9 if there is none)."),
+    multi_gpu: bool = typer.Option(
+        False,
+        "--multi-gpu",
+        "--multi_gpu",
+        help="DistributedDataParallel over all visible GPUs via torchrun (1 GPU: warns, runs on it).",
+    ),
+    nproc: int | None = typer.Option(
+        None, "--nproc", help="Processes for --multi_gpu (default: visible GPUs; with --device cpu: 2)."
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    amp: bool | None = typer.Option(
+        None, "--amp/--no-amp", help="Mixed precision. (default: auto: on for CUDA and bf16-capable CPUs)"
+    ),
+    amp_dtype: str = typer.Option("auto", "--amp-dtype", help="auto, fp16 or bf16."),
+    channels_last: bool | None = typer.Option(
+        None, "--channels-last/--no-channels-last", help="channels_last_3d memory format. (default: auto)"
+    ),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (slow first epoch)."),
+    num_workers: int | None = typer.Option(None, "--num-workers", help="DataLoader workers. (default: auto)"),
+    seed: int = typer.Option(_default("seed"), "--seed"),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms (slower)."),
+    patience: int | None = typer.Option(None, "--patience", help="Early stopping: epochs without AUC gain."),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", help="Stop after N optimiser steps (smoke runs)."
+    ),
+    config: Path | None = typer.Option(None, "--config", help="TOML file of settings; flags override it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the fold from its last.pt."),
+    force: bool = typer.Option(False, "--force", help="Start over in an existing fold folder."),
+    json_out: bool = typer.Option(False, "--json", help="Print only the final summary as JSON on stdout."),
+) -> None:
+    """Fine-tune a MedicalNet-pretrained 3D ResNet on one fold (or all folds) of stratified k-fold CV.
+
+    Writes runs/<name>/fold<k>/: config.json, metrics.csv/.jsonl, val_predictions.csv, last.pt,
+    best.pt (by validation AUC), curves.png, train.log.
+    """
+    given = {k: v for k, v in ctx.params.items() if k not in _NOT_CONFIG}
+    explicit = {k for k in given if _from_command_line(ctx, k)}
+    settings: dict[str, Any] = load_config_file(config) if config else {}
+    settings.update({k: v for k, v in given.items() if k in explicit or k not in settings})
+    if no_pretrained:
+        settings["pretrained_path"] = None
+    settings["data"] = str(settings.get("data") or default_data_root())
+    settings["out"] = str(settings.get("out") or default_runs_root())
+    settings = {k: v for k, v in settings.items() if v is not None or k == "pretrained_path"}
+
+    toml_fold = settings.pop("fold", None)
+    fold_spec = str(toml_fold if toml_fold is not None and not _from_command_line(ctx, "fold") else fold)
+    folds_to_run, first = _parse_fold(fold_spec, int(settings.get("folds", _default("folds"))))
+    cfg = TrainConfig.from_dict({**settings, "fold": first}).validate()
+
+    if cfg.multi_gpu and not _under_torchrun():
+        code = _launch_distributed(cfg, fold_spec, resume=resume, force=force, json_out=json_out)
+        raise typer.Exit(code)
+
+    from medcli.engine import trainer
+
+    results = []
+    for k in folds_to_run:
+        cfg_k = TrainConfig.from_dict({**cfg.to_dict(), "fold": k})
+        renderer = Renderer(quiet=_rank() != 0)
+        # `--fold all --resume` continues the folds that have a last.pt and starts the others.
+        resume_k = resume and (len(folds_to_run) == 1 or _has_checkpoint(cfg_k))
+        try:
+            result = trainer.train(cfg_k, callback=renderer, resume=resume_k, force=force)
+        finally:
+            renderer.close()
+        results.append(result.to_dict())
+    if _under_torchrun():
+        from medcli.engine import distributed
+
+        distributed.shutdown()
+    if _rank() != 0:
+        return
+    summary = {"run": cfg.run_name(), "run_dir": str(Path(cfg.out) / cfg.run_name()), "folds": results}
+    if json_out:
+        console.print_json(summary)
+    else:
+        _print_summary(summary)
 
 
 def register(root: typer.Typer) -> None:
-    """Add this module's commands to the root app (none yet)."""
+    """Add ``medcli train``."""
+    root.command("train", no_args_is_help=False)(train_command)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _from_command_line(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """A --config TOML: keys are option names; an unknown key is a UsageError (with did-you-mean)."""
+    from medcli.engine.config import load_toml
+
+    data = load_toml(path)
+    valid = set(TrainConfig.__dataclass_fields__) | {"fold", "no_pretrained"}
+    valid -= {"in_channels", "num_classes", "head"}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        from medcli.registry import suggest
+
+        close = [s for k in unknown for s in suggest(k, valid, n=1)]
+        raise UsageError(
+            f"{path}: unknown setting(s) {', '.join(unknown)}",
+            hint=f"did you mean {', '.join(close)}?" if close else "keys are `medcli train` option names",
+        )
+    if data.pop("no_pretrained", False):
+        data["pretrained_path"] = None
+    return data
+
+
+def _has_checkpoint(cfg: TrainConfig) -> bool:
+    return (Path(cfg.out) / cfg.run_name() / f"fold{cfg.fold}" / "last.pt").is_file()
+
+
+def _parse_fold(spec: str, k: int) -> tuple[list[int], int]:
+    text = spec.strip().lower()
+    if text == "all":
+        return list(range(k)), 0
+    if text.lstrip("-").isdigit():
+        return [int(text)], int(text)
+    raise UsageError(f"--fold {spec!r} is not a fold number or 'all'", hint=f"use 0..{k - 1} or all")
+
+
+def _under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0)) if _under_torchrun() else 0
+
+
+def _launch_distributed(
+    cfg: TrainConfig, fold_spec: str, *, resume: bool, force: bool, json_out: bool
+) -> int:
+    """Re-run this training under torchrun: one process per GPU (or --nproc CPU processes with gloo).
+
+    With fewer than 2 GPUs there is nothing to distribute: warn and train on the single device instead.
+    """
+    import torch
+
+    from medcli.engine import distributed
+    from medcli.engine.trainer import resolve_device
+
+    device = resolve_device(cfg)  # --gpu without CUDA → DeviceError here, before anything starts
+    if device.type == "cuda":
+        visible = torch.cuda.device_count()
+        n = cfg.nproc or visible
+        if n > visible:
+            raise DeviceError(
+                f"--nproc {n} but only {visible} GPU(s) visible", hint=f"use --nproc {visible} or less"
+            )
+    else:
+        n = cfg.nproc or int(os.environ.get(distributed.NPROC_ENV, "2"))
+        if cfg.device == "auto":
+            raise DeviceError(
+                "--multi_gpu: no CUDA GPU is visible",
+                hint="drop --multi_gpu, or add --device cpu to run the same DDP path on CPU processes (gloo)",
+            )
+    if n < 2:
+        _warn(f"--multi_gpu: only {n} device(s); training in one process on {device}")
+        from medcli.engine import trainer
+
+        single = TrainConfig.from_dict({**cfg.to_dict(), "multi_gpu": False})
+        folds, _ = _parse_fold(fold_spec, cfg.folds)
+        results = []
+        for k in folds:
+            renderer = Renderer()
+            try:
+                results.append(
+                    trainer.train(
+                        TrainConfig.from_dict({**single.to_dict(), "fold": k}),
+                        callback=renderer,
+                        resume=resume,
+                        force=force,
+                    ).to_dict()
+                )
+            finally:
+                renderer.close()
+        summary = {"run": cfg.run_name(), "run_dir": str(Path(cfg.out) / cfg.run_name()), "folds": results}
+        console.print_json(summary) if json_out else _print_summary(summary)
+        return 0
+
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("model", "head", "fold", "in_channels")}
+    settings.pop("num_classes", None)
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", prefix="medcli-train-", delete=False) as fh:
+        fh.write(_to_toml(settings))
+        config_path = fh.name
+    args = ["train", "--config", config_path, "--fold", fold_spec]
+    args += ["--resume"] * resume + ["--force"] * force + ["--json"] * json_out
+    cmd = distributed.relaunch_command(args, n)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
+    _info(f"Launching {n} processes with torchrun ({'NCCL' if device.type == 'cuda' else 'gloo'})")
+    try:
+        return subprocess.run(cmd, env=env).returncode
+    finally:
+        os.unlink(config_path)
+
+
+def _to_toml(d: dict[str, Any]) -> str:
+    """Flat TOML for the settings TrainConfig holds (str, int, float, bool, lists of those)."""
+    import json
+
+    lines = []
+    for k, v in d.items():
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            lines.append(f"{k} = {'true' if v else 'false'}")
+        elif isinstance(v, (int, float)):
+            lines.append(f"{k} = {v!r}")
+        elif isinstance(v, (list, tuple)):
+            lines.append(f"{k} = {json.dumps(list(v))}")
+        else:
+            lines.append(f"{k} = {json.dumps(str(v))}")
+    return "\n".join(lines) + "\n"
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"run {summary['run']}", title_justify="left")
+    for col in ("fold", "epochs", "best epoch", "best val AUC", "selected", "last val AUC", "folder"):
+        table.add_column(col, justify="right" if col not in ("selected", "folder") else "left")
+    for r in summary["folds"]:
+        last = r.get("last") or {}
+
+        def fmt(v):
+            return "n/a" if v is None else f"{v:.4f}"
+
+        table.add_row(
+            str(r["fold"]),
+            str(r["epochs_run"]),
+            "n/a" if r["best_epoch"] is None else str(r["best_epoch"] + 1),
+            fmt(r["best_metric"]),
+            r["selection"],
+            fmt(last.get("val_auc_ema") if r["selection"] == "ema" else last.get("val_auc")),
+            r["run_dir"],
+        )
+    console.out.print(table)
+
+
+def _warn(message: str) -> None:
+    console.err.print(f"[yellow]WARNING:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _info(message: str) -> None:
+    """console.info without wrapping: an epoch line stays one line in CI logs (and above live bars)."""
+    console.err.print(f"INFO: {message}", highlight=False, markup=False, soft_wrap=True)
+
+
+class Renderer:
+    """Turns trainer events into INFO lines, Rich progress (terminal) or one line per epoch (logs)."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.progress = None
+        self.epoch_task = None
+        self.batch_task = None
+
+    def __call__(self, event) -> None:
+        from medcli.engine import events as ev
+
+        if self.quiet:
+            return
+        if isinstance(event, ev.Info):
+            _info(event.message)
+        elif isinstance(event, ev.Warning):
+            _warn(event.message)
+        elif isinstance(event, ev.FoldStarted):
+            _info(
+                f"Training fold {event.fold}: {event.num_train} train / {event.num_val} val subjects, "
+                f"epochs {event.start_epoch + 1}..{event.epochs}, {event.batches_per_epoch} batches/epoch "
+                f"on {event.device} ({event.precision}) → {event.run_dir}"
+            )
+            if console.progress_enabled():
+                self._start_progress(event)
+        elif isinstance(event, ev.EpochStarted) and self.progress is not None:
+            self.progress.reset(
+                self.batch_task, total=event.num_batches, description=f"epoch {event.epoch + 1}"
+            )
+        elif isinstance(event, ev.BatchEnded) and self.progress is not None:
+            self.progress.update(
+                self.batch_task,
+                completed=event.batch,
+                loss=f"{event.loss:.4f}",
+                lr=f"{event.lr:.2e}",
+                sps=f"{event.samples_per_s:.2f}",
+            )
+        elif isinstance(event, ev.EpochEnded):
+            _info(event.line)
+            if self.progress is not None:
+                self.progress.advance(self.epoch_task)
+        elif isinstance(event, ev.FoldFinished):
+            self.close()
+
+    def _start_progress(self, event) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]} · lr {task.fields[lr]} · {task.fields[sps]} samples/s"),
+            TimeRemainingColumn(),
+            console=console.err,
+            transient=True,
+        )
+        self.progress.start()
+        self.epoch_task = self.progress.add_task(
+            f"fold {event.fold}",
+            total=event.epochs,
+            completed=event.start_epoch,
+            loss="-",
+            lr="-",
+            sps="-",
+        )
+        self.batch_task = self.progress.add_task(
+            "epoch", total=event.batches_per_epoch, loss="-", lr="-", sps="-"
+        )
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

@@ -1,0 +1,82 @@
+"""Events the trainer emits; the CLI (and tests) decide how to show them.
+
+The engine never prints.  ``train()`` takes one ``callback(event)`` and calls it with the small frozen
+dataclasses below; ``medcli.cli.train`` renders them as the seed's INFO lines, Rich progress bars or one
+plain line per epoch.  Plain data only, so events can be logged, asserted on in tests, or sent elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base class of everything the trainer reports."""
+
+
+@dataclass(frozen=True)
+class Info(Event):
+    """A line in the seed's INFO voice ("Creating ResNet50-3D model...")."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Warning(Event):  # noqa: A001 - the name the CLI matches on; never raised
+    """Something the user should know but that does not stop training (random init, --multi_gpu on 1 GPU)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class FoldStarted(Event):
+    fold: int
+    run_dir: str
+    num_train: int
+    num_val: int
+    epochs: int
+    start_epoch: int
+    batches_per_epoch: int
+    device: str
+    precision: str
+
+
+@dataclass(frozen=True)
+class EpochStarted(Event):
+    epoch: int
+    epochs: int
+    num_batches: int
+
+
+@dataclass(frozen=True)
+class BatchEnded(Event):
+    epoch: int
+    batch: int  # 1-based, of num_batches
+    num_batches: int
+    loss: float
+    lr: float
+    samples_per_s: float
+
+
+@dataclass(frozen=True)
+class EpochEnded(Event):
+    """One row of metrics.jsonl (epoch, train_loss, val_loss, val_auc, ...), plus what changed."""
+
+    record: dict[str, Any]
+    is_best: bool
+    line: str  # the plain one-line summary also written to train.log
+
+
+@dataclass(frozen=True)
+class FoldFinished(Event):
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+Callback = Callable[[Event], None]
+
+
+def ignore(event: Event) -> None:
+    """The default callback: report nothing."""

@@ -1,0 +1,219 @@
+"""The run directory: where one training writes, and in what shape.
+
+::
+
+    runs/<name>/splits.json          the k-fold split, shared by every fold of the run
+    runs/<name>/fold<k>/config.json  the resolved TrainConfig
+                        metrics.csv  one row per epoch (same fields as metrics.jsonl)
+                        metrics.jsonl
+                        val_predictions.csv  subject_id, patient_id, label, p_hgg, p_hgg_ema
+                        last.pt, best.pt     checkpoints (medcli.engine.checkpoint)
+                        curves.png           loss / AUC / lr per epoch
+                        train.log            the plain per-epoch lines
+
+Small files are written whole through a temp file + ``os.replace`` so a killed run never leaves half a CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from medcli.errors import UsageError
+
+METRIC_FIELDS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_auc",
+    "val_bal_acc",
+    "val_auc_ema",
+    "val_bal_acc_ema",
+    "val_loss_ema",
+    "lr",
+    "samples_per_s",
+    "seconds",
+    "global_step",
+)
+PREDICTION_FIELDS = ("subject_id", "patient_id", "label", "p_hgg", "p_hgg_ema")
+
+
+def default_mode() -> int:
+    """0o666 minus the umask: what open() would give (mkstemp's temp files are 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class FoldDir:
+    """Paths and writers of ``runs/<name>/fold<k>/``."""
+
+    def __init__(self, run_root: Path, fold: int):
+        self.run_root = Path(run_root)
+        self.fold = fold
+        self.path = self.run_root / f"fold{fold}"
+
+    # paths
+    @property
+    def splits(self) -> Path:
+        return self.run_root / "splits.json"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def last(self) -> Path:
+        return self.path / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best.pt"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "train.log"
+
+    # config -------------------------------------------------------------------------------------------
+    def check_reusable(self, cfg_dict: dict[str, Any], *, resume: bool, force: bool) -> None:
+        """Refuse to silently mix two trainings in one folder.
+
+        An existing fold with another config is a UsageError (unless --force); an existing fold with the
+        same config needs --resume (continue) or --force (start over).
+        """
+        from medcli.engine.config import TrainConfig
+
+        if force or not self.path.exists():
+            return
+        if self.config.exists():
+            old = TrainConfig.from_dict(json.loads(self.config.read_text()))
+            new = TrainConfig.from_dict(cfg_dict)
+            diff = old.differences(new)
+            if diff:
+                raise UsageError(
+                    f"{self.path} holds a run with different settings ({', '.join(diff)})",
+                    hint="use --name for a new run, --force to overwrite it, "
+                    "or the old settings with --resume",
+                )
+        if not resume and (self.last.exists() or self.best.exists()):
+            raise UsageError(
+                f"{self.path} already holds a training",
+                hint="pass --resume to continue it, --force to start over, or --name for a new run",
+            )
+
+    def start(self, cfg_dict: dict[str, Any], *, fresh: bool) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.glob(".*.tmp"):  # temp files of a killed write; the real files are intact
+            stale.unlink(missing_ok=True)
+        if fresh:
+            for name in (
+                "metrics.csv",
+                "metrics.jsonl",
+                "val_predictions.csv",
+                "train.log",
+                "best.pt",
+                "last.pt",
+            ):
+                (self.path / name).unlink(missing_ok=True)
+        atomic_write_text(self.config, json.dumps(cfg_dict, indent=2, default=str) + "\n")
+
+    # metrics ------------------------------------------------------------------------------------------
+    def read_metrics(self) -> list[dict[str, Any]]:
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a torn last line from a killed run
+                break
+        return rows
+
+    def write_metrics(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Rewrite metrics.jsonl and metrics.csv from ``rows`` (small: one row per epoch)."""
+        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in METRIC_FIELDS})
+        atomic_write_text(self.path / "metrics.csv", buf.getvalue())
+
+    def write_predictions(self, rows: Iterable[dict[str, Any]]) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=PREDICTION_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in PREDICTION_FIELDS})
+        atomic_write_text(self.path / "val_predictions.csv", buf.getvalue())
+
+    def append_log(self, line: str) -> None:
+        with open(self.log, "a", encoding="utf-8") as fh:
+            fh.write(line.rstrip("\n") + "\n")
+
+    def plot_curves(self, rows: Sequence[dict[str, Any]]) -> Path:
+        """curves.png: losses, AUC (raw and EMA) and lr per epoch."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [r["epoch"] + 1 for r in rows]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+
+        def series(ax, key, label, style="-"):
+            ys = [r.get(key) for r in rows]
+            if any(y is not None for y in ys):
+                ax.plot(
+                    epochs, [float("nan") if y is None else y for y in ys], style, label=label, marker="."
+                )
+
+        series(axes[0], "train_loss", "train")
+        series(axes[0], "val_loss", "val")
+        series(axes[0], "val_loss_ema", "val (EMA)", "--")
+        axes[0].set_title("loss")
+        series(axes[1], "val_auc", "val AUC")
+        series(axes[1], "val_auc_ema", "val AUC (EMA)", "--")
+        series(axes[1], "val_bal_acc", "val balanced acc", ":")
+        axes[1].set_ylim(0, 1.02)
+        axes[1].set_title("validation")
+        series(axes[2], "lr", "lr (backbone)")
+        axes[2].set_title("learning rate")
+        for ax in axes:
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+        fig.suptitle(f"{self.run_root.name} · fold {self.fold}")
+        fig.tight_layout()
+        out = self.path / "curves.png"
+        fd, tmp = tempfile.mkstemp(prefix=".curves.", suffix=".png", dir=self.path)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, dpi=100)
+            os.chmod(tmp, default_mode())
+            os.replace(tmp, out)
+        finally:
+            plt.close(fig)
+            Path(tmp).unlink(missing_ok=True)
+        return out

@@ -1,0 +1,244 @@
+"""`medcli train` from the command line: the seed's flags, bad inputs, the run directory, --json."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+pytest_plugins = ("helpers_train",)  # tiny_cohort, shared_cache, train_env
+
+SEED_COMMAND = (
+    "train --fold 0 --pretrained-path pretrained/medicalnet_resnet50_3d.pth --lr 2e-4 --batch_size 6 "
+    "--epochs 60 --optimizer adam --loss LDAM --scheduler cosine --dropout 0.4 --grad_clip 0.5 "
+    "--gradient_accumulation_steps 2 --ema_decay 0.999 --multi_gpu --gpu --amp"
+).split()
+
+
+def _parse(args: list[str]) -> dict:
+    """Parse `medcli train ARGS` exactly as the CLI does, without running it."""
+    from typer.main import get_command
+
+    from medcli.cli.app import app
+
+    train = get_command(app).commands["train"]
+    return train.make_context("train", list(args)).params
+
+
+def test_seed_command_line_parses_with_both_spellings():
+    underscore = _parse(SEED_COMMAND[1:])
+    hyphen = _parse([a.replace("_", "-") if a.startswith("--") else a for a in SEED_COMMAND[1:]])
+    assert underscore == hyphen
+    assert underscore["batch_size"] == 6 and underscore["gradient_accumulation_steps"] == 2
+    assert underscore["ema_decay"] == 0.999 and underscore["grad_clip"] == 0.5
+    assert underscore["multi_gpu"] and underscore["gpu"] and underscore["amp"] is True
+    assert underscore["loss"] == "LDAM"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_seed_command_without_cuda_is_a_device_error(cli, train_env):
+    result = cli(*SEED_COMMAND, "--data", train_env["data"], *train_env["tiny"])
+    assert result.exit_code == 9, result.output
+    assert "--gpu needs a CUDA GPU" in result.stderr
+    assert not train_env["out"].exists()
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--loss", "ldamm"], 2, "did you mean 'ldam'"),
+        (["--optimizer", "adan"], 2, "unknown optimizer 'adan'"),
+        (["--scheduler", "cosin"], 2, "did you mean 'cosine'"),
+        (["--lr", "-1"], 2, "--lr must be a positive"),
+        (["--batch-size", "0"], 2, "--batch-size must be a positive"),
+        (["--epochs", "0"], 2, "--epochs must be a positive"),
+        (["--fold", "2"], 2, "--fold 2 is outside 0..1"),
+        (["--fold", "first"], 2, "not a fold number"),
+        (["--depth", "51"], 2, "not a MedicalNet ResNet depth"),
+        (["--resume"], 8, "nothing to resume"),
+        (["--device", "cpu", "--amp", "--amp-dtype", "fp16"], 9, "fp16 needs a CUDA GPU"),
+    ],
+)
+def test_bad_inputs_fail_before_any_work(cli, train_env, args, code, message):
+    result = cli("train", "--data", train_env["data"], *train_env["tiny"], *args)
+    assert result.exit_code == code, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert not list(train_env["out"].glob("*/fold*/*.pt"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_exits_9(cli, train_env):
+    result = cli("train", "--data", train_env["data"], *train_env["tiny"], "--device", "cuda")
+    assert result.exit_code == 9 and "needs a CUDA GPU" in result.stderr
+
+
+def test_empty_data_root_is_a_data_error(cli, train_env, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = cli("train", "--data", tmp_path / "empty", *train_env["tiny"])
+    assert result.exit_code == 3, result.output
+    assert "empty" in result.stderr
+
+
+def test_class_absent_from_training_fold(cli, train_env, tmp_path):
+    from medcli.data.synth import synth_cohort
+
+    synth_cohort(tmp_path / "hgg_only", n_subjects=4, shape=(32, 32, 24), seed=1, lgg_fraction=0.0)
+    result = cli("train", "--data", tmp_path / "hgg_only", *train_env["tiny"])
+    assert result.exit_code == 3, result.output
+    assert "no LGG subjects" in result.stderr
+
+
+def test_config_file_unknown_key_and_override(cli, train_env, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('loss = "ce"\nlearning_rate = 0.1\n')
+    result = cli("train", "--data", train_env["data"], *train_env["tiny"], "--config", bad)
+    assert result.exit_code == 2 and "learning_rate" in result.stderr
+
+    good = tmp_path / "good.toml"
+    good.write_text('loss = "nonexistent"\nlr = -5.0\n')
+    # The file's values are used unless a flag overrides them: --lr fixes one, the loss stays bad.
+    result = cli("train", "--data", train_env["data"], *train_env["tiny"], "--config", good, "--lr", "1e-3")
+    assert result.exit_code == 2 and "unknown loss 'nonexistent'" in result.stderr
+
+
+@pytest.mark.slow
+def test_seed_recipe_runs_and_writes_the_run_directory(cli, train_env):
+    """The seed's command (minus --gpu/--multi_gpu on this CPU machine) on the tiny model, 3 steps."""
+    seed_cpu = [a for a in SEED_COMMAND if a not in ("--gpu", "--multi_gpu", "--amp")]
+    result = cli(
+        *seed_cpu,
+        "--data",
+        train_env["data"],
+        "--out",
+        train_env["out"],
+        *train_env["tiny"],
+        "--max-steps",
+        "3",
+    )
+    assert result.exit_code == 0, result.output
+    err = result.stderr
+    assert "Creating ResNet-tiny-3D model..." in err
+    assert "Loading MedicalNet pretrained weights from: pretrained/medicalnet_resnet50_3d.pth" in err
+    assert "random initialization" in err  # the file is absent here: warning, not failure
+    assert "Model created: 0.23M total params, 0.23M trainable" in err
+
+    fold = train_env["out"] / "resnettiny-t1ce-ldam" / "fold0"
+    for name in (
+        "config.json",
+        "metrics.csv",
+        "metrics.jsonl",
+        "val_predictions.csv",
+        "last.pt",
+        "curves.png",
+    ):
+        assert (fold / name).is_file(), name
+    assert (fold.parent / "splits.json").is_file()
+    config = json.loads((fold / "config.json").read_text())
+    assert config["lr"] == 2e-4 and config["batch_size"] == 2 and config["gradient_accumulation_steps"] == 2
+    assert config["model"]["head"] == "cosine"  # LDAM pairs with a cosine classifier
+    rows = [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["global_step"] == 3
+    with open(fold / "val_predictions.csv") as fh:
+        preds = list(csv.DictReader(fh))
+    assert list(preds[0]) == ["subject_id", "patient_id", "label", "p_hgg", "p_hgg_ema"]
+    assert len(preds) == 5 and all(0.0 <= float(p["p_hgg_ema"]) <= 1.0 for p in preds)
+
+    from medcli.engine.checkpoint import load_for_inference
+
+    model, pre, meta = load_for_inference(fold / "last.pt")
+    assert meta["weights"] == "ema" and meta["global_step"] == 3 and meta["fold"] == 0
+    assert tuple(pre.input_size) == (16, 16, 16) and model.head_type == "cosine"
+
+    # Same folder, other settings: refused before any work, with what to do.
+    again = cli(
+        "train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"], "--lr", "1e-3"
+    )
+    assert again.exit_code == 2 and "different settings (lr)" in again.stderr and "--name" in again.stderr
+    # Same settings without --resume: refused too (nothing is silently overwritten).
+    same = cli(
+        *seed_cpu,
+        "--data",
+        train_env["data"],
+        "--out",
+        train_env["out"],
+        *train_env["tiny"],
+        "--max-steps",
+        "3",
+    )
+    assert same.exit_code == 2 and "--resume" in same.stderr
+
+
+@pytest.mark.slow
+def test_json_summary_only_json_on_stdout_for_all_folds(cli, train_env):
+    result = cli(
+        "train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+        "--fold", "all", "--loss", "ce", "--epochs", "1", "--ema-decay", "0", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["run"] == "resnettiny-t1ce-ce"
+    assert [f["fold"] for f in summary["folds"]] == [0, 1]  # --fold all: every fold, one shared split
+    for fold in summary["folds"]:
+        assert fold["epochs_run"] == 1 and fold["selection"] == "raw"
+        assert os.path.isfile(fold["files"]["last.pt"])
+    assert result.stderr.count("epoch 1/1") == 2
+
+
+def test_renderer_draws_progress_and_epoch_lines(monkeypatch, capsys):
+    """The live bars (terminal) and the plain per-epoch line, driven by real event objects."""
+    from medcli.cli import console
+    from medcli.cli.train import Renderer
+    from medcli.engine import events as ev
+
+    monkeypatch.setattr(console, "progress_enabled", lambda: True)
+    r = Renderer()
+    r(ev.FoldStarted(0, "runs/x/fold0", 8, 2, 2, 0, 4, "cpu", "fp32"))
+    assert r.progress is not None
+    r(ev.EpochStarted(0, 2, 4))
+    for b in range(1, 5):
+        r(ev.BatchEnded(0, b, 4, 0.5, 1e-3, 3.0))
+    assert r.progress.tasks[1].completed == 4
+    r(ev.EpochEnded({"epoch": 0}, True, "epoch 1/2 · train_loss 0.5000"))
+    assert r.progress.tasks[0].completed == 1
+    r(ev.Warning("a [bracketed] warning"))
+    r(ev.FoldFinished({}))
+    assert r.progress is None
+    err = capsys.readouterr().err
+    assert "INFO: epoch 1/2 · train_loss 0.5000" in err and "a [bracketed] warning" in err
+
+
+@pytest.mark.slow
+def test_pretrained_weights_load_with_the_seeds_log_lines(cli, train_env, tmp_path):
+    """A MedicalNet-layout file (released format, module. prefix): the backbone loads, only fc is new."""
+    from medcli.models.synthetic import write_medicalnet_checkpoint
+
+    weights = write_medicalnet_checkpoint(tmp_path / "resnet_10.pth", depth=10)
+    result = cli(
+        "train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+        "--depth", "10", "--pretrained-path", weights, "--require-pretrained", "--loss", "ce",
+        "--max-steps", "1", "--epochs", "1", "--ema-decay", "0",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    err = result.stderr
+    assert f"Loading MedicalNet pretrained weights from: {weights}" in err
+    assert "Using checkpoint as state_dict (legacy pickle, 'module.' prefix stripped)" in err
+    assert "keys loaded · missing 2 (fc.weight, fc.bias) · unexpected 0 · shape mismatches 0" in err
+    assert "MedicalNet pretrained weights loaded successfully!" in err
+    assert "Model created: 14.36M total params, 14.36M trainable" in err
+
+    ckpt = torch.load(train_env["out"] / "resnet10-t1ce-ce" / "fold0" / "last.pt", weights_only=True)
+    import hashlib
+
+    assert ckpt["provenance"]["pretrained_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def test_require_pretrained_missing_file_exits_4(cli, train_env):
+    result = cli(
+        "train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+        "--pretrained-path", "nope.pth", "--require-pretrained",
+    )  # fmt: skip
+    assert result.exit_code == 4 and "nope.pth" in result.stderr

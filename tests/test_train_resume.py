@@ -1,0 +1,64 @@
+"""--resume after SIGKILL ends with exactly the weights of an uninterrupted run (CPU, deterministic)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import run_medcli
+
+pytest_plugins = ("helpers_train",)  # tiny_cohort, shared_cache, train_env
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(train_env):
+    env = {**os.environ, **train_env["env"]}
+    args = ["train", "--data", str(train_env["data"]), "--out", str(train_env["out"]), *train_env["tiny"]]
+    args += ["--epochs", "4", "--deterministic", "--seed", "3", "--dropout", "0.3"]
+
+    full = run_medcli(*args, "--name", "full", env=train_env["env"], timeout=300)
+    assert full.returncode == 0, full.stderr
+
+    cut_dir = train_env["out"] / "cut" / "fold0"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medcli", *args, "--name", "cut"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while not (cut_dir / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = torch.load(cut_dir / "last.pt", weights_only=True)["epoch"]
+    assert killed_at < 3
+
+    resumed = run_medcli(*args, "--name", "cut", "--resume", env=train_env["env"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming from {cut_dir / 'last.pt'}" in resumed.stderr
+
+    a = torch.load(train_env["out"] / "full" / "fold0" / "last.pt", weights_only=True)
+    b = torch.load(cut_dir / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3 and a["global_step"] == b["global_step"]
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["best_metric"] == b["best_metric"]
+
+    def rows(run):
+        lines = (train_env["out"] / run / "fold0" / "metrics.jsonl").read_text().splitlines()
+        return [
+            {k: v for k, v in json.loads(x).items() if k not in ("seconds", "samples_per_s")} for x in lines
+        ]
+
+    assert rows("full") == rows("cut")  # one row per epoch, none lost or doubled by the kill
