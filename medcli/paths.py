@@ -9,7 +9,7 @@ DEFAULT_WEIGHTS = Path("pretrained/medicalnet_resnet50_3d.pth")  # the seed's pa
 
 
 def medcli_home() -> Path:
-    """Root of medcli's own files (downloads cache, preprocessed cache): ``$MEDCLI_HOME`` or ~/.cache/medcli."""
+    """Root of medcli's own files (downloads, preprocessed cache): ``$MEDCLI_HOME`` or ~/.cache/medcli."""
     env = os.environ.get("MEDCLI_HOME")
     if env:
         return Path(env).expanduser()

@@ -119,6 +119,12 @@ def train_command(
         "--drw-start",
         help="ldam-drw: epoch (>=1) or fraction of training (<1) where re-weighting starts.",
     ),
+    loss_options: list[str] = typer.Option(
+        [],
+        "--loss-opt",
+        "--loss_opt",
+        help="A loss option KEY=VALUE, repeatable (e.g. --loss-opt gamma=2 for focal, epsilon=2 for poly1).",
+    ),
     gpu: bool = typer.Option(False, "--gpu", help="Require a CUDA GPU (exit 9 if there is none)."),
     multi_gpu: bool = typer.Option(
         False,
@@ -164,6 +170,9 @@ def train_command(
     settings["data"] = str(settings.get("data") or default_data_root())
     settings["out"] = str(settings.get("out") or default_runs_root())
     settings = {k: v for k, v in settings.items() if v is not None or k == "pretrained_path"}
+    from medcli.losses import parse_loss_options  # torch-free; KEY=VALUE strings (CLI) or a TOML table
+
+    settings["loss_options"] = parse_loss_options(settings.get("loss_options"))
 
     toml_fold = settings.pop("fold", None)
     fold_spec = str(toml_fold if toml_fold is not None and not _from_command_line(ctx, "fold") else fold)

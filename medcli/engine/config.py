@@ -105,6 +105,7 @@ class TrainConfig:
     ldam_s: float = 30.0
     ldam_max_m: float = 0.5
     drw_start: float | None = None  # epoch (>=1) or fraction of training (<1) where DRW switches on
+    loss_options: dict[str, Any] = field(default_factory=dict)  # --loss-opt KEY=VALUE (e.g. gamma, epsilon)
     # speed and hardware
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     gpu: bool = False  # the seed's --gpu: demand CUDA
@@ -283,12 +284,8 @@ def load_toml(path: Path) -> dict[str, Any]:
 
 
 def _check_loss_name(name: str) -> None:
-    """Unknown loss → UnknownNameError before any work, without importing any plugin."""
-    from medcli.losses import LOSSES, available_losses
-    from medcli.registry import normalize, unknown_name_error
+    """Unknown loss (did-you-mean) or a name two plugins claim → an error before any work, without
+    importing any plugin."""
+    from medcli.losses import check_loss_name
 
-    if name in LOSSES:
-        return
-    names = available_losses()
-    if normalize(name) not in {normalize(n) for n in names}:
-        raise unknown_name_error("loss", name, names)
+    check_loss_name(name)

@@ -185,6 +185,8 @@ def train(
     data = _prepare_data(cfg, fold_dir, precision, emit)
     loss_fn = build_loss(cfg, data.class_counts)
     cfg.head = "cosine" if getattr(loss_fn, "needs_cosine_head", False) else "linear"
+    if hasattr(loss_fn, "describe"):
+        emit(Info(f"Loss: {loss_fn.describe()}"))
 
     model, pretrained_sha = _build_model(cfg, emit)
     if dist.is_main():
@@ -376,7 +378,9 @@ def build_loss(cfg: TrainConfig, class_counts: tuple[int, int]) -> nn.Module:
     if cfg.drw_start is not None:
         start = cfg.drw_start
         options["drw_start"] = int(start) if float(start).is_integer() and start >= 1 else float(start)
-    return get_loss(cfg.loss, num_classes=2, class_counts=class_counts, **_accepted(cfg.loss, options))
+    # Explicit --loss-opt values win over the LDAM/DRW flags' defaults.
+    options = {**_accepted(cfg.loss, options), **cfg.loss_options}
+    return get_loss(cfg.loss, num_classes=2, class_counts=class_counts, **options)
 
 
 def _accepted(name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -424,6 +428,16 @@ def _build_model(cfg: TrainConfig, emit: Callback) -> tuple[nn.Module, str | Non
             emit(Warning(w))
         if report.ok:
             emit(Info("MedicalNet pretrained weights loaded successfully!"))
+        elif report.exists:
+            from medcli.errors import IncompleteLoadError
+
+            message = (
+                f"the backbone did not load completely from {cfg.pretrained_path} "
+                f"({len(report.missing)} keys missing, {len(report.mismatched)} shape mismatches)"
+            )
+            if cfg.require_pretrained:
+                raise IncompleteLoadError(message, hint="run `medcli weights verify` on the file")
+            emit(Warning(message + "; the rest starts from random initialization"))
         sha = report.sha256
     else:
         emit(Warning("no --pretrained-path: training from random initialization"))
