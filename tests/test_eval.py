@@ -106,6 +106,20 @@ def test_raw_weights_use_the_raw_column(cli, run):
     assert out["pooled"]["ci"] == {}
 
 
+@pytest.mark.parametrize(
+    "config, expected",
+    [({"select": "raw", "ema_decay": 0.999}, "raw"), ({"select": "auto", "ema_decay": 0.9}, "ema")],
+)
+def test_default_weights_follow_the_folds_selection(cli, run, config, expected):
+    """By default eval scores the weights that picked best.pt, as recorded in the fold's config.json."""
+    root, rows = run
+    (root / "fold1" / "config.json").write_text(json.dumps(config))
+    out = _json(cli("eval", root / "fold1", "--json", "--n-boot", "0", "--no-plots"))
+    y, p = _arrays(rows[1], "p_hgg" if expected == "raw" else "p_hgg_ema")
+    assert out["folds"][0]["weights"] == expected
+    assert out["pooled"]["auc"] == pytest.approx(skm.roc_auc_score(y, p))
+
+
 def test_missing_ema_falls_back_to_raw_with_a_note(cli, tmp_path):
     fd = FoldDir(tmp_path / "r", 0)
     fd.path.mkdir(parents=True)

@@ -59,7 +59,11 @@ def eval_command(
         help="Score best.pt on the data again instead of the stored val_predictions.csv (the default: same "
         "epoch as best.pt, no data needed).",
     ),
-    weights: str = typer.Option("ema", "--weights", help="ema (falls back to raw when absent) or raw."),
+    weights: str = typer.Option(
+        "auto",
+        "--weights",
+        help="auto (the weights that selected best.pt), ema (falls back to raw when absent) or raw.",
+    ),
     tune_threshold: str | None = typer.Option(
         None,
         "--tune-threshold",

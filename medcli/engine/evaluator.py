@@ -12,7 +12,8 @@ Sources of predictions, per fold:
 * **recomputed** (``recompute=True``, and always for a bare checkpoint): ``best.pt`` is run on the fold's
   validation subjects from the data folder with the checkpoint's own preprocessing.
 
-``weights="ema"`` uses the EMA weights/column where the run has them (else raw, with a note).
+``weights="auto"`` scores the weights that selected best.pt (the fold config's ``select``); ``"ema"`` uses the EMA
+weights/column where the run has them (else raw, with a note).
 
 Thresholds: 0.5 unless ``tune_threshold="youden"``.  Youden's J is chosen on validation predictions only:
 for a run, each fold's threshold is chosen on the *other* folds' out-of-fold predictions (cross-fitting, so
@@ -151,6 +152,21 @@ def resolve_target(path: Path) -> Target:
 # ----------------------------------------------------------------------------------------------------------
 # Getting predictions
 # ----------------------------------------------------------------------------------------------------------
+
+
+def selected_weights(fold_dir: Path, weights: str) -> str:
+    """``auto`` → the weights that picked the fold's best.pt (its config's ``select``: EMA when EMA was on),
+    so eval scores the model that was kept; "ema"/"raw" pass through."""
+    if weights != "auto":
+        return weights
+    try:
+        cfg = json.loads((Path(fold_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "ema"  # no config beside the checkpoint: EMA where present, raw otherwise (with a note)
+    select = cfg.get("select", "auto")
+    if select == "auto":
+        return "ema" if float(cfg.get("ema_decay") or 0) > 0 else "raw"
+    return select
 
 
 def read_val_predictions(fold_dir: Path, weights: str = "ema") -> tuple[FoldPredictions, str | None]:
@@ -313,7 +329,7 @@ def evaluate(
     data: Path | None = None,
     fold: int | None = None,
     recompute: bool = False,
-    weights: str = "ema",
+    weights: str = "auto",
     tune_threshold: str | None = None,
     threshold: float = 0.5,
     n_boot: int = 1000,
@@ -326,8 +342,10 @@ def evaluate(
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> EvalReport:
     """Evaluate a run, a fold or a checkpoint; plots go to ``out_dir`` (default ``<target>/eval``)."""
-    if weights not in ("ema", "raw"):
-        raise UsageError(f"weights {weights!r} is not ema or raw", hint="use --weights ema or --weights raw")
+    if weights not in ("auto", "ema", "raw"):
+        raise UsageError(
+            f"weights {weights!r} is not auto, ema or raw", hint="use --weights auto, ema or raw"
+        )
     if tune_threshold not in (None, "none", "youden"):
         raise UsageError(
             f"--tune-threshold {tune_threshold!r} is unknown", hint="use youden (or leave it out)"
@@ -348,7 +366,7 @@ def evaluate(
             target.checkpoint,
             data=data,
             fold=fold,
-            weights=weights,
+            weights=selected_weights(target.checkpoint.parent, weights),
             precision=precision,
             device=device,
             on_scan=_progress(on_progress, "fold"),
@@ -363,13 +381,13 @@ def evaluate(
                 fp, n = recompute_predictions(
                     d / CHECKPOINT_FILE,
                     data=data,
-                    weights=weights,
+                    weights=selected_weights(d, weights),
                     precision=precision,
                     device=device,
                     on_scan=_progress(on_progress, d.name),
                 )
             else:
-                fp, note = read_val_predictions(d, weights)
+                fp, note = read_val_predictions(d, selected_weights(d, weights))
                 n = [note] if note else []
             folds.append(fp)
             notes += n
