@@ -12,8 +12,8 @@ Sources of predictions, per fold:
 * **recomputed** (``recompute=True``, and always for a bare checkpoint): ``best.pt`` is run on the fold's
   validation subjects from the data folder with the checkpoint's own preprocessing.
 
-``weights="auto"`` scores the weights that selected best.pt (the fold config's ``select``); ``"ema"`` uses the EMA
-weights/column where the run has them (else raw, with a note).
+``weights="auto"`` scores the weights that selected best.pt (the fold config's ``select``);
+``"ema"`` uses the EMA weights/column where the run has them (else raw, with a note).
 
 Thresholds: 0.5 unless ``tune_threshold="youden"``.  Youden's J is chosen on validation predictions only:
 for a run, each fold's threshold is chosen on the *other* folds' out-of-fold predictions (cross-fitting, so
