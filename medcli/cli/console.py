@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 # Width is only a fallback for non-terminals (CI logs); Rich measures real terminals itself.
 out = Console(soft_wrap=False)
@@ -31,16 +32,16 @@ def verbose() -> bool:
 
 def info(message: str) -> None:
     """An INFO line on stderr (the seed's log voice)."""
-    err.print(f"INFO: {message}", highlight=False, markup=False)
+    err.print(f"INFO: {message}", highlight=False, markup=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]WARNING:[/] {message}", highlight=False)
+    err.print(f"[yellow]WARNING:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def print_error(message: str) -> None:
     """The one red line an error gets."""
-    err.print(f"[bold red]Error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    err.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def print_json(data: Any) -> None:

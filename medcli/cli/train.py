@@ -330,22 +330,24 @@ def _launch_distributed(
 
 
 def _to_toml(d: dict[str, Any]) -> str:
-    """Flat TOML for the settings TrainConfig holds (str, int, float, bool, lists of those)."""
+    """Flat TOML for the settings TrainConfig holds (str, int, float, bool, lists, and the loss-options
+    table as an inline table)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
     import json
 
-    lines = []
-    for k, v in d.items():
-        if v is None:
-            continue
-        if isinstance(v, bool):
-            lines.append(f"{k} = {'true' if v else 'false'}")
-        elif isinstance(v, (int, float)):
-            lines.append(f"{k} = {v!r}")
-        elif isinstance(v, (list, tuple)):
-            lines.append(f"{k} = {json.dumps(list(v))}")
-        else:
-            lines.append(f"{k} = {json.dumps(str(v))}")
-    return "\n".join(lines) + "\n"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    return json.dumps(str(v))
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
