@@ -12,6 +12,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from medcli.data.synth import NAME_MAPPING_HEADER_2020
+
 LPS = np.array([[-1.0, 0, 0, 23], [0, -1.0, 0, 23], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
 
 
@@ -55,16 +57,7 @@ def write_cohort(root: Path, n: int = 6, modalities=("t1ce",), shape=(24, 24, 24
         write_subject(root, sid, modalities, shape, seed=i, hgg=bool(labels[sid]))
     with open(root / "name_mapping.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(
-            [
-                "Grade",
-                "BraTS_2017_subject_ID",
-                "BraTS_2018_subject_ID",
-                "TCGA_TCIA_subject_ID",
-                "BraTS_2019_subject_ID",
-                "BraTS_2020_subject_ID",
-            ]
-        )
+        w.writerow(NAME_MAPPING_HEADER_2020)
         for sid, y in labels.items():
             w.writerow(["HGG" if y else "LGG", "NA", "NA", "NA", "NA", sid])
     return labels
