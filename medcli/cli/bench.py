@@ -1,20 +1,106 @@
-"""`medcli bench`: measure this machine's compute ceiling and every speed/memory target, in one run."""
+"""`medcli bench`: measure this machine's compute ceiling and every speed/memory target, in one run.
+
+The engine (``medcli.engine.bench``) measures; this module only renders: a targets table (each target of
+the other issues beside what was reached, PASS/FAIL/n/a with the reason), a speed table for the model
+sections, and the remaining figures per section.  ``--json`` prints only the report, which
+``scripts/bench_table.py`` turns into the README's table.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import typer
 
 from medcli.cli import console
 
+_STATUS_STYLE = {"PASS": "bold green", "FAIL": "bold red", "n/a": "yellow"}
+_MODEL_SECTIONS = ("train", "infer", "predict")
 
-def _flatten(prefix: str, value, rows: list[tuple[str, str]]) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else k, v, rows)
-    elif isinstance(value, float):
-        rows.append((prefix, f"{value:.4g}"))
-    else:
-        rows.append((prefix, str(value)))
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _flatten_rows(figures: dict) -> list[tuple[str, str]]:
+    from medcli.engine.bench import flatten
+
+    return [(k, _fmt(v)) for k, v in flatten(figures)]
+
+
+def _speed_table(report: dict):
+    """One row per (section, mode): time, samples/s, TFLOP/s, fraction of the ceiling, speedup."""
+    from rich.table import Table
+
+    from medcli.engine.bench import median_range
+
+    table = Table(title="Model speed (median, min–max)", title_justify="left")
+    for col in ("section", "mode", "seconds", "samples/s", "TFLOP/s", "of ceiling", "vs fp32"):
+        table.add_column(col, justify="left" if col in ("section", "mode") else "right")
+    for name in _MODEL_SECTIONS:
+        figures = report["sections"].get(name)
+        if not figures or "modes" not in figures:
+            continue
+        for mode, fig in figures["modes"].items():
+            if "skipped" in fig:
+                reason = "no native bf16" if "bf16" in fig["skipped"] else fig["skipped"]
+                table.add_row(name, mode, f"[dim]skipped: {reason}[/]", "", "", "", "")
+                continue
+            frac = fig.get("fraction_of_ceiling")
+            table.add_row(
+                name,
+                mode,
+                median_range(fig.get("seconds")),
+                median_range(fig.get("samples_per_s")),
+                median_range(fig.get("tflops")),
+                f"{frac:.0%}" if frac is not None else "—",
+                f"{fig['speedup_vs_fp32']:.2f}x" if "speedup_vs_fp32" in fig else "—",
+            )
+    return table
+
+
+def _targets_table(report: dict):
+    from rich.table import Table
+
+    table = Table(title="Targets", title_justify="left")
+    for col in ("issue", "target", "reached", "status", "note"):
+        table.add_column(col, overflow="fold")
+    for row in report["targets"]:
+        style = _STATUS_STYLE.get(row["status"], "")
+        table.add_row(
+            str(row["issue"]), row["target"], row["reached"], f"[{style}]{row['status']}[/]", row["note"]
+        )
+    return table
+
+
+def render(report: dict) -> None:
+    """The human-readable report on stdout."""
+    from rich.table import Table
+
+    m = report["machine"]
+    console.out.print(
+        f"[bold]{m['cpu']}[/] · {m['cores']} cores, {m['threads']} torch threads · {m['cpu_capability']} · "
+        f"native bf16: {m['native_bf16']}"
+        + (f" · CUDA: {m['cuda']}" if m["cuda"] else "")
+        + f" · torch {m['torch']} · model sections on {report['options']['device']}"
+        + f" · {report['total_s']:.0f} s",
+        highlight=False,
+    )
+    console.out.print(_targets_table(report))
+    console.out.print(_speed_table(report))
+    for name, figures in report["sections"].items():
+        if name in _MODEL_SECTIONS and "modes" in figures and not console.verbose():
+            rest = {k: v for k, v in figures.items() if k != "modes"}
+        else:
+            rest = figures
+        table = Table(title=name, title_justify="left", show_header=False)
+        table.add_column("figure")
+        table.add_column("value", justify="right", overflow="fold")
+        for k, v in _flatten_rows(rest):
+            table.add_row(k, v)
+        console.out.print(table)
 
 
 def bench(
@@ -23,57 +109,92 @@ def bench(
     ),
     list_sections: bool = typer.Option(False, "--list", help="List the sections and exit."),
     depth: str = typer.Option("50", "--depth", help="ResNet depth for model sections (10..200, or tiny)."),
-    input_size: int = typer.Option(128, "--input-size", help="Cubic input size for model sections."),
+    input_size: int = typer.Option(128, "--input-size", "--input_size", help="Cubic input size for models."),
     batch_size: int = typer.Option(2, "--batch-size", "--batch_size", help="Batch size for the train step."),
-    reps: int = typer.Option(5, "--reps", help="Timed repetitions per figure (median, min–max reported)."),
+    reps: int = typer.Option(3, "--reps", help="Timed repetitions per figure (median, min–max reported)."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed repetitions before timing."),
+    device: str = typer.Option(
+        "auto", "--device", help="Model sections on: auto (CUDA if present), cpu, cuda."
+    ),
     threads: int = typer.Option(0, "--threads", help="torch threads (default: torch's choice)."),
+    ceiling_size: int = typer.Option(
+        0, "--ceiling-size", help="Volume side of the ceiling's Conv3d (default: 24 on CPU, 48 on GPU)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print only the JSON report on stdout."),
 ) -> None:
-    """Measure the compute ceiling (large dense Conv3d) and medcli's train/predict/data/weights speed
-    against it.  Each section runs in a fresh process so peak memory is its own; ratios are within this run."""
+    """Measure the compute ceiling (large dense Conv3d) and medcli's train/predict/data/weights speed and
+    memory against it, with every target of the project beside what was reached.
+
+    Each section runs in a fresh process so its peak memory is its own; ratios are taken within this run.
+    The full run (ResNet-50 at 128³) takes minutes; `--depth 18 --input-size 64` is a quick look.
+    """
     from medcli.engine import bench as engine
+    from medcli.errors import UsageError
 
     if list_sections:
         for name, fn in engine.SECTIONS.items():
             first = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-            console.out.print(f"{name:12s} {first}", highlight=False)
+            console.out.print(f"{name:10s} {first}", highlight=False, soft_wrap=True)
         return
     chosen = [s.strip() for s in sections.split(",") if s.strip()] or None
-    if chosen:
-        unknown = [s for s in chosen if s not in engine.SECTIONS]
-        if unknown:
+    for name in chosen or []:
+        if name not in engine.SECTIONS:
             from medcli.registry import unknown_name_error
 
-            raise unknown_name_error("bench section", unknown[0], engine.SECTIONS)
-    opts = {"depth": depth, "input_size": input_size, "batch_size": batch_size, "reps": reps}
+            raise unknown_name_error("bench section", name, engine.SECTIONS)
+    for flag, value, low in (
+        ("--input-size", input_size, 8),
+        ("--batch-size", batch_size, 1),
+        ("--reps", reps, 1),
+    ):
+        if value < low:
+            raise UsageError(f"{flag} {value} is too small", hint=f"use {low} or more")
+    if warmup < 0:
+        raise UsageError(f"--warmup {warmup} is negative", hint="use 0 or more")
+    from medcli.models import MODELS, model_name
+
+    if model_name(depth) not in MODELS:
+        from medcli.registry import unknown_name_error
+
+        raise unknown_name_error("model depth", depth, ["10", "18", "34", "50", "101", "152", "200", "tiny"])
+    resolved = engine.resolve_device(device)
+    if resolved.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            from medcli.errors import DeviceError
+
+            raise DeviceError(f"--device {device}: no CUDA GPU is visible", hint="use --device cpu or auto")
+    opts: dict[str, Any] = {
+        "depth": depth,
+        "input_size": input_size,
+        "batch_size": batch_size,
+        "reps": reps,
+        "warmup": warmup,
+        "device": resolved,
+    }
     if threads:
         opts["threads"] = threads
+    if ceiling_size:
+        opts["ceiling_size"] = ceiling_size
 
     def on_section(name: str, figures) -> None:
         if figures is None:
-            console.err.print(f"[dim]bench: {name} ...[/]")
+            console.err.print(f"[dim]bench: {name} ...[/]", highlight=False)
+        elif "error" in figures:
+            console.warn(f"bench: {name} failed: {figures['error']}")
+        else:
+            console.err.print(
+                f"[dim]bench: {name} done in {figures.get('section_s', 0):.0f} s, "
+                f"peak RSS {figures.get('peak_rss_mb', 0):.0f} MB[/]",
+                highlight=False,
+            )
 
     report = engine.run_bench(opts, chosen, on_section=on_section)
     if json_out:
         console.print_json(report)
-        return
-    from rich.table import Table
-
-    m = report["machine"]
-    console.out.print(
-        f"[bold]{m['cpu']}[/] · {m['threads']} threads · {m['cpu_capability']} · native bf16: {m['native_bf16']}"
-        + (f" · CUDA: {m['cuda']}" if m["cuda"] else "")
-        + f" · torch {m['torch']}"
-    )
-    for name, figures in report["sections"].items():
-        table = Table(title=name, show_header=True, title_justify="left")
-        table.add_column("figure")
-        table.add_column("value", justify="right")
-        rows: list[tuple[str, str]] = []
-        _flatten("", figures, rows)
-        for k, v in rows:
-            table.add_row(k, v)
-        console.out.print(table)
+    else:
+        render(report)
 
 
 def register(root: typer.Typer) -> None:

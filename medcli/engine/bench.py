@@ -5,24 +5,42 @@ within one run (the machine may be shared, so absolute numbers drift between run
 Each section runs in its own spawned process so its peak RSS is its own (``ru_maxrss`` only grows).
 
 A section is a function ``(opts: dict) -> dict`` registered in ``SECTIONS``; the figures it returns are plain
-JSON values.  The compute ceiling is measured first and handed to later sections so they can report the
-fraction of it they reach.
+JSON values.  The compute ceiling is measured first and handed to later sections (``opts["ceiling_tflops"]``)
+so they can report the fraction of it they reach; the train step's samples/s is handed to ``data`` (the
+loader must outrun it).  :func:`evaluate_targets` then sets every target stated by the other issues beside
+what was reached, PASS/FAIL with the reason.
+
+Model sections run on CUDA when it is present (``opts["device"]``), with the GPU's own ceiling.  On CPUs
+without native bf16 (AVX512-BF16/AMX) oneDNN *emulates* bf16 convolutions hundreds of times slower than
+fp32, so every bf16 figure there is skipped with that reason instead of being measured.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import multiprocessing as mp
+import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+SKIP_NO_BF16 = "skipped: no native bf16 on this CPU (oneDNN would emulate it, ~100x slower than fp32)"
+FULL_SHAPE = (240, 240, 155)  # a BraTS scan
+RELEASE_BYTES = 184_885_051  # MedicalNet resnet_50_23dataset.pth
 
+
+# --------------------------------------------------------------------------------------------- timing
 @dataclass
 class Timing:
     median: float
@@ -34,27 +52,53 @@ class Timing:
         """``amount`` per second at the median, and the min–max range of that rate."""
         return {"median": amount / self.median, "min": amount / self.max, "max": amount / self.min}
 
+    def to_dict(self) -> dict[str, float]:
+        return {"median": self.median, "min": self.min, "max": self.max, "reps": self.reps}
 
-def time_it(fn: Callable[[], Any], *, warmup: int = 1, reps: int = 5, max_seconds: float | None = None) -> Timing:
-    """Median/min/max wall time of ``fn`` after ``warmup`` calls; stops early past ``max_seconds``."""
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def time_it(
+    fn: Callable[[], Any], *, warmup: int = 1, reps: int = 5, max_seconds: float | None = None
+) -> Timing:
+    """Median/min/max wall time of ``fn`` after ``warmup`` calls; stops early past ``max_seconds``
+    (after at least one timed repetition).  CUDA work is synchronised so each time is the whole call's."""
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
     for _ in range(warmup):
         fn()
+    _sync()
     times: list[float] = []
     start = time.perf_counter()
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - t0)
-        if max_seconds is not None and time.perf_counter() - start > max_seconds and len(times) >= 1:
+        if max_seconds is not None and time.perf_counter() - start > max_seconds:
             break
     return Timing(statistics.median(times), min(times), max(times), len(times))
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process so far, in MB.
+
+    Linux: ``VmHWM`` from /proc/self/status.  Not ``ru_maxrss``: exec() hands a new process its parent's
+    peak RSS as a starting value (a child of a 400 MB process reports >= 400 MB), so every section would
+    be charged with the runner's memory.  Elsewhere ``ru_maxrss`` is the best there is.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
 def cpu_info() -> dict[str, Any]:
@@ -69,11 +113,13 @@ def cpu_info() -> dict[str, Any]:
         pass
     return {
         "cpu": model,
+        "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": native_cpu_bf16(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
+        "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -81,6 +127,22 @@ def native_cpu_bf16() -> bool:
     """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX).  Elsewhere oneDNN emulates bf16
     convolutions and they run hundreds of times slower than fp32, so medcli's fast path stays fp32 there."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def _device(opts: dict) -> torch.device:
+    return torch.device(opts.get("device") or "cpu")
+
+
+def _bf16_native(device: torch.device) -> bool:
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else native_cpu_bf16()
+
+
+def _reps(opts: dict) -> int:
+    return max(1, int(opts.get("reps", 3)))
+
+
+def _warmup(opts: dict) -> int:
+    return max(0, int(opts.get("warmup", 1)))
 
 
 # --------------------------------------------------------------------------------------------- ceiling
@@ -94,43 +156,747 @@ def _dense_conv_flops(channels: int, size: int, batch: int) -> int:
     return counter.get_total_flops()
 
 
-def conv_ceiling(opts: dict) -> dict:
-    """Best achieved FLOP/s of a large dense Conv3d (256→256, 3³, 24³, batch 2): bf16 channels_last_3d, and
-    fp32 (contiguous and channels_last_3d) for reference.  Without native bf16 the bf16 probe uses an 8³
-    volume and one repetition: emulated bf16 would take minutes at full size."""
-    device = torch.device(opts.get("device", "cpu"))
-    size, batch, ch = opts.get("ceiling_size", 24), 2, 256
+def conv_ceiling(opts: dict, *, reps: int | None = None, skip_emulated: bool = False) -> dict:
+    """Compute ceiling: best FLOP/s of a large dense 256→256 3³ Conv3d (bf16 channels_last_3d; fp32 too).
+
+    CPU: a 24³ volume, batch 2; CUDA: 48³, batch 8 (fp16 too), with cuDNN autotuning.  Without native bf16
+    the bf16 probe uses an 8³ volume and one repetition: emulated bf16 would take minutes at full size.
+    """
+    device = _device(opts)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    size = int(opts.get("ceiling_size") or (48 if cuda else 24))
+    batch, ch = (8 if cuda else 2), int(opts.get("ceiling_channels", 256))
+    reps = reps or (20 if cuda else 5)
     results: dict[str, Any] = {}
-    configs = [("fp32", torch.float32, False), ("fp32_cl", torch.float32, True), ("bf16_cl", torch.bfloat16, True)]
+    configs = [
+        ("fp32", torch.float32, False),
+        ("fp32_cl", torch.float32, True),
+        ("bf16_cl", torch.bfloat16, True),
+    ]
+    if cuda:
+        configs.append(("fp16_cl", torch.float16, True))
     for name, dtype, channels_last in configs:
-        emulated = dtype == torch.bfloat16 and device.type == "cpu" and not native_cpu_bf16()
-        s = 8 if emulated else size
+        emulated = dtype == torch.bfloat16 and not cuda and not native_cpu_bf16()
+        if emulated and skip_emulated:
+            continue
+        s = min(size, 8) if emulated else size
         fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
         conv = torch.nn.Conv3d(ch, ch, 3, padding=1, bias=False).to(device, dtype, memory_format=fmt)
-        x = torch.randn(batch, ch, s, s, s, device=device, dtype=dtype).to(memory_format=fmt)
+        x = torch.randn(batch, ch, s, s, s, device=device, dtype=dtype).contiguous(memory_format=fmt)
         flops = _dense_conv_flops(ch, s, batch)
         with torch.inference_mode():
-            t = time_it(lambda conv=conv, x=x: conv(x), warmup=0 if emulated else 1, reps=1 if emulated else 5)
+            t = time_it(
+                lambda conv=conv, x=x: conv(x), warmup=0 if emulated else 2, reps=1 if emulated else reps
+            )
         results[name] = {
             "tflops": flops / t.min / 1e12,  # the ceiling is the *best* achieved rate
             "tflops_median": flops / t.median / 1e12,
             "volume": s,
+            "batch": batch,
             "emulated": emulated,
         }
-    best = max(results, key=lambda k: results[k]["tflops"])
+        del conv, x
+    if cuda:
+        results["note"] = "fp32 on CUDA uses TF32 tensor cores (PyTorch's default for convolutions)"
+    best = max((k for k in results if isinstance(results[k], dict)), key=lambda k: results[k]["tflops"])
     results["ceiling_tflops"] = results[best]["tflops"]
     results["ceiling_from"] = best
     return results
 
 
-SECTIONS: dict[str, Callable[[dict], dict]] = {"ceiling": conv_ceiling}
+def section_ceiling(opts: dict) -> dict[str, float]:
+    """The ceiling a model section compares itself with: the best of the run's first measurement and a
+    short re-probe in this section's own time window.  On a shared machine the load changes over a run
+    of many minutes; a ceiling taken at a busier moment would make the model look better than it is."""
+    local = conv_ceiling(opts, reps=3, skip_emulated=True)["ceiling_tflops"]
+    first = float(opts.get("ceiling_tflops") or 0.0)
+    return {"ceiling_tflops": max(first, local), "ceiling_first_tflops": first, "ceiling_here_tflops": local}
+
+
+# --------------------------------------------------------------------------------------------- models
+def _model_flops(depth: int | str, batch: int, size: int, *, train: bool) -> float:
+    """FLOPs of one forward (or forward + backward) on the meta device: exact, and no compute spent."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from medcli.models import create_model
+
+    with torch.device("meta"):
+        model = create_model(depth)
+        x = torch.empty(batch, 1, size, size, size)
+    with FlopCounterMode(display=False) as counter:
+        if train:
+            model(x).sum().backward()
+        else:
+            with torch.no_grad():
+                model(x)
+    return float(counter.get_total_flops())
+
+
+def _speed_figures(t: Timing, samples: int, flops: float, ceiling: float | None) -> dict[str, Any]:
+    achieved = t.rate(flops / 1e12)
+    return {
+        "seconds": t.to_dict(),
+        "samples_per_s": t.rate(samples),
+        "tflops": achieved,
+        "fraction_of_ceiling": achieved["median"] / ceiling if ceiling else None,
+    }
+
+
+def _add_speedups(modes: dict[str, dict], baseline: str = "fp32") -> None:
+    base = modes.get(baseline, {}).get("seconds", {}).get("median")
+    for fig in modes.values():
+        if base and "seconds" in fig:
+            fig["speedup_vs_fp32"] = base / fig["seconds"]["median"]
+
+
+def _model_name(depth: int | str) -> str:
+    return f"ResNet-{depth}" if str(depth).isdigit() else f"ResNet-{depth} (test topology)"
+
+
+def train_default_mode(device: torch.device, input_size: int = 128) -> str:
+    """The speed mode medcli's trainer uses by default on ``device`` at this input size (its ``auto``
+    AMP/channels_last)."""
+    from medcli.engine.config import TrainConfig
+    from medcli.engine.trainer import resolve_precision
+
+    p = resolve_precision(TrainConfig(device=device.type, input_size=input_size), device)
+    base = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[p.amp_dtype]
+    return base + ("-cl" if p.channels_last else "")
+
+
+def train_step(opts: dict) -> dict:
+    """Train step (forward, loss, backward, Adam): samples/s and FLOP/s, fp32 eager vs medcli's default."""
+    from medcli.engine.speed import train_step_throughput
+    from medcli.models import create_model
+
+    device = _device(opts)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the trainer does: fixed input size
+    depth, size, batch = (
+        opts.get("depth", 50),
+        int(opts.get("input_size", 128)),
+        int(opts.get("batch_size", 2)),
+    )
+    torch.manual_seed(0)
+    model = create_model(depth).to(device)
+    x = torch.randn(batch, 1, size, size, size)
+    y = torch.arange(batch) % 2
+    flops = _model_flops(depth, batch, size, train=True)
+    ceiling = section_ceiling(opts)
+    default = train_default_mode(device, size)
+    bf16 = _bf16_native(device)
+    candidates = ["fp32", "fp32-cl", "bf16-cl", default]
+    if device.type == "cuda":
+        candidates.insert(3, "fp16-cl")
+    modes: dict[str, dict] = {}
+    for mode in dict.fromkeys(candidates):
+        if mode.startswith("bf16") and not bf16:
+            modes[mode] = {"skipped": SKIP_NO_BF16}
+            continue
+        # One call per repetition so each step is timed on its own (median, min–max); the first call
+        # also runs the warm-up.  The optimizer is created per call; its lazy state costs ~0.1 % of a step.
+        steps = []
+        for rep in range(_reps(opts)):
+            s = train_step_throughput(
+                model, (x, y), mode, steps=1, warmup=_warmup(opts) if rep == 0 else 0, flops=flops
+            )
+            steps.append(s.step_s)
+        t = Timing(statistics.median(steps), min(steps), max(steps), len(steps))
+        modes[mode] = _speed_figures(t, batch, flops, ceiling["ceiling_tflops"])
+    _add_speedups(modes)
+    measured = {k: v for k, v in modes.items() if "seconds" in v}
+    best = max(measured, key=lambda k: measured[k]["samples_per_s"]["median"])
+    result = {
+        "model": _model_name(depth),
+        "input_size": size,
+        "batch_size": batch,
+        "device": str(device),
+        "tflop_per_step": flops / 1e12,
+        **ceiling,
+        "default_mode": default,
+        "best_mode": best,
+        "modes": modes,
+    }
+    if device.type == "cuda":
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def _time_forward(fn: Callable[[], Any], opts: dict) -> Timing:
+    return time_it(fn, warmup=_warmup(opts), reps=_reps(opts))
+
+
+def inference(opts: dict) -> dict:
+    """Single-scan forward pass (batch 1): fp32 eager vs medcli's predictor (BN folded, default precision)."""
+    from medcli.data.preprocess import PreprocessConfig
+    from medcli.engine.predictor import Predictor
+    from medcli.models import create_model
+
+    device = _device(opts)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    depth, size = opts.get("depth", 50), int(opts.get("input_size", 128))
+    torch.manual_seed(0)
+    base = create_model(depth).eval()
+    cfg = PreprocessConfig(modalities=("t1ce",), input_size=(size,) * 3)
+    x = torch.randn(1, 1, size, size, size)
+    flops = _model_flops(depth, 1, size, train=False)
+    ceilings = section_ceiling(opts)
+    ceiling = ceilings["ceiling_tflops"]
+    bf16 = _bf16_native(device)
+    modes: dict[str, dict] = {}
+    probs: dict[str, float] = {}
+
+    # The baseline: the unmodified model, contiguous fp32, eager, under inference_mode.
+    plain = copy.deepcopy(base).to(device)
+    xd = x.to(device)
+
+    def forward_plain():
+        with torch.inference_mode():
+            return torch.softmax(plain(xd).float(), 1)[0, 1].item()
+
+    modes["fp32"] = _speed_figures(_time_forward(forward_plain, opts), 1, flops, ceiling)
+    probs["fp32"] = forward_plain()
+    plain = None  # free it before the next variant
+
+    variants = {
+        "default": {},  # exactly what `medcli predict` builds
+        "fp32-fused-cl": {"precision": "fp32", "channels_last": True},
+        "bf16-fused-cl": {"precision": "bf16", "channels_last": True},
+    }
+    for name, options in variants.items():
+        if options.get("precision") == "bf16" and not bf16:
+            modes[name] = {"skipped": SKIP_NO_BF16}
+            continue
+        p = Predictor([copy.deepcopy(base)], cfg, device=device, **options)
+        if name == "default":
+            modes[name] = {
+                "resolved": {"precision": p.precision, "channels_last": p.channels_last, "fused": True}
+            }
+        else:
+            modes[name] = {}
+        modes[name].update(
+            _speed_figures(_time_forward(lambda p=p: p.probabilities(x), opts), 1, flops, ceiling)
+        )
+        probs[name] = float(p.probabilities(x)[0, 0, 0])
+        del p
+    _add_speedups(modes)
+    result = {
+        "model": _model_name(depth),
+        "input_size": size,
+        "device": str(device),
+        "tflop_per_forward": flops / 1e12,
+        **ceilings,
+        "modes": modes,
+        "p_hgg": probs,
+    }
+    default_bf16 = modes["default"]["resolved"]["precision"] == "bf16"
+    bf16_runs = [k for k in probs if k.startswith("bf16") or (k == "default" and default_bf16)]
+    if bf16_runs:
+        result["max_abs_p_diff_bf16_vs_fp32"] = max(abs(probs[k] - probs["fp32"]) for k in bf16_runs)
+    if device.type == "cuda":
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def _write_checkpoint(path: Path, depth: int | str, size: int) -> None:
+    """A ``medcli-checkpoint/1`` file of a randomly initialised model, as `medcli train` writes it."""
+    from medcli import __version__
+    from medcli.data.preprocess import PreprocessConfig
+    from medcli.engine.checkpoint import CLASS_NAMES, FORMAT, atomic_save
+    from medcli.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(depth).eval()
+    atomic_save(
+        {
+            "format": FORMAT,
+            "model": model.state_dict(),
+            "ema": None,
+            "optimizer": None,
+            "scheduler": None,
+            "scaler": None,
+            "epoch": 0,
+            "global_step": 0,
+            "rng": {},
+            "best_metric": None,
+            "config": {
+                "model": {
+                    "depth": depth,
+                    "in_channels": 1,
+                    "num_classes": 2,
+                    "head": "linear",
+                    "dropout": 0.0,
+                }
+            },
+            "preprocess": PreprocessConfig(modalities=("t1ce",), input_size=(size,) * 3).to_dict(),
+            "class_names": list(CLASS_NAMES),
+            "fold": 0,
+            "split_hash": "bench",
+            "provenance": {
+                "pretrained_sha256": None,
+                "medcli_version": __version__,
+                "torch_version": str(torch.__version__),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        },
+        path,
+    )
+
+
+def predict_end_to_end(opts: dict) -> dict:
+    """`medcli predict scan.nii.gz` end to end (load checkpoint, preprocess, forward, write JSON), per scan.
+
+    The same pipeline twice: plain fp32 eager (no BN folding, contiguous) and medcli's default path.
+    """
+    from medcli.data.preprocess import write_phantom_subject
+    from medcli.engine.predictor import collect_scans, find_checkpoints, load_predictor
+
+    device = _device(opts)
+    depth, size = opts.get("depth", 50), int(opts.get("input_size", 128))
+    shape = tuple(opts.get("scan_shape") or FULL_SHAPE)
+    pipelines = {
+        "fp32": {"precision": "fp32", "channels_last": False, "fuse": False},
+        "default": {},
+    }
+    modes: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="medcli-bench-") as tmp:
+        root = Path(tmp)
+        scan = write_phantom_subject(root / "Bench_001", ("t1ce",), shape)["t1ce"]
+        ckpt = root / "run" / "fold0" / "best.pt"
+        _write_checkpoint(ckpt, depth, size)
+        for name, options in pipelines.items():
+            parts: dict[str, list[float]] = {"load": [], "predict": [], "write": []}
+            used: dict[str, Any] = {}  # what the pipeline resolved to (precision, memory format)
+
+            def run(options=options, parts=parts, used=used) -> None:
+                t0 = time.perf_counter()
+                predictor = load_predictor(find_checkpoints(ckpt, root), device=device, **options)
+                used.update(precision=predictor.precision, channels_last=predictor.channels_last)
+                t1 = time.perf_counter()
+                scans, failures = collect_scans([scan], predictor.preprocess_cfg.modalities)
+                result = predictor.predict(scans)
+                if failures or result.failures:
+                    raise RuntimeError(f"predict failed: {failures or result.failures}")
+                _sync()
+                t2 = time.perf_counter()
+                out = root / "predictions.json"
+                out.with_suffix(".tmp").write_text(json.dumps(result.to_dict()))
+                os.replace(out.with_suffix(".tmp"), out)
+                parts["load"].append(t1 - t0)
+                parts["predict"].append(t2 - t1)
+                parts["write"].append(time.perf_counter() - t2)
+
+            t = time_it(run, warmup=_warmup(opts), reps=_reps(opts))
+            modes[name] = {
+                "seconds": t.to_dict(),
+                # Parts of the timed repetitions (the warm-up's are dropped): medians, in seconds.
+                "parts_median_s": {k: statistics.median(v[-t.reps :]) for k, v in parts.items()},
+            }
+            modes[name]["resolved"] = dict(used)
+    _add_speedups(modes)
+    return {
+        "model": _model_name(depth),
+        "input_size": size,
+        "scan_shape": list(shape),
+        "device": str(device),
+        "modes": modes,
+    }
+
+
+def ensemble_tta(opts: dict) -> dict:
+    """5-fold ensemble with 8-flip TTA on one scan vs 40 single forward passes (time), and its peak RSS."""
+    from medcli.engine.predictor import FLIPS, synthetic_predictor
+
+    device = _device(opts)
+    depth, size = opts.get("depth", 50), int(opts.get("input_size", 128))
+    members = int(opts.get("members", 5))
+    x = torch.randn(1, 1, size, size, size)
+    single = synthetic_predictor(depth, members=1, input_size=size, device=device)
+    one = time_it(lambda: single.probabilities(x), warmup=_warmup(opts), reps=_reps(opts))
+    single = None
+    ensemble = synthetic_predictor(depth, members=members, input_size=size, device=device, tta=True)
+    # The ensemble costs 40 forward passes: time it once per rep, after no extra warm-up (the single model
+    # warmed the same kernels), with fewer reps on CPU by default.
+    ens_reps = int(opts.get("ensemble_reps") or (3 if device.type == "cuda" else 1))
+    ens = time_it(lambda: ensemble.probabilities(x), warmup=1 if device.type == "cuda" else 0, reps=ens_reps)
+    passes = members * len(FLIPS)
+    result = {
+        "model": _model_name(depth),
+        "input_size": size,
+        "device": str(device),
+        "members": members,
+        "flips": len(FLIPS),
+        "precision": ensemble.precision,
+        "one_forward_s": one.to_dict(),
+        "ensemble_tta_s": ens.to_dict(),
+        "forward_passes": passes,
+        "ratio_vs_passes": ens.median / (passes * one.median),
+    }
+    if device.type == "cuda":
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+# --------------------------------------------------------------------------------------------- data
+def data_pipeline(opts: dict) -> dict:
+    """Data: cold preprocessing of a full-size 4-modality subject on one core, cache reads, synth."""
+    from medcli.data.dataset import bench_cache_read
+    from medcli.data.preprocess import bench_preprocess
+    from medcli.data.synth import bench_synth
+
+    size = int(opts.get("input_size", 128))
+    shape = tuple(opts.get("scan_shape") or FULL_SHAPE)
+    reps = _reps(opts)
+    details: dict[str, Any] = {}
+    pre_s = bench_preprocess(shape=shape, input_size=size, repeats=reps, threads=1, details=details)
+    cache: dict[str, Any] = {}
+    rate = bench_cache_read(n_subjects=4, reads=32, input_size=size, shape=shape, threads=1, details=cache)
+    synth = bench_synth(shape, n=2)
+    return {
+        "scan_shape": list(shape),
+        "input_size": size,
+        "preprocess_cold_s": pre_s,
+        "preprocess_read_s": details.get("read_seconds"),
+        "preprocess_modalities": 4,
+        "cache_read_samples_per_s": rate,
+        "cache_mb_per_sample": cache.get("mb_per_sample"),
+        "synth_s_per_subject": synth,
+    }
+
+
+# --------------------------------------------------------------------------------------------- weights
+# Runs `python -m medcli ARGS` and, at exit, writes the process's own peak RSS (see peak_rss_mb) to a file.
+_MEASURED_MEDCLI = """\
+import atexit, runpy, sys
+out = sys.argv.pop(1)
+sys.argv[0] = "medcli"
+
+@atexit.register
+def _report():
+    from medcli.engine.bench import peak_rss_mb
+    with open(out, "w") as f:
+        f.write(str(peak_rss_mb()))
+
+runpy.run_module("medcli", run_name="__main__", alter_sys=True)
+"""
+
+
+def _run_medcli_measured(args: list[str], workdir: Path) -> tuple[float, float, int]:
+    """Run ``medcli ARGS`` as a user would (a fresh interpreter); return (wall seconds, its own peak RSS
+    in MB, exit code).  The RSS is read inside the command at exit, after everything it did."""
+    out = workdir / "peak_rss_mb.txt"
+    out.unlink(missing_ok=True)
+    env = {**os.environ, "NO_COLOR": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURED_MEDCLI, str(out), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    seconds = time.perf_counter() - t0
+    return seconds, float(out.read_text()) if out.is_file() else float("nan"), proc.returncode
+
+
+def weights_verify(opts: dict) -> dict:
+    """`medcli weights verify` of a full-size ResNet-50 file (released layout): whole command, own RSS."""
+    from medcli.models import create_model, load_pretrained
+    from medcli.models.synthetic import write_medicalnet_checkpoint
+
+    depth = opts.get("verify_depth", 50)
+    reps = _reps(opts)
+    with tempfile.TemporaryDirectory(prefix="medcli-bench-") as tmp:
+        path = Path(tmp) / f"resnet_{depth}.pth"
+        # Written in a child process so building the 185 MB state dict does not count in this one's RSS.
+        writer = mp.get_context("spawn").Process(target=write_medicalnet_checkpoint, args=(path, depth))
+        writer.start()
+        writer.join()
+        if writer.exitcode != 0 or not path.is_file():
+            raise RuntimeError(f"could not write a synthetic ResNet-{depth} weights file")
+        size = path.stat().st_size
+        args = ["weights", "verify", str(path), "--depth", str(depth), "--json"]
+        runs = [_run_medcli_measured(args, Path(tmp)) for _ in range(reps)]
+        seconds = [r[0] for r in runs]
+        # In-process: model construction + load_pretrained (sha256 + safe load + key report), no imports.
+        report = None
+
+        def load():
+            nonlocal report
+            report = load_pretrained(create_model(depth), path, require=True)
+
+        t = time_it(load, warmup=0, reps=reps)
+    return {
+        "model": _model_name(depth),
+        "file_mb": size / 1e6,
+        "command_s": Timing(statistics.median(seconds), min(seconds), max(seconds), reps).to_dict(),
+        "command_peak_rss_mb": max(r[1] for r in runs),
+        "command_exit_codes": sorted({r[2] for r in runs}),
+        "in_process_load_s": t.to_dict(),
+        "summary": report.summary_line() if report is not None else None,
+    }
+
+
+def weights_fetch(opts: dict) -> dict:
+    """`medcli weights fetch` of a release-sized file over loopback vs curl: throughput, RSS growth."""
+    size = int(opts.get("fetch_bytes") or RELEASE_BYTES)
+    # In a fresh interpreter without torch: the benchmark's fetch child reads its peak RSS from
+    # ru_maxrss, which exec() seeds with the parent's peak, so a torch-sized parent would be charged to it.
+    code = (
+        "import json, sys; from medcli.weights.bench import run_fetch_benchmark; "
+        "print(json.dumps(run_fetch_benchmark(int(sys.argv[1]), repeats=int(sys.argv[2]))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(size), str(_reps(opts))],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the fetch benchmark failed: {last}")
+    return json.loads(proc.stdout)
+
+
+SECTIONS: dict[str, Callable[[dict], dict]] = {
+    "ceiling": conv_ceiling,
+    "train": train_step,
+    "infer": inference,
+    "predict": predict_end_to_end,
+    "ensemble": ensemble_tta,
+    "data": data_pipeline,
+    "verify": weights_verify,
+    "fetch": weights_fetch,
+}
+
+
+# --------------------------------------------------------------------------------------------- targets
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "FAIL")
+
+
+def _get(report: dict, *keys: str) -> Any:
+    value: Any = report.get("sections", {})
+    for k in keys:
+        if not isinstance(value, dict) or k not in value:
+            return None
+        value = value[k]
+    return value
+
+
+# Every target stated by the other issues: key → (issue, wording).  Rows always come in this order.
+TARGETS: dict[str, tuple[int, str]] = {
+    "verify_s": (2, "verify a 185 MB ResNet-50 file: < 5 s"),
+    "verify_rss": (2, "verify: peak RSS < 1.5 GB"),
+    "fetch_rss": (3, "fetch 185 MB over loopback: RSS growth < 64 MB"),
+    "fetch_ratio": (3, "fetch throughput >= 80% of curl"),
+    "preprocess": (4, "cold preprocessing of a full-size 4-modality subject <= 1.5 s (1 core)"),
+    "synth": (4, "synth of a full-size subject < 2 s"),
+    "cache": (4, "cache read >= 10x the train step's consumption"),
+    "train_speed": (5, "train step >= 1.8x plain fp32 eager (samples/s)"),
+    "train_ceiling": (5, "train step >= 60% of the ceiling (FLOP/s)"),
+    "infer_ceiling": (6, "predict: model part >= 80% of the ceiling (FLOP/s)"),
+    "bf16_probs": (6, "bf16 probabilities within 0.02 of fp32"),
+    "predict_speed": (6, "predict end to end >= 1.8x plain fp32 eager"),
+    "ensemble_time": (6, "5 folds x 8 flips <= 1.1x (40 x one forward pass)"),
+    "ensemble_rss": (6, "5 folds x 8 flips: peak RSS < 4 GB"),
+}
+
+
+def evaluate_targets(report: dict) -> list[dict[str, Any]]:
+    """Every target stated by the other issues beside what this run reached: PASS or FAIL, or n/a where
+    the section was not run, was skipped, or ran under other conditions than the target's (a smaller
+    model or volume, e.g. in tests); the note says why wherever the verdict is not a plain PASS."""
+    opts = report.get("options", {})
+    machine = report.get("machine", {})
+    native = bool(machine.get("native_bf16") or machine.get("cuda"))
+    model_off = (
+        None
+        if str(opts.get("depth", 50)) == "50" and int(opts.get("input_size", 128)) == 128
+        else f"measured with depth {opts.get('depth')} at {opts.get('input_size')}³, not ResNet-50 at 128³"
+    )
+    shape = list(opts.get("scan_shape") or FULL_SHAPE)
+    scan_off = None if shape == list(FULL_SHAPE) else f"scan shape {shape}, not full size"
+    verify_off = (
+        None if str(opts.get("verify_depth", 50)) == "50" else f"depth {opts.get('verify_depth')} file"
+    )
+    size = int(opts.get("fetch_bytes") or RELEASE_BYTES)
+    fetch_off = None if size == RELEASE_BYTES else f"{size / 1e6:.1f} MB file, not 185 MB"
+    no_bf16 = (
+        ""
+        if native
+        else "no native bf16 on this CPU: medcli's default stays fp32 (bf16 is emulated, ~100x slower)"
+    )
+    rows: list[dict[str, Any]] = []
+
+    def add(key: str, reached: str | None, ok: bool | None, note: str = "", off=None) -> None:
+        if reached is None:
+            ok, reached = None, "not measured"
+        elif off and ok is not None:
+            ok, note = None, "; ".join(x for x in (note, f"{off} (there: {_verdict(ok)})") if x)
+        issue, target = TARGETS[key]
+        row = {"key": key, "issue": issue, "target": target, "reached": reached, "status": _verdict(ok)}
+        rows.append({**row, "note": note})
+
+    def missing(*keys: str, why: str) -> None:
+        for key in keys:
+            add(key, None, None, why)
+
+    # issue 2: `weights verify`
+    v = _get(report, "verify")
+    if _measured(v):
+        s, rss = v["command_s"]["median"], v["command_peak_rss_mb"]
+        add("verify_s", f"{s:.2f} s (whole command)", s < 5, off=verify_off)
+        add("verify_rss", f"{rss:.0f} MB", rss < 1536, off=verify_off)
+    else:
+        missing("verify_s", "verify_rss", why=_error(v))
+    # issue 3: `weights fetch`
+    f = _get(report, "fetch")
+    if _measured(f):
+        g = f["fetch"]["rss_growth_mib"]
+        add("fetch_rss", f"{g:.0f} MiB", g < 64, off=fetch_off)
+        ratio = f.get("ratio_vs_curl")
+        reached = f"{ratio:.0%} of curl ({f['fetch']['mib_per_s']:.0f} vs {f['curl']['mib_per_s']:.0f} MiB/s)"
+        add(
+            "fetch_ratio",
+            reached if ratio else None,
+            ratio >= 0.8 if ratio else None,
+            "" if ratio else "curl is not installed",
+            off=fetch_off,
+        )
+    else:
+        missing("fetch_rss", "fetch_ratio", why=_error(f))
+    # issue 4: data
+    d, tr = _get(report, "data"), _get(report, "train")
+    if _measured(d):
+        pre = d["preprocess_cold_s"]
+        add(
+            "preprocess",
+            f"{pre:.2f} s",
+            pre <= 1.5,
+            off=scan_off,
+        )
+        synth = d["synth_s_per_subject"]["total_s"]
+        add("synth", f"{synth:.2f} s", synth < 2, off=scan_off)
+        step = tr["modes"][tr["default_mode"]]["samples_per_s"]["median"] if _measured(tr) else None
+        rate = d["cache_read_samples_per_s"]
+        add(
+            "cache",
+            f"{rate / step:.0f}x ({rate:.1f} vs {step:.3g} samples/s)" if step else None,
+            rate / step >= 10 if step else None,
+            "" if step else "needs the train section",
+            off=model_off or scan_off,
+        )
+    else:
+        missing("preprocess", "synth", "cache", why=_error(d))
+    # issue 5: train step
+    if _measured(tr):
+        dm = tr["modes"][tr["default_mode"]]
+        speed, frac = dm["speedup_vs_fp32"], dm["fraction_of_ceiling"]
+        best = tr["best_mode"]
+        best_note = f"fastest mode measured: {best}, {tr['modes'][best]['speedup_vs_fp32']:.2f}x"
+        add(
+            "train_speed",
+            f"{speed:.2f}x (default mode {tr['default_mode']})",
+            speed >= 1.8,
+            "; ".join(x for x in (no_bf16, best_note if best != tr["default_mode"] else "") if x),
+            off=model_off,
+        )
+        add(
+            "train_ceiling",
+            f"{frac:.0%} ({dm['tflops']['median']:.3g} TFLOP/s)" if frac is not None else None,
+            frac >= 0.6 if frac is not None else None,
+            "; ".join(
+                x
+                for x in (
+                    _ceiling_note(tr, dm),
+                    f"fastest mode measured: {best}, {tr['modes'][best]['fraction_of_ceiling']:.0%}"
+                    if best != tr["default_mode"]
+                    else "",
+                )
+                if x
+            )
+            if frac is not None
+            else "needs the ceiling section",
+            off=model_off,
+        )
+    else:
+        missing("train_speed", "train_ceiling", why=_error(tr))
+    # issue 6: predict
+    inf, pr, en = _get(report, "infer"), _get(report, "predict"), _get(report, "ensemble")
+    if _measured(inf):
+        dm = inf["modes"]["default"]
+        frac = dm["fraction_of_ceiling"]
+        add(
+            "infer_ceiling",
+            f"{frac:.0%} ({dm['tflops']['median']:.3g} TFLOP/s)" if frac is not None else None,
+            frac >= 0.8 if frac is not None else None,
+            _ceiling_note(inf, dm) if frac is not None else "needs the ceiling section",
+            off=model_off,
+        )
+        diff = inf.get("max_abs_p_diff_bf16_vs_fp32")
+        add(
+            "bf16_probs",
+            f"max |Δp| {diff:.4f}" if diff is not None else "skipped",
+            diff <= 0.02 if diff is not None else None,
+            "" if diff is not None else no_bf16,
+            off=model_off,
+        )
+    else:
+        missing("infer_ceiling", "bf16_probs", why=_error(inf))
+    if _measured(pr):
+        speed = pr["modes"]["default"]["speedup_vs_fp32"]
+        add(
+            "predict_speed",
+            f"{speed:.2f}x",
+            speed >= 1.8,
+            no_bf16,
+            off=model_off or scan_off,
+        )
+    else:
+        missing("predict_speed", why=_error(pr))
+    if _measured(en):
+        r, rss = en["ratio_vs_passes"], en["peak_rss_mb"]
+        off = model_off or (None if en["members"] == 5 else f"{en['members']} members, not 5")
+        add("ensemble_time", f"{r:.2f}x", r <= 1.1, off=off)
+        add("ensemble_rss", f"{rss:.0f} MB", rss < 4096, off=off)
+    else:
+        missing("ensemble_time", "ensemble_rss", why=_error(en))
+    return rows
+
+
+def _ceiling_note(section: dict, mode: dict) -> str:
+    """When the ceiling re-measured during the section is well below the one used (the machine got busier),
+    say what fraction of *that* ceiling was reached: the verdict keeps the higher, stricter ceiling."""
+    here, used = section.get("ceiling_here_tflops"), section.get("ceiling_tflops")
+    if not here or not used or here >= 0.9 * used:
+        return ""
+    return (
+        f"{mode['tflops']['median'] / here:.0%} of the ceiling re-measured during this section "
+        f"({here:.3g} vs {used:.3g} TFLOP/s: the shared machine's load changed)"
+    )
+
+
+def _measured(figures: dict | None) -> bool:
+    return bool(figures) and "error" not in figures
+
+
+def _error(figures: dict | None) -> str:
+    if figures is None:
+        return "section not run"
+    return str(figures.get("error", ""))
 
 
 # --------------------------------------------------------------------------------------------- runner
 def _child(name: str, opts: dict, queue) -> None:
-    torch.set_num_threads(opts.get("threads") or torch.get_num_threads())
+    if opts.get("threads"):
+        torch.set_num_threads(int(opts["threads"]))
     try:
+        t0 = time.perf_counter()
         figures = SECTIONS[name](opts)
+        figures["section_s"] = time.perf_counter() - t0
         figures["peak_rss_mb"] = peak_rss_mb()
         queue.put(("ok", figures))
     except Exception as e:  # reported, not raised: one failing section must not hide the others
@@ -143,14 +909,40 @@ def run_section(name: str, opts: dict) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(name, opts, queue))
     proc.start()
-    status, payload = queue.get()
-    proc.join()
+    try:
+        while True:
+            try:
+                status, payload = queue.get(timeout=1.0)
+                break
+            except Exception:  # queue.Empty: check the child did not die (killed for memory, segfault)
+                if not proc.is_alive() and queue.empty():
+                    status, payload = "error", f"the section's process died (exit code {proc.exitcode})"
+                    break
+    finally:
+        proc.join()
     return payload if status == "ok" else {"error": payload}
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``."""
+    d = (device or "auto").strip().lower()
+    if d == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return d
+
+
 def run_bench(opts: dict, sections: list[str] | None = None, on_section: Callable | None = None) -> dict:
-    report: dict[str, Any] = {"machine": cpu_info(), "options": opts, "sections": {}}
-    for name in sections or list(SECTIONS):
+    """Run ``sections`` (default: all, in order); the report holds machine, options, sections, targets."""
+    opts = {**opts, "device": resolve_device(opts.get("device", "auto"))}
+    started = time.time()
+    report: dict[str, Any] = {
+        "machine": cpu_info(),
+        "options": opts,
+        "sections": {},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+    }
+    names = sections or list(SECTIONS)
+    for name in names:
         if on_section:
             on_section(name, None)
         figures = run_section(name, opts) if opts.get("isolate", True) else SECTIONS[name](opts)
@@ -160,5 +952,36 @@ def run_bench(opts: dict, sections: list[str] | None = None, on_section: Callabl
         if on_section:
             on_section(name, figures)
     report["options"] = opts
+    report["total_s"] = time.time() - started
+    report["targets"] = evaluate_targets(report)
     return report
 
+
+def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested figures → ``[("modes.fp32.seconds.median", 1.2), ...]`` (lists stay whole)."""
+    rows: list[tuple[str, Any]] = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            rows.extend(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        rows.append((prefix, value))
+    return rows
+
+
+def median_range(fig: dict | None, fmt: str = "{:.3g}") -> str:
+    """``{"median": m, "min": a, "max": b}`` → ``"m (a–b)"``."""
+    if not isinstance(fig, dict) or "median" not in fig:
+        return "—"
+    return f"{fmt.format(fig['median'])} ({fmt.format(fig['min'])}–{fmt.format(fig['max'])})"
+
+
+__all__ = [
+    "SECTIONS",
+    "Timing",
+    "evaluate_targets",
+    "flatten",
+    "median_range",
+    "run_bench",
+    "run_section",
+    "time_it",
+]

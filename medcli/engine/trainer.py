@@ -99,7 +99,9 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
     step at 128³ ran 161 samples/s that way, vs 122 (bf16), 114 (bf16 + channels_last) and 86 (fp32/TF32)
     (medcli.engine.speed).  bf16 needs no scaler and is kept contiguous (channels_last made it slower).
     CPU: bf16 autocast only pays off with native bf16 instructions (AVX512-BF16/AMX); on AVX2 CPUs oneDNN
-    emulates it and runs many times slower than fp32, so ``auto`` stays fp32 there.
+    emulates it and runs many times slower than fp32, so ``auto`` stays fp32 there.  channels_last_3d pays
+    off in fp32 too, but only on large volumes: a ResNet-50 train step ran 1.2× faster at 96³ and 2.0× at
+    128³ on a 2-core AVX2 EPYC, and slower at 16³–32³ (medcli bench; medcli.engine.speed).
     """
     from medcli.engine.speed import cpu_has_fast_bf16
 
@@ -123,8 +125,13 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
         raise DeviceError(
             "--amp-dtype fp16 needs a CUDA GPU", hint="on the CPU use --amp-dtype bf16 (or auto)"
         )
-    cl = (amp and fast_bf16) if cfg.channels_last is None else cfg.channels_last
+    large = min(cfg.input_size) >= CPU_CHANNELS_LAST_MIN_SIZE
+    cl = ((amp and fast_bf16) or large) if cfg.channels_last is None else cfg.channels_last
     return Precision(torch.bfloat16 if amp else None, False, cl)
+
+
+# Smallest input edge from which channels_last_3d is the faster CPU layout (see resolve_precision).
+CPU_CHANNELS_LAST_MIN_SIZE = 64
 
 
 def autocast(device: torch.device, precision: Precision):

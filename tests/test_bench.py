@@ -1,0 +1,279 @@
+"""`medcli bench`: timing helpers, target verdicts, the README table script, and a fast smoke run of the
+real command on a tiny model (the full ResNet-50 run is `make bench`, not part of the tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from medcli.engine import bench
+from medcli.engine.bench import FULL_SHAPE, RELEASE_BYTES, Timing, evaluate_targets, flatten, time_it
+from tests.conftest import REPO, run_medcli
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def test_time_it_counts_warmup_and_reports_median_min_max():
+    durations = iter([0.0, 0.03, 0.001, 0.015])  # the first call is the warm-up, never timed
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(next(durations))
+
+    t = time_it(fn, warmup=1, reps=3)
+    assert len(calls) == 4 and t.reps == 3
+    assert t.min < t.median < t.max
+    assert 0.001 <= t.min < 0.01 and 0.015 <= t.median < 0.03 <= t.max
+
+
+def test_time_it_stops_early_past_max_seconds_but_times_at_least_once():
+    t = time_it(lambda: time.sleep(0.02), warmup=0, reps=50, max_seconds=0.03)
+    assert 1 <= t.reps <= 3
+    with pytest.raises(ValueError):
+        time_it(lambda: None, reps=0)
+
+
+def test_timing_rate_inverts_the_range():
+    t = Timing(median=2.0, min=1.0, max=4.0, reps=3)
+    assert t.rate(8.0) == {"median": 4.0, "min": 2.0, "max": 8.0}
+
+
+def test_flatten_dotted_keys_and_median_range():
+    rows = dict(flatten({"a": {"b": 1, "c": {"d": 2.5}}, "e": [1, 2], "f": None}))
+    assert rows == {"a.b": 1, "a.c.d": 2.5, "e": [1, 2], "f": None}
+    assert bench.median_range({"median": 1.0, "min": 0.5, "max": 2.0}, "{:.1f}") == "1.0 (0.5–2.0)"
+    assert bench.median_range({"skipped": "x"}) == "—"
+
+
+# ------------------------------------------------------------------------------------------------ targets
+
+
+def _full_report(**overrides) -> dict:
+    """A report shaped like a full `medcli bench` run at the targets' conditions, with chosen figures."""
+    fig = overrides.get
+    train_modes = {
+        "fp32": {"samples_per_s": {"median": 0.1}, "speedup_vs_fp32": 1.0, "fraction_of_ceiling": 0.3,
+                 "tflops": {"median": 0.05}},
+        "bf16-cl": {"samples_per_s": {"median": 0.2}, "speedup_vs_fp32": fig("train_speedup", 2.0),
+                    "fraction_of_ceiling": fig("train_frac", 0.7), "tflops": {"median": 0.1}},
+    }  # fmt: skip
+    return {
+        "machine": {"native_bf16": True, "cuda": None},
+        "options": {"depth": "50", "input_size": 128, "device": "cpu"},
+        "sections": {
+            "verify": {
+                "command_s": {"median": fig("verify_s", 3.0)},
+                "command_peak_rss_mb": fig("verify_rss", 900),
+            },
+            "fetch": {
+                "fetch": {"rss_growth_mib": fig("fetch_rss", 20.0), "mib_per_s": 900.0},
+                "curl": {"mib_per_s": 1000.0},
+                "ratio_vs_curl": fig("fetch_ratio", 0.9),
+            },
+            "data": {
+                "scan_shape": list(FULL_SHAPE),
+                "preprocess_cold_s": fig("pre_s", 1.2),
+                "synth_s_per_subject": {"total_s": 1.5},
+                "cache_read_samples_per_s": fig("cache_rate", 5.0),
+            },
+            "train": {"default_mode": "bf16-cl", "best_mode": "bf16-cl", "modes": train_modes},
+            "infer": {
+                "modes": {"default": {"fraction_of_ceiling": 0.85, "tflops": {"median": 0.2}}},
+                "max_abs_p_diff_bf16_vs_fp32": fig("p_diff", 0.004),
+            },
+            "predict": {"modes": {"default": {"speedup_vs_fp32": fig("predict_speedup", 1.9)}}},
+            "ensemble": {"members": 5, "ratio_vs_passes": fig("ens_ratio", 0.95), "peak_rss_mb": 3000.0},
+        },
+    }
+
+
+def _status(rows, fragment: str) -> str:
+    (row,) = [r for r in rows if fragment in r["target"]]
+    return row["status"]
+
+
+def test_targets_pass_and_fail_on_the_figures():
+    rows = evaluate_targets(_full_report())
+    assert {r["status"] for r in rows} == {"PASS"}, [r for r in rows if r["status"] != "PASS"]
+    assert {r["issue"] for r in rows} == {2, 3, 4, 5, 6}
+    rows = evaluate_targets(
+        _full_report(verify_rss=2000, fetch_ratio=0.5, cache_rate=0.5, train_speedup=1.2, ens_ratio=1.3)
+    )
+    assert _status(rows, "verify: peak RSS") == "FAIL"
+    assert _status(rows, "verify a 185 MB") == "PASS"
+    assert _status(rows, "80% of curl") == "FAIL"
+    assert _status(rows, "cache read") == "FAIL"  # 0.5 / 0.2 samples/s = 2.5x < 10x
+    assert _status(rows, "1.8x plain fp32 eager (samples/s)") == "FAIL"
+    assert _status(rows, "5 folds x 8 flips <=") == "FAIL"
+
+
+def test_targets_are_na_with_the_reason_off_conditions_or_not_run():
+    report = _full_report()
+    report["options"].update(depth="tiny", input_size=16, scan_shape=[32, 32, 24], fetch_bytes=1 << 20)
+    del report["sections"]["verify"]
+    rows = evaluate_targets(report)
+    by = {r["target"]: r for r in rows}
+    verify = next(r for t, r in by.items() if t.startswith("verify"))
+    assert verify["status"] == "n/a" and verify["reached"] == "not measured"
+    train = by["train step >= 60% of the ceiling (FLOP/s)"]
+    assert (
+        train["status"] == "n/a"
+        and "not ResNet-50 at 128³" in train["note"]
+        and "(there: PASS)" in train["note"]
+    )
+    assert "1.0 MB file" in by["fetch throughput >= 80% of curl"]["note"]
+    assert all(r["status"] == "n/a" for r in rows)
+
+
+def test_without_native_bf16_the_speed_targets_say_why():
+    report = _full_report(train_speedup=1.0)
+    report["machine"]["native_bf16"] = False
+    report["sections"]["infer"]["max_abs_p_diff_bf16_vs_fp32"] = None
+    rows = evaluate_targets(report)
+    train = next(r for r in rows if r["target"].startswith("train step >= 1.8x"))
+    assert train["status"] == "FAIL" and "no native bf16" in train["note"]
+    bf16 = next(r for r in rows if r["target"].startswith("bf16 probabilities"))
+    assert bf16["status"] == "n/a" and bf16["reached"] == "skipped"
+
+
+# ------------------------------------------------------------------------------------------------ runner
+
+
+@pytest.mark.slow  # a spawned process that imports torch; seconds on an idle machine
+def test_a_failing_section_is_reported_not_raised():
+    figures = bench.run_section("no-such-section", {})
+    assert "KeyError" in figures["error"]
+
+
+@pytest.mark.slow
+def test_data_verify_fetch_sections_on_small_inputs():
+    """The real data, `weights verify` and fetch measurements, on small files (full size: `make bench`)."""
+    opts = {
+        "input_size": 16,
+        "reps": 1,
+        "scan_shape": (32, 32, 24),
+        "verify_depth": "tiny",
+        "fetch_bytes": 1 << 20,
+    }
+    data = bench.data_pipeline(opts)
+    assert 0 < data["preprocess_read_s"] <= data["preprocess_cold_s"]
+    assert data["cache_read_samples_per_s"] > 0 and data["synth_s_per_subject"]["total_s"] > 0
+    verify = bench.weights_verify(opts)
+    assert verify["command_exit_codes"] == [0]
+    assert verify["summary"].startswith("72/74 keys loaded")  # the tiny model's backbone, fc missing
+    assert (
+        verify["command_peak_rss_mb"] > 20
+        and verify["command_s"]["median"] > verify["in_process_load_s"]["min"]
+    )
+    fetch = bench.weights_fetch(opts)
+    assert fetch["size_bytes"] == 1 << 20 and fetch["fetch"]["mib_per_s"] > 0
+    assert RELEASE_BYTES == 184_885_051
+
+
+def test_predict_and_ensemble_sections_on_a_tiny_model():
+    opts = {
+        "depth": "tiny",
+        "input_size": 16,
+        "reps": 1,
+        "warmup": 0,
+        "scan_shape": (24, 24, 16),
+        "members": 2,
+    }
+    pred = bench.predict_end_to_end(opts)
+    assert set(pred["modes"]) == {"fp32", "default"}
+    assert pred["modes"]["fp32"]["resolved"] == {"precision": "fp32", "channels_last": False}
+    for fig in pred["modes"].values():
+        assert fig["seconds"]["median"] >= sum(fig["parts_median_s"].values()) * 0.99
+    ens = bench.ensemble_tta(opts)
+    assert ens["forward_passes"] == 2 * 8 and ens["ratio_vs_passes"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+
+@pytest.mark.slow
+def test_bench_command_smoke_json():
+    """The real command, tiny model: structure and sane values of every model section and the ceiling."""
+    r = run_medcli(
+        "bench", "--depth", "tiny", "--input-size", "16", "--reps", "2", "--warmup", "0",
+        "--ceiling-size", "8", "--sections", "ceiling,train,infer", "--json", timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)  # only JSON on stdout
+    assert "bench: train" in r.stderr
+    ceiling = report["sections"]["ceiling"]
+    assert ceiling["ceiling_tflops"] == max(ceiling[k]["tflops"] for k in ("fp32", "fp32_cl", "bf16_cl")) > 0
+    assert report["options"]["ceiling_tflops"] == ceiling["ceiling_tflops"]
+    native = report["machine"]["native_bf16"]
+    for name in ("train", "infer"):
+        s = report["sections"][name]
+        assert "error" not in s and s["peak_rss_mb"] > 50
+        fp32 = s["modes"]["fp32"]
+        assert fp32["seconds"]["min"] <= fp32["seconds"]["median"] <= fp32["seconds"]["max"]
+        assert fp32["seconds"]["reps"] == 2 and fp32["speedup_vs_fp32"] == 1.0
+        # The section's ceiling: the best of the run's first probe and its own re-probe (same load).
+        assert s["ceiling_tflops"] == max(s["ceiling_first_tflops"], s["ceiling_here_tflops"])
+        assert s["ceiling_first_tflops"] == ceiling["ceiling_tflops"]
+        assert fp32["fraction_of_ceiling"] == pytest.approx(fp32["tflops"]["median"] / s["ceiling_tflops"])
+        bf16 = s["modes"]["bf16-cl" if name == "train" else "bf16-fused-cl"]
+        assert ("skipped" in bf16) == (not native)
+    assert report["sections"]["train"]["default_mode"] in report["sections"]["train"]["modes"]
+    statuses = {t["status"] for t in report["targets"]}
+    assert statuses == {"n/a"}  # a tiny model is not the targets' conditions
+
+
+def test_bench_rejects_unknown_section_and_bad_values(cli):
+    r = cli("bench", "--sections", "trian")
+    assert r.exit_code == 2 and "did you mean 'train'" in r.output
+    r = cli("bench", "--input-size", "2")
+    assert r.exit_code == 2 and "--input-size 2" in r.output
+    r = cli("bench", "--depth", "51")
+    assert r.exit_code == 2 and "unknown model depth '51'" in r.output
+
+
+def test_bench_list(cli):
+    r = cli("bench", "--list")
+    assert r.exit_code == 0
+    assert [line.split()[0] for line in r.stdout.splitlines()] == list(bench.SECTIONS)
+
+
+# ------------------------------------------------------------------------------------------------ README
+
+
+def _table_script():
+    spec = importlib.util.spec_from_file_location("bench_table", REPO / "scripts" / "bench_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_script_renders_and_replaces_only_between_markers(tmp_path: Path):
+    table = _table_script()
+    report = _full_report()
+    report["machine"].update(cpu="Test CPU", cores=2, threads=2, cpu_capability="AVX2", torch="2.x")
+    report["options"].update(reps=5, batch_size=2, warmup=1)
+    report["total_s"] = 120.0
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(report))
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "# x\n\nbefore\n<!-- bench:start (generated) -->\nold table\n<!-- bench:end -->\nafter\n"
+    )
+    assert table.main([str(path), "--write", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n<!-- bench:start (generated) -->\n") and text.endswith(
+        "<!-- bench:end -->\nafter\n"
+    )
+    assert "old table" not in text
+    assert "`medcli bench --reps 5 --json`" in text
+    assert "| 2 | verify: peak RSS < 1.5 GB | 900 MB | **PASS** |" in text
+    bad = tmp_path / "no-markers.md"
+    bad.write_text("nothing here\n")
+    with pytest.raises(ValueError):
+        table.main([str(path), "--write", str(bad)])
+    assert bad.read_text() == "nothing here\n"
