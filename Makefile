@@ -41,8 +41,8 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check medcli tests plugins
-	$(BIN)/ruff format --check medcli tests plugins
+	$(BIN)/ruff check medcli tests plugins scripts
+	$(BIN)/ruff format --check medcli tests plugins scripts
 
 demo: install
 	bash scripts/demo.sh

@@ -56,21 +56,31 @@ def _write_random_file(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field (Linux, KiB) in bytes, or None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _maxrss_bytes() -> int:
-    """Peak resident memory of this process so far."""
+    """Peak resident memory of this process so far.  Linux: VmHWM, not ru_maxrss, which a new process
+    inherits from its parent at exec() and would charge the parent's peak to this one."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def _current_rss_bytes() -> int:
     """Resident memory now (Linux); elsewhere the peak so far, which can only under-state growth."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return _maxrss_bytes()
+    now = _proc_status_bytes("VmRSS")
+    return now if now is not None else _maxrss_bytes()
 
 
 def _child(url: str, dest: str, sha256: str, size: int, out: str) -> None:
