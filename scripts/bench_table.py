@@ -18,7 +18,8 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+
+from medcli.engine.bench import evaluate_targets, figure, median_range
 
 START, END = "<!-- bench:start", "<!-- bench:end -->"
 
@@ -33,14 +34,6 @@ than its own (a smaller input, say) is `n/a`, with the verdict it got there in t
 `medcli bench --json > bench-out/cpu.json` (`make bench` prints the tables instead), then
 `python scripts/bench_table.py bench-out/*.json --write README.md`.
 """
-
-
-def _targets(report: dict) -> list[dict]:
-    try:
-        from medcli.engine.bench import evaluate_targets
-    except ImportError:  # rendering elsewhere: fall back to the targets stored in the report
-        return report.get("targets", [])
-    return evaluate_targets(report)
 
 
 def label(report: dict) -> str:
@@ -70,23 +63,6 @@ def command(report: dict) -> str:
     return " ".join(parts) + " --json"
 
 
-def _mr(fig: Any, fmt: str = "{:.3g}") -> str:
-    if not isinstance(fig, dict) or "median" not in fig:
-        return "—"
-    if fig["min"] == fig["max"]:
-        return fmt.format(fig["median"])
-    return f"{fmt.format(fig['median'])} ({fmt.format(fig['min'])}–{fmt.format(fig['max'])})"
-
-
-def _get(report: dict, *keys: str) -> Any:
-    value: Any = report.get("sections", {})
-    for k in keys:
-        if not isinstance(value, dict) or k not in value:
-            return None
-        value = value[k]
-    return value
-
-
 def figure_rows(report: dict) -> dict[str, str]:
     """Figure name → rendered value (median (min–max)) for one report; a section whose figures are
     incomplete (an older report, a failed section) is left out rather than stopping the table."""
@@ -101,7 +77,7 @@ def figure_rows(report: dict) -> dict[str, str]:
 
 def _ceiling_rows(report: dict) -> dict[str, str]:
     rows: dict[str, str] = {}
-    c = _get(report, "ceiling")
+    c = figure(report, "ceiling")
     if c and "error" not in c:
         for k in ("bf16_cl", "fp16_cl", "fp32_cl", "fp32"):
             if k in c:
@@ -113,7 +89,7 @@ def _ceiling_rows(report: dict) -> dict[str, str]:
 def _model_rows(report: dict) -> dict[str, str]:
     rows: dict[str, str] = {}
     for section, what in (("train", "train step"), ("infer", "forward, 1 scan")):
-        s = _get(report, section)
+        s = figure(report, section)
         if not s or "error" in s:
             continue
         for mode, fig in s["modes"].items():
@@ -123,7 +99,7 @@ def _model_rows(report: dict) -> dict[str, str]:
                 continue
             frac = fig.get("fraction_of_ceiling")
             rows[name] = (
-                f"{_mr(fig['samples_per_s'])} samples/s · {fig['tflops']['median']:.3g} TFLOP/s"
+                f"{median_range(fig['samples_per_s'])} samples/s · {fig['tflops']['median']:.3g} TFLOP/s"
                 + (f" ({frac:.0%} of ceiling)" if frac is not None else "")
                 + f" · {fig['speedup_vs_fp32']:.2f}x"
             )
@@ -133,20 +109,22 @@ def _model_rows(report: dict) -> dict[str, str]:
 
 def _predict_rows(report: dict) -> dict[str, str]:
     rows: dict[str, str] = {}
-    p = _get(report, "predict")
+    p = figure(report, "predict")
     if p and "error" not in p:
         for mode, fig in p["modes"].items():
             parts = fig["parts_median_s"]
             rows[f"predict end to end, full-size t1ce [{mode}], s"] = (
-                f"{_mr(fig['seconds'])} (load {parts['load']:.2f}, preprocess+forward {parts['predict']:.2f})"
+                f"{median_range(fig['seconds'])} "
+                f"(load {parts['load']:.2f}, preprocess+forward {parts['predict']:.2f})"
                 f" · {fig['speedup_vs_fp32']:.2f}x"
             )
         rows["predict: peak RSS"] = f"{p['peak_rss_mb']:.0f} MB"
-    e = _get(report, "ensemble")
+    e = figure(report, "ensemble")
     if e and "error" not in e:
         rows[f"ensemble {e['members']} folds x {e['flips']} flips, s"] = (
-            f"{_mr(e['ensemble_tta_s'])} = {e['ratio_vs_passes']:.2f}x {e['forward_passes']} x one pass "
-            f"({_mr(e['one_forward_s'])} s)"
+            f"{median_range(e['ensemble_tta_s'])} = "
+            f"{e['ratio_vs_passes']:.2f}x {e['forward_passes']} x one pass "
+            f"({median_range(e['one_forward_s'])} s)"
         )
         rows["ensemble: peak RSS"] = f"{e['peak_rss_mb']:.0f} MB"
     return rows
@@ -154,7 +132,7 @@ def _predict_rows(report: dict) -> dict[str, str]:
 
 def _data_rows(report: dict) -> dict[str, str]:
     rows: dict[str, str] = {}
-    d = _get(report, "data")
+    d = figure(report, "data")
     if d and "error" not in d:
         rows["preprocess, cold, 4 modalities, 1 core, s"] = f"{d['preprocess_cold_s']:.2f}"
         rows["cache read, samples/s (1 process)"] = f"{d['cache_read_samples_per_s']:.1f}"
@@ -165,13 +143,13 @@ def _data_rows(report: dict) -> dict[str, str]:
 
 def _weights_rows(report: dict) -> dict[str, str]:
     rows: dict[str, str] = {}
-    v = _get(report, "verify")
+    v = figure(report, "verify")
     if v and "error" not in v:
         rows[f"weights verify, {v['file_mb']:.0f} MB file, s"] = (
-            f"{_mr(v['command_s'])} (in-process load {v['in_process_load_s']['median']:.2f})"
+            f"{median_range(v['command_s'])} (in-process load {v['in_process_load_s']['median']:.2f})"
         )
         rows["weights verify: peak RSS"] = f"{v['command_peak_rss_mb']:.0f} MB"
-    f = _get(report, "fetch")
+    f = figure(report, "fetch")
     if f and "error" not in f:
         curl = f" vs curl {f['curl']['mib_per_s']:.0f}" if f.get("curl") else ""
         rows["weights fetch over loopback, MiB/s"] = f"{f['fetch']['mib_per_s']:.0f}{curl}"
@@ -202,7 +180,7 @@ def render(reports: list[dict], notes: list[str] | None = None) -> str:
         "| issue | target | " + " | ".join(f"{lab}: reached | status" for lab in labels) + " | notes |"
     )
     out.append("|---|---|" + "---|---|" * len(labels) + "---|")
-    per_machine = [_targets(r) for r in reports]
+    per_machine = [evaluate_targets(r) for r in reports]
     by_key = [{t.get("key", t["target"]): t for t in targets} for targets in per_machine]
     for row in per_machine[0]:
         cells, notes = [], []

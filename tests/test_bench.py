@@ -48,6 +48,7 @@ def test_flatten_dotted_keys_and_median_range():
     assert rows == {"a.b": 1, "a.c.d": 2.5, "e": [1, 2], "f": None}
     assert bench.median_range({"median": 1.0, "min": 0.5, "max": 2.0}, "{:.1f}") == "1.0 (0.5–2.0)"
     assert bench.median_range({"skipped": "x"}) == "—"
+    assert bench.median_range({"median": 1.0, "min": 1.0, "max": 1.0}, "{:.1f}") == "1.0"  # one repetition
 
 
 # ------------------------------------------------------------------------------------------------ targets

@@ -677,7 +677,8 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("PASS" if ok else "FAIL")
 
 
-def _get(report: dict, *keys: str) -> Any:
+def figure(report: dict, *keys: str) -> Any:
+    """``report["sections"][k1][k2]...``, or None where any level is missing (older or failed reports)."""
     value: Any = report.get("sections", {})
     for k in keys:
         if not isinstance(value, dict) or k not in value:
@@ -745,7 +746,7 @@ def evaluate_targets(report: dict) -> list[dict[str, Any]]:
             add(key, None, None, why)
 
     # issue 2: `weights verify`
-    v = _get(report, "verify")
+    v = figure(report, "verify")
     if _measured(v):
         s, rss = v["command_s"]["median"], v["command_peak_rss_mb"]
         add("verify_s", f"{s:.2f} s (whole command)", s < 5, off=verify_off)
@@ -753,7 +754,7 @@ def evaluate_targets(report: dict) -> list[dict[str, Any]]:
     else:
         missing("verify_s", "verify_rss", why=_error(v))
     # issue 3: `weights fetch`
-    f = _get(report, "fetch")
+    f = figure(report, "fetch")
     if _measured(f):
         g = f["fetch"]["rss_growth_mib"]
         add("fetch_rss", f"{g:.0f} MiB", g < 64, off=fetch_off)
@@ -769,7 +770,7 @@ def evaluate_targets(report: dict) -> list[dict[str, Any]]:
     else:
         missing("fetch_rss", "fetch_ratio", why=_error(f))
     # issue 4: data
-    d, tr = _get(report, "data"), _get(report, "train")
+    d, tr = figure(report, "data"), figure(report, "train")
     if _measured(d):
         pre = d["preprocess_cold_s"]
         add(
@@ -825,7 +826,7 @@ def evaluate_targets(report: dict) -> list[dict[str, Any]]:
     else:
         missing("train_speed", "train_ceiling", why=_error(tr))
     # issue 6: predict
-    inf, pr, en = _get(report, "infer"), _get(report, "predict"), _get(report, "ensemble")
+    inf, pr, en = figure(report, "infer"), figure(report, "predict"), figure(report, "ensemble")
     if _measured(inf):
         dm = inf["modes"]["default"]
         frac = dm["fraction_of_ceiling"]
@@ -969,9 +970,11 @@ def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def median_range(fig: dict | None, fmt: str = "{:.3g}") -> str:
-    """``{"median": m, "min": a, "max": b}`` → ``"m (a–b)"``."""
+    """``{"median": m, "min": a, "max": b}`` → ``"m (a–b)"`` (just ``"m"`` when a single value)."""
     if not isinstance(fig, dict) or "median" not in fig:
         return "—"
+    if fig["min"] == fig["max"]:
+        return fmt.format(fig["median"])
     return f"{fmt.format(fig['median'])} ({fmt.format(fig['min'])}–{fmt.format(fig['max'])})"
 
 
@@ -979,6 +982,7 @@ __all__ = [
     "SECTIONS",
     "Timing",
     "evaluate_targets",
+    "figure",
     "flatten",
     "median_range",
     "run_bench",
