@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from medcli.atomic import atomic_write_text
 from medcli.engine.bench import evaluate_targets, figure, median_range
 
 START, END = "<!-- bench:start", "<!-- bench:end -->"
@@ -212,17 +211,6 @@ def replace_section(text: str, body: str) -> str:
     return text[:start_line_end] + body + text[end:]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("reports", nargs="+", type=Path, help="`medcli bench --json` outputs")
@@ -236,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     body = render(reports, args.note)
     if args.write:
-        _atomic_write(args.write, replace_section(args.write.read_text(), body))
+        atomic_write_text(args.write, replace_section(args.write.read_text(), body))
     else:
         sys.stdout.write(body)
     return 0

@@ -21,9 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -32,24 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from medcli.atomic import atomic_write
 from medcli.data.preprocess import Geometry, PreprocessConfig, preprocess
 from medcli.errors import DataError, MedcliError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` through a temp file in its directory, fsync, then ``os.replace`` it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _source_identity(paths: Mapping[str, str | Path], cfg: PreprocessConfig) -> list[list[Any]]:
@@ -160,7 +145,7 @@ class PreprocessCache:
             config_file = folder / "config.json"
             if not config_file.exists():
                 blob = json.dumps(cfg.to_dict(), indent=2).encode()
-                _atomic_write(config_file, lambda f: f.write(blob))
+                atomic_write(config_file, lambda f: f.write(blob))
             meta = {
                 "subject_id": subject_id,
                 "sources": entry.sources,
@@ -170,8 +155,8 @@ class PreprocessCache:
             }
             blob = json.dumps(meta, indent=1).encode()
             # JSON first, array last: a visible array always has its JSON beside it.
-            _atomic_write(entry.meta_path, lambda f: f.write(blob))
-            _atomic_write(entry.array_path, lambda f: np.save(f, result.array))
+            atomic_write(entry.meta_path, lambda f: f.write(blob))
+            atomic_write(entry.array_path, lambda f: np.save(f, result.array))
         except OSError as e:
             raise DataError(
                 f"cannot write the preprocessing cache at {folder} ({e.strerror or e})",

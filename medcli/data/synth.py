@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medcli.atomic import atomic_write_bytes, atomic_write_text
 from medcli.data import CLASS_NAMES, MODALITIES
 from medcli.errors import UsageError
 
@@ -408,7 +409,7 @@ def synth_cohort(
         "label_noise": label_noise,
         "subjects": [{k: v for k, v in r.items() if k != "files"} for r in records],
     }
-    _atomic_write_text(out / "synth_info.json", json.dumps(info, indent=1) + "\n")
+    atomic_write_text(out / "synth_info.json", json.dumps(info, indent=1) + "\n", fsync=False)
     return SynthResult(out, layout, tuple(shape), seed, records, seconds)  # type: ignore[arg-type]
 
 
@@ -478,7 +479,7 @@ def _save_nifti(img, path: Path) -> None:
     if path.name.endswith(".gz"):
         compressor = zlib.compressobj(1, zlib.DEFLATED, 31, 9, zlib.Z_RLE)  # wbits 31: gzip container
         data = compressor.compress(data) + compressor.flush()
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, fsync=False)
 
 
 def _write_name_mapping(out: Path, layout: str, records: list[dict]) -> None:
@@ -492,7 +493,7 @@ def _write_name_mapping(out: Path, layout: str, records: list[dict]) -> None:
         if layout == "2020":
             row.append(r["subject_id"])
         writer.writerow(row)
-    _atomic_write_text(out / "name_mapping.csv", buf.getvalue())
+    atomic_write_text(out / "name_mapping.csv", buf.getvalue(), fsync=False)
 
 
 def _write_manifest(out: Path, records: list[dict]) -> None:
@@ -504,23 +505,7 @@ def _write_manifest(out: Path, records: list[dict]) -> None:
         writer.writerow(
             [r["subject_id"], patient, r["grade"], *(r["files"][m] for m in (*MODALITIES, "seg"))]
         )
-    _atomic_write_text(out / "manifest.csv", buf.getvalue())
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a hidden temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(out / "manifest.csv", buf.getvalue(), fsync=False)
 
 
 # -------------------------------------------------------------------------------------------- benchmark

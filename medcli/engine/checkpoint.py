@@ -14,11 +14,9 @@ pickles are never executed.  Writes go to a temp file in the same directory, are
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medcli.engine.runs import default_mode
+from medcli.atomic import atomic_write, fsync_dir
 from medcli.errors import CheckpointError
 
 FORMAT = "medcli-checkpoint/1"
@@ -36,45 +34,19 @@ _HEAVY_KEYS = ("model", "ema", "optimizer", "scheduler", "scaler", "rng")
 
 # -- writing ---------------------------------------------------------------------------------------------
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` via temp file + fsync + os.replace; on failure the old file is untouched."""
+    """``torch.save`` to ``path`` atomically and durably; on failure the old file is untouched."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise CheckpointError(
-            f"could not write checkpoint {path}: {e}",
-            hint="check that the run folder is a writable directory",
-        ) from e
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: torch.save(obj, fh))
+    except (KeyboardInterrupt, SystemExit):
+        raise
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
         raise CheckpointError(
             f"could not write checkpoint {path}: {e}",
             hint="check free disk space and permissions; the previous checkpoint was kept",
         ) from e
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def capture_rng() -> dict[str, Any]:

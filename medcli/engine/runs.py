@@ -19,12 +19,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from medcli.atomic import atomic_path, atomic_write_text
 from medcli.errors import UsageError
 
 METRIC_FIELDS = (
@@ -42,26 +41,6 @@ METRIC_FIELDS = (
     "global_step",
 )
 PREDICTION_FIELDS = ("subject_id", "patient_id", "label", "p_hgg", "p_hgg_ema")
-
-
-def default_mode() -> int:
-    """0o666 minus the umask: what open() would give (mkstemp's temp files are 0o600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.chmod(tmp, default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class FoldDir:
@@ -207,13 +186,9 @@ class FoldDir:
         fig.suptitle(f"{self.run_root.name} · fold {self.fold}")
         fig.tight_layout()
         out = self.path / "curves.png"
-        fd, tmp = tempfile.mkstemp(prefix=".curves.", suffix=".png", dir=self.path)
-        os.close(fd)
         try:
-            fig.savefig(tmp, dpi=100)
-            os.chmod(tmp, default_mode())
-            os.replace(tmp, out)
+            with atomic_path(out, suffix=".png") as tmp:
+                fig.savefig(tmp, dpi=100)
         finally:
             plt.close(fig)
-            Path(tmp).unlink(missing_ok=True)
         return out

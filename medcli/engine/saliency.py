@@ -14,8 +14,6 @@ Only the head needs gradients: the backbone runs once without autograd and the f
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from medcli.atomic import atomic_path
 
 if TYPE_CHECKING:
     from medcli.engine.predictor import Predictor, ScanInput
@@ -52,19 +52,6 @@ def ensemble_grad_cam(models: list[nn.Module], x: torch.Tensor, target: int) -> 
     cams = torch.stack([grad_cam(m, x, target) for m in models]).mean(dim=0)
     peak = cams.flatten(1).amax(dim=1).clamp_min(1e-12)
     return cams / peak[:, None, None, None]
-
-
-def _atomic_nifti(img, path: Path) -> None:
-    import nibabel as nib
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_saliency(
@@ -100,7 +87,8 @@ def write_saliency(
     img.set_sform(img.affine, code=int(reference.header["sform_code"]) or 1)
     img.set_qform(img.affine, code=int(reference.header["qform_code"]) or 1)
     nii_path = out_dir / f"{scan.scan_id}_gradcam.nii.gz"
-    _atomic_nifti(img, nii_path)
+    with atomic_path(nii_path, suffix=".nii.gz") as tmp:
+        nib.save(img, tmp)
 
     peak = np.unravel_index(int(np.argmax(volume)), volume.shape)
     grade = ("LGG", "HGG")[target]
