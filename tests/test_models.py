@@ -249,3 +249,31 @@ def test_cuda_bf16_autocast_channels_last_train_step():
     loss.backward()
     assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
     assert model.conv1.weight.grad is not None and torch.isfinite(model.conv1.weight.grad).all()
+
+
+@pytest.mark.parametrize("depth, last", [("tiny", "bn2"), (50, "bn3")])
+def test_residual_branches_start_at_zero_unless_turned_off(depth, last):
+    """zero_init_last (timm's name): each block's last BN gamma is 0, so a fresh block is its shortcut."""
+    torch.manual_seed(0)
+    model = create_model(depth)
+    blocks = [m for m in model.modules() if hasattr(m, "last_bn")]
+    assert blocks and all(m.last_bn is getattr(m, last) for m in blocks)
+    assert all(not m.last_bn.weight.any() for m in blocks)
+    assert all(m.bn1.weight.eq(1).all() for m in blocks)  # only the last BN of a branch
+    plain = create_model(depth, zero_init_last=False)
+    assert all(m.last_bn.weight.eq(1).all() for m in plain.modules() if hasattr(m, "last_bn"))
+
+
+def test_a_fresh_block_without_downsample_is_its_shortcut():
+    block = create_model("tiny").layer1[0].eval()  # 8 -> 8 channels, stride 1: identity shortcut
+    assert block.downsample is None
+    x = torch.randn(1, 8, 4, 4, 4)
+    torch.testing.assert_close(block(x), torch.relu(x))
+
+
+def test_zero_init_last_is_a_training_setting():
+    from medcli.engine.config import TrainConfig
+
+    assert TrainConfig().zero_init_last is True
+    cfg = TrainConfig.from_dict({**TrainConfig(loss="ce").to_dict(), "zero_init_last": False})
+    assert cfg.zero_init_last is False

@@ -82,6 +82,11 @@ def train_command(
         _default("scheduler"), "--scheduler", help="cosine (with warm-up), step, plateau or none."
     ),
     dropout: float = typer.Option(_default("dropout"), "--dropout"),
+    zero_init_last: bool = typer.Option(
+        _default("zero_init_last"),
+        "--zero-init-last/--no-zero-init-last",
+        help="Random init: residual branches start at zero (helps deep nets train from scratch).",
+    ),
     grad_clip: float = typer.Option(
         _default("grad_clip"), "--grad-clip", "--grad_clip", help="Max gradient norm (0: off)."
     ),

@@ -223,7 +223,7 @@ def _model_flops(depth: int | str, batch: int, size: int, *, train: bool) -> flo
     from medcli.models import create_model
 
     with torch.device("meta"):
-        model = create_model(depth)
+        model = create_model(depth, zero_init_last=False)
         x = torch.empty(batch, 1, size, size, size)
     with FlopCounterMode(display=False) as counter:
         if train:
@@ -280,7 +280,7 @@ def train_step(opts: dict) -> dict:
         int(opts.get("batch_size", 2)),
     )
     torch.manual_seed(0)
-    model = create_model(depth).to(device)
+    model = create_model(depth, zero_init_last=False).to(device)
     x = torch.randn(batch, 1, size, size, size)
     y = torch.arange(batch) % 2
     flops = _model_flops(depth, batch, size, train=True)
@@ -339,7 +339,7 @@ def inference(opts: dict) -> dict:
         torch.backends.cudnn.benchmark = True
     depth, size = opts.get("depth", 50), int(opts.get("input_size", 128))
     torch.manual_seed(0)
-    base = create_model(depth).eval()
+    base = create_model(depth, zero_init_last=False).eval()
     cfg = PreprocessConfig(modalities=("t1ce",), input_size=(size,) * 3)
     x = torch.randn(1, 1, size, size, size)
     flops = _model_flops(depth, 1, size, train=False)
@@ -409,7 +409,7 @@ def _write_checkpoint(path: Path, depth: int | str, size: int) -> None:
     from medcli.models import create_model
 
     torch.manual_seed(0)
-    model = create_model(depth).eval()
+    model = create_model(depth, zero_init_last=False).eval()
     atomic_save(
         {
             "format": FORMAT,

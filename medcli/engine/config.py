@@ -83,6 +83,7 @@ class TrainConfig:
     # model
     depth: int | str = 50
     dropout: float = 0.4
+    zero_init_last: bool = True  # random init: each residual block's last BN gamma at 0 (see resnet3d)
     pretrained_path: str | None = "pretrained/medicalnet_resnet50_3d.pth"
     require_pretrained: bool = False
     # optimisation

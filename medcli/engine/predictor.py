@@ -631,7 +631,8 @@ def synthetic_predictor(
     from medcli.models import create_model
 
     torch.manual_seed(seed)
-    models = [create_model(depth, in_channels=in_channels) for _ in range(members)]
+    # Non-zero residual BN gammas, as in a trained model: every branch contributes to the output.
+    models = [create_model(depth, in_channels=in_channels, zero_init_last=False) for _ in range(members)]
     modalities = ("t1ce", "flair", "t2", "t1")[:in_channels]
     cfg = PreprocessConfig(modalities=modalities, input_size=(input_size,) * 3)
     return Predictor(models, cfg, **options)

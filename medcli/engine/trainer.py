@@ -422,6 +422,7 @@ def _build_model(cfg: TrainConfig, emit: Callback) -> tuple[nn.Module, str | Non
         num_classes=cfg.num_classes,
         dropout=cfg.dropout,
         head=cfg.head,
+        zero_init_last=cfg.zero_init_last,
     )
     sha = None
     if cfg.pretrained_path:

@@ -38,13 +38,20 @@ def create_model(
     num_classes: int = 2,
     dropout: float = 0.0,
     head: str = "linear",
+    zero_init_last: bool = True,
 ) -> nn.Module:
     """Build a model with random (MedicalNet-style Kaiming) weights; see ``load_pretrained`` for weights.
 
     Unknown depths raise ``UnknownNameError`` listing the known ones.
     """
     factory = MODELS.get(model_name(depth))
-    return factory(in_channels=in_channels, num_classes=num_classes, dropout=dropout, head=head)
+    return factory(
+        in_channels=in_channels,
+        num_classes=num_classes,
+        dropout=dropout,
+        head=head,
+        zero_init_last=zero_init_last,
+    )
 
 
 __all__ = [

@@ -80,6 +80,10 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm3d(planes)
         self.downsample = downsample
 
+    @property
+    def last_bn(self) -> nn.BatchNorm3d:
+        return self.bn2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
@@ -100,6 +104,10 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm3d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+
+    @property
+    def last_bn(self) -> nn.BatchNorm3d:
+        return self.bn3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -145,6 +153,7 @@ class ResNet3D(nn.Module):
         num_classes: int = 2,
         dropout: float = 0.0,
         head: str = "linear",
+        zero_init_last: bool = True,
     ):
         super().__init__()
         if in_channels < 1 or num_classes < 1:
@@ -172,7 +181,7 @@ class ResNet3D(nn.Module):
 
         self.dropout = nn.Dropout(dropout)
         self.fc = make_head(self.head_type, self.feature_dim, num_classes)
-        self._init_weights()
+        self._init_weights(zero_init_last)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int, dilation: int) -> nn.Sequential:
         out_channels = planes * block.expansion
@@ -190,7 +199,7 @@ class ResNet3D(nn.Module):
         layers += [block(out_channels, planes, dilation=dilation) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, zero_init_last: bool) -> None:
         # MedicalNet's init: Kaiming-normal (fan_out) convs, BN to identity; the head keeps PyTorch's default.
         if self.conv1.weight.is_meta:
             return  # shapes only (fixtures, verify): init on meta would just import torch._dynamo, slowly
@@ -200,6 +209,14 @@ class ResNet3D(nn.Module):
             elif isinstance(m, nn.BatchNorm3d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if zero_init_last:
+            # Each residual branch's last BN starts at gamma = 0, so every block starts as its shortcut
+            # (Goyal et al. 2017; timm's and torchvision's zero_init_last/zero_init_residual). Without it a
+            # ResNet-50 trained from scratch on small batches diverges at lr 1e-3. Pretrained weights
+            # overwrite these gammas, so this only matters for training from random initialization.
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(m.last_bn.weight)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
