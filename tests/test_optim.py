@@ -211,3 +211,34 @@ def test_frozen_backbone_trains_only_the_head():
     set_backbone_frozen(model, False)
     train_one_epoch(model, loader, nn.CrossEntropyLoss(), opt, scaler, device=CPU, precision=FP32)
     assert not torch.equal(model.conv1.weight, before["conv1.weight"])
+
+
+def test_steps_skipped_by_the_grad_scaler_do_not_advance_schedule_or_ema(recwarn):
+    """fp16 AMP skips optimiser steps whose gradients overflowed; the LR schedule and EMA must not move
+    (and torch's "lr_scheduler.step() before optimizer.step()" warning must not appear)."""
+    x, y = _data(4)
+    torch.manual_seed(0)
+    model = Toy()
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = create_schedule("cosine", opt, epochs=2, steps_per_epoch=2, warmup_epochs=1)
+    ema = create_ema(model, decay=0.9)
+
+    class Huge(nn.Module):  # gradients ~1e3 × a 1e38 scale overflow fp32: every step is skipped
+        def forward(self, logits, target):
+            return nn.functional.cross_entropy(logits, target) * 1e3
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1e38, growth_interval=10**6)
+    kwargs = dict(device=CPU, precision=FP32, schedule=sched, ema=ema)
+    train_one_epoch(model, _batches(x, y, 2), Huge(), opt, scaler, **kwargs)
+    assert scaler.get_scale() < 1e38  # both steps overflowed and the scale backed off
+    for k, v in before.items():
+        torch.testing.assert_close(model.state_dict()[k], v)
+    assert sched.scheduler.last_epoch == 0 and int(ema.n_averaged) == 0
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+
+    # With a sane scale the same loop steps: the schedule and the EMA advance once per optimiser step.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    train_one_epoch(model, _batches(x, y, 2), nn.CrossEntropyLoss(), opt, scaler, **kwargs)
+    assert sched.scheduler.last_epoch == 2 and int(ema.n_averaged) == 2
+    assert not torch.equal(model.fc.weight, before["fc.weight"])

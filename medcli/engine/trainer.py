@@ -14,7 +14,6 @@ import inspect
 import os
 import random
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -741,15 +740,21 @@ def train_one_epoch(
         total_loss += float(loss.detach()) * len(y)
         total_seen += len(y)
         if final_micro:
+            scale = scaler.get_scale() if scaler.is_enabled() else None
             optimizer_step(optimizer, scaler, params, grad_clip)
-            if schedule is not None and schedule.interval == "step" and schedule.scheduler is not None:
-                with warnings.catch_warnings():
-                    # fp16: GradScaler skips the step when gradients overflowed (the first steps, while
-                    # it finds its scale); the schedule still advances, which torch warns about.
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
-                    schedule.scheduler.step()
+            # fp16: GradScaler skips the step when gradients overflowed (the first few steps, while it
+            # finds its scale) and lowers the scale.  A skipped step changed no weight, so the schedule and
+            # the EMA do not advance either: they count real updates.
+            stepped = scale is None or scaler.get_scale() >= scale
+            if (
+                stepped
+                and schedule is not None
+                and schedule.interval == "step"
+                and schedule.scheduler is not None
+            ):
+                schedule.scheduler.step()
             state.global_step += 1
-            if ema is not None:
+            if stepped and ema is not None:
                 ema.update_parameters(ema_source if ema_source is not None else model)
         if on_batch is not None:
             elapsed = max(time.perf_counter() - start, 1e-9)
