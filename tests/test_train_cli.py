@@ -242,3 +242,15 @@ def test_require_pretrained_missing_file_exits_4(cli, train_env):
         "--pretrained-path", "nope.pth", "--require-pretrained",
     )  # fmt: skip
     assert result.exit_code == 4 and "nope.pth" in result.stderr
+
+
+def test_amp_on_the_cpu_trains_in_bf16_and_warns_where_bf16_is_emulated(cli, train_env):
+    from medcli.engine.speed import cpu_has_fast_bf16
+
+    result = cli(
+        "train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+        "--device", "cpu", "--amp", "--loss", "ce", "--max-steps", "1", "--epochs", "1", "--ema-decay", "0",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "on cpu (bf16" in result.stderr
+    assert ("oneDNN emulates it" in result.stderr) is not cpu_has_fast_bf16()

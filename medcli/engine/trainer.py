@@ -97,10 +97,12 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
     CUDA: AMP on by default.  ``auto`` picks fp16 + GradScaler + channels_last_3d: on an H100 a ResNet-50
     step at 128³ ran 161 samples/s that way, vs 122 (bf16), 114 (bf16 + channels_last) and 86 (fp32/TF32)
     (medcli.engine.speed).  bf16 needs no scaler and is kept contiguous (channels_last made it slower).
-    CPU: bf16 autocast only pays off with native bf16 instructions (AVX512-BF16/AMX); on AVX2 CPUs oneDNN
-    emulates it and runs many times slower than fp32, so ``auto`` stays fp32 there.  channels_last_3d pays
-    off in fp32 too, but only on large volumes: a ResNet-50 train step ran 1.2× faster at 96³ and 2.0× at
-    128³ on a 2-core AVX2 EPYC, and slower at 16³–32³ (medcli bench; medcli.engine.speed).
+    CPU: ``auto`` is fp32.  bf16 autocast does not pay off for *training* this topology even with native
+    bf16: on a 16-core Sapphire Rapids (AMX) a ResNet-50 step at 128³ ran 0.94–1.07× fp32 in bf16 +
+    channels_last vs 1.16–1.24× in fp32 + channels_last (medcli bench, two runs; the dilated layer3/4 convs
+    have no fast bf16 backward in oneDNN), and on AVX2 CPUs bf16 is emulated, many times slower.
+    ``--amp`` still turns bf16 on.  channels_last_3d pays off in fp32 on large volumes only: 1.2× at 96³
+    and 1.2–2.0× at 128³ on a 2-core AVX2 EPYC, slower at 16³–32³.
     """
     from medcli.engine.speed import cpu_has_fast_bf16
 
@@ -119,7 +121,7 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
         return Precision(dtype, dtype is torch.float16, cl)
     # CPU
     fast_bf16 = cpu_has_fast_bf16()
-    amp = fast_bf16 if cfg.amp is None else cfg.amp
+    amp = False if cfg.amp is None else cfg.amp
     if amp and cfg.amp_dtype == "fp16":
         raise DeviceError(
             "--amp-dtype fp16 needs a CUDA GPU", hint="on the CPU use --amp-dtype bf16 (or auto)"
@@ -172,6 +174,16 @@ def train(
     if cfg.multi_gpu and dist.under_torchrun():
         dist.init(device.type)
     emit: Callback = callback if dist.is_main() else ignore
+    if device.type == "cpu" and precision.amp_dtype is torch.bfloat16:
+        from medcli.engine.speed import cpu_has_fast_bf16
+
+        if not cpu_has_fast_bf16():
+            emit(
+                Warning(
+                    "--amp on a CPU without native bf16: oneDNN emulates it, many times slower than fp32 "
+                    "(drop --amp)"
+                )
+            )
     _set_determinism(cfg, device)
 
     fold_dir = FoldDir(Path(cfg.out) / cfg.run_name(), cfg.fold)
