@@ -14,6 +14,7 @@ import torch
 from helpers_predict import LPS, brain_volume, tiny_checkpoint, write_nifti, write_subject
 
 from medcli.engine import predictor as P
+from medcli.errors import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +171,16 @@ def test_bf16_close_to_fp32(world):
     assert bf16_pred.channels_last
     bf16 = bf16_pred.predict([scan]).predictions[0]
     assert abs(bf16.p_hgg - fp32.p_hgg) < 0.02
+
+
+def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16():
+    from medcli.engine.speed import cpu_has_fast_bf16
+
+    assert P.resolve_precision("auto", torch.device("cpu")) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert P.resolve_precision("auto", torch.device("cuda")) == "fp32"  # measured faster at batch 1
+    assert P.resolve_precision("BF16", torch.device("cpu")) == "bf16"
+    with pytest.raises(UsageError, match="unknown precision"):
+        P.resolve_precision("fp8", torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------------------------------ failures

@@ -14,6 +14,7 @@ pickles are never executed.  Writes go to a temp file in the same directory, are
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import random
 import re
@@ -76,8 +77,15 @@ def _plain(x: Any) -> Any:
 
 
 # -- reading ---------------------------------------------------------------------------------------------
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and check a medcli checkpoint; anything else is a CheckpointError saying what to do."""
+def read_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False
+) -> dict[str, Any]:
+    """Load and check a medcli checkpoint; anything else is a CheckpointError saying what to do.
+
+    ``mmap=True`` maps the file instead of reading it: tensors nobody touches (the optimizer state of a
+    last.pt, the raw weights when the EMA ones are used) cost nothing.  Private mapping: writes to the
+    tensors never reach the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
@@ -92,7 +100,10 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             hint="re-copy it, or use last.pt/best.pt from the run folder",
         )
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        # mmap needs the zip format (torch >= 1.6 writes it); a legacy file is read as a whole.
+        obj = torch.load(
+            path, map_location=map_location, weights_only=True, mmap=mmap and head == b"PK\x03\x04"
+        )
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         raise CheckpointError(
@@ -141,16 +152,17 @@ def checkpoint_meta(ckpt: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def build_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
+def build_model(model_cfg: dict[str, Any], device: str | torch.device | None = None) -> torch.nn.Module:
     from medcli.models import create_model
 
-    return create_model(
-        depth=model_cfg["depth"],
-        in_channels=int(model_cfg.get("in_channels", 1)),
-        num_classes=int(model_cfg.get("num_classes", 2)),
-        dropout=float(model_cfg.get("dropout", 0.0)),
-        head=model_cfg.get("head", "linear"),
-    )
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return create_model(
+            depth=model_cfg["depth"],
+            in_channels=int(model_cfg.get("in_channels", 1)),
+            num_classes=int(model_cfg.get("num_classes", 2)),
+            dropout=float(model_cfg.get("dropout", 0.0)),
+            head=model_cfg.get("head", "linear"),
+        )
 
 
 def load_for_inference(
@@ -166,7 +178,7 @@ def load_for_inference(
 
     if weights not in ("ema", "raw"):
         raise CheckpointError(f"weights={weights!r} is not 'ema' or 'raw'")
-    ckpt = read_checkpoint(path, map_location="cpu")
+    ckpt = read_checkpoint(path, map_location="cpu", mmap=True)
     meta = checkpoint_meta(ckpt)
     state = ckpt["ema"] if weights == "ema" and ckpt.get("ema") is not None else ckpt["model"]
     meta["weights"] = "ema" if state is ckpt.get("ema") else "raw"
@@ -174,13 +186,18 @@ def load_for_inference(
     model_cfg = (ckpt["config"] or {}).get("model")
     if not model_cfg:
         raise CheckpointError(f"{path} has no model settings in its config", hint="retrain with medcli train")
-    model = build_model(model_cfg)
+    # Shapes only (meta device), then the checkpoint's tensors assigned in place: no random init of
+    # weights that are overwritten anyway, and no copy.
+    model = build_model(model_cfg, device="meta")
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(
             f"{path}: weights do not fit a {model_cfg} model ({_first_line(e)})",
             hint="the checkpoint is from another medcli version or was edited",
         ) from None
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a tensor the state dict does not carry (strict=True checks persistent ones only)
+        raise CheckpointError(f"{path}: the checkpoint does not set {', '.join(left[:3])}")
     preprocess = PreprocessConfig.from_dict(ckpt["preprocess"])
     return model.to(map_location).eval(), preprocess, meta
