@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from medcli.atomic import atomic_write_text
-from medcli.engine.bench import evaluate_targets, figure, median_range
+from medcli.engine.bench import SECTIONS, evaluate_targets, figure, median_range
 
 START, END = "<!-- bench:start", "<!-- bench:end -->"
 
@@ -59,6 +59,12 @@ def command(report: dict) -> str:
             parts.append(f"{flag} {o[key]}")
     if o.get("threads"):
         parts.append(f"--threads {o['threads']}")
+    # A CPU-only run on a machine with a GPU, or a CUDA run, says so; "auto" on a CPU machine needs no flag.
+    if o.get("device") and (o["device"] != "cpu" or report["machine"].get("cuda")):
+        parts.append(f"--device {o['device']}")
+    ran = list(report.get("sections", {}))
+    if ran and set(ran) != set(SECTIONS):
+        parts.append(f"--sections {','.join(ran)}")
     return " ".join(parts) + " --json"
 
 

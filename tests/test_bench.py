@@ -258,6 +258,7 @@ def test_table_script_renders_and_replaces_only_between_markers(tmp_path: Path):
     report = _full_report()
     report["machine"].update(cpu="Test CPU", cores=2, threads=2, cpu_capability="AVX2", torch="2.x")
     report["options"].update(reps=5, batch_size=2, warmup=1)
+    report["sections"] = {"ceiling": {"fp32": {"tflops": 0.2, "emulated": False}}, **report["sections"]}
     report["total_s"] = 120.0
     path = tmp_path / "cpu.json"
     path.write_text(json.dumps(report))
@@ -278,3 +279,16 @@ def test_table_script_renders_and_replaces_only_between_markers(tmp_path: Path):
     with pytest.raises(ValueError):
         table.main([str(path), "--write", str(bad)])
     assert bad.read_text() == "nothing here\n"
+
+
+def test_table_command_line_reproduces_device_and_section_subset():
+    table = _table_script()
+    report = _full_report()  # every section but the ceiling, on a CPU machine
+    assert table.command(report) == (
+        "medcli bench --sections verify,fetch,data,train,infer,predict,ensemble --json"
+    )
+    report["machine"]["cuda"] = "NVIDIA H200"  # a CPU-only run on a GPU machine says --device cpu
+    assert table.command(report).startswith("medcli bench --device cpu --sections ")
+    report["options"].update(device="cuda", reps=2)
+    report["sections"] = {k: {} for k in ("ceiling", "train")}
+    assert table.command(report) == "medcli bench --reps 2 --device cuda --sections ceiling,train --json"

@@ -8,12 +8,12 @@ forward passes on CPU (chunks of 2) and 0.75x on an H100 (chunks of 8).
 The fast path (``fuse=True``, the default) changes how, never what, the model computes:
 
 * BatchNorm folded into the preceding conv (one less pass over every activation);
-* channels-last-3d memory format;
+* channels-last-3d memory format on CPU (and with bf16 on CUDA);
 * ``precision="bf16"``: ``torch.autocast(bfloat16)``; on CPU also a float32 stem conv and MedicalNet's
   dilated convs rewritten as phase-batched undilated convs (:class:`DilatedAsBatchedConv3d`), because
   oneDNN's bf16 kernels for those two are slower than fp32.
-* ``precision="auto"``: bf16 where the hardware computes it natively (AMX / AVX512-BF16 CPUs, bf16 GPUs),
-  else fp32 (emulated bf16 is slower than fp32).
+* ``precision="auto"``: bf16 on CPUs that compute it natively (AMX / AVX512-BF16), else fp32 (emulated
+  bf16 is slower than fp32; on CUDA a batch-1 forward is launch-bound and fp32/TF32 was fastest).
 
 Measured on 16 Sapphire Rapids cores (AMX), ResNet-50 at 128^3, batch 1: plain fp32 eager 0.68 s, fast
 fp32 0.42 s, fast bf16 0.20 s (3.4x; P(HGG) within 0.001 of fp32); a whole one-scan predict 0.68 s ->
