@@ -109,6 +109,8 @@ def _model_rows(report: dict) -> dict[str, str]:
                 + f" · {fig['speedup_vs_fp32']:.2f}x"
             )
         rows[f"{what}: peak RSS"] = f"{s['peak_rss_mb']:.0f} MB"
+        if s.get("cuda_peak_mb") is not None:
+            rows[f"{what}: peak GPU memory"] = f"{s['cuda_peak_mb']:.0f} MB"
     return rows
 
 
@@ -132,6 +134,8 @@ def _predict_rows(report: dict) -> dict[str, str]:
             f"({median_range(e['one_forward_s'])} s)"
         )
         rows["ensemble: peak RSS"] = f"{e['peak_rss_mb']:.0f} MB"
+        if e.get("cuda_peak_mb") is not None:
+            rows["ensemble: peak GPU memory"] = f"{e['cuda_peak_mb']:.0f} MB"
     return rows
 
 

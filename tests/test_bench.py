@@ -292,3 +292,16 @@ def test_table_command_line_reproduces_device_and_section_subset():
     report["options"].update(device="cuda", reps=2)
     report["sections"] = {k: {} for k in ("ceiling", "train")}
     assert table.command(report) == "medcli bench --reps 2 --device cuda --sections ceiling,train --json"
+
+
+def test_table_shows_gpu_memory_only_for_cuda_runs():
+    """On the reports kept in benchmarks/: the H200 run has GPU-memory rows, the CPU runs none."""
+    table = _table_script()
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    gpu = json.loads((bench_dir / "h200-resnet50-128.json").read_text())
+    rows = table.figure_rows(gpu)
+    expected = f"{gpu['sections']['train']['cuda_peak_mb']:.0f} MB"
+    assert rows["train step: peak GPU memory"] == expected
+    assert rows["ensemble: peak GPU memory"].endswith(" MB")
+    cpu = json.loads((bench_dir / "cpu-resnet50-128-merged.json").read_text())
+    assert not [k for k in table.figure_rows(cpu) if "GPU memory" in k]
