@@ -254,3 +254,24 @@ def test_amp_on_the_cpu_trains_in_bf16_and_warns_where_bf16_is_emulated(cli, tra
     assert result.exit_code == 0, result.output
     assert "on cpu (bf16" in result.stderr
     assert ("oneDNN emulates it" in result.stderr) is not cpu_has_fast_bf16()
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager_and_saves_plain_keys(cli, train_env):
+    """--compile (torch.compile, inductor on CPU) is a real path: same loss as eager, clean checkpoint keys,
+    and the checkpoint evaluates."""
+    losses = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        result = cli(
+            "train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+            "--name", name, "--loss", "ce", "--epochs", "1", "--max-steps", "2", "--ema-decay", "0",
+            "--dropout", "0", "--json", *extra,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        fold = train_env["out"] / name / "fold0"
+        losses[name] = json.loads((fold / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+    ckpt = torch.load(fold / "last.pt", weights_only=True)
+    assert not [k for k in ckpt["model"] if k.startswith("_orig_mod.")]
+    result = cli("eval", str(fold), "--json")
+    assert result.exit_code == 0, result.output
