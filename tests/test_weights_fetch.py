@@ -500,3 +500,27 @@ def test_console_script_exit_code_and_streams(medcli_proc, mirror, tmp_path):
     assert proc.returncode == 6 and proc.stdout == ""
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error:")]
     assert len(errors) == 1 and "HTTP 404" in errors[0] and url in errors[0]
+
+
+# ------------------------------------------------------------------------------------------ one at a time
+def test_a_second_fetch_into_the_same_file_fails_at_once(mirror, tmp_path):
+    from conftest import run_medcli
+
+    from medcli.weights.download import exclusive
+
+    data = _blob(MiB)
+    url = mirror.add("/w.pth", data)
+    dest = tmp_path / "w.pth"
+    args = ("weights", "fetch", "--url", url, "--sha256", _sha(data), "--dest", dest, "--no-check")
+    with exclusive(dest):  # this process is "the first fetch"
+        with pytest.raises(DownloadError, match="another `medcli weights fetch` is downloading w.pth"):
+            fetch([url], dest, sha256=_sha(data), **FAST)
+        other = run_medcli(*args)  # a real second process
+        assert other.returncode == 6, other.stderr
+        assert "another `medcli weights fetch` is downloading w.pth" in other.stderr
+        assert not dest.exists() and not part_path(dest).exists()
+    assert not (tmp_path / "w.pth.lock").exists()  # released and removed
+    done = run_medcli(*args)
+    assert done.returncode == 0, done.stderr
+    assert dest.read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pth"]  # no .part or .lock left behind

@@ -15,6 +15,8 @@ file, or the complete verified new one.
 - A ``file://`` URL or a plain local path is copied through the same verification (a file a user
   downloaded in a browser).
 - Proxies, ``REQUESTS_CA_BUNDLE`` and ``.netrc`` work as requests reads them from the environment.
+- One fetch per destination at a time: ``<dest>.lock`` (an advisory ``flock``) keeps a second
+  ``medcli weights fetch`` from writing into the same ``.part``; it fails at once, saying so.
 
 Library code: it never prints.  Progress goes to ``progress(done_bytes, total_bytes_or_None)`` and
 human-readable notices (retrying, resuming, next mirror) to ``notify(message)``.
@@ -22,6 +24,7 @@ human-readable notices (retrying, resuming, next mirror) to ``notify(message)``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
@@ -72,6 +75,41 @@ class FetchResult:
 
 def part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
+
+
+@contextlib.contextmanager
+def exclusive(dest: Path):
+    """Hold ``<dest>.lock`` (flock, non-blocking) for one fetch into ``dest``; a second one gets a
+    DownloadError.  The lock file is removed afterwards; a holder checks that the path it locked is
+    still the file on disk, since a finishing fetch may unlink it between another's open and flock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    lock = dest.with_name(dest.name + ".lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise DownloadError(
+                f"another `medcli weights fetch` is downloading {dest.name} (it holds {lock})",
+                hint="wait for it to finish, then run the command again",
+            ) from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # locked a file that was unlinked meanwhile: take the new one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
 
 
 class _Retry(Exception):
@@ -139,49 +177,53 @@ def fetch(
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _cannot_write(dest, e) from e
-    part = part_path(dest)
-    if size is not None and part.exists() and part.stat().st_size > size:
-        say(f"discarding {part.name}: it is larger than the expected {size:,} bytes")
-        part.unlink()
-    _check_disk_space(dest, size, part)
+    # One fetch per destination: a second would write into the same .part.
+    with exclusive(dest):
+        part = part_path(dest)
+        if size is not None and part.exists() and part.stat().st_size > size:
+            say(f"discarding {part.name}: it is larger than the expected {size:,} bytes")
+            part.unlink()
+        _check_disk_space(dest, size, part)
 
-    if isinstance(timeout, (int, float)):
-        timeout = (float(timeout), float(timeout))
-    own_session = session is None
-    session = session or _new_session()
-    job = _Job(dest, sha256, size, timeout, progress, session)
-    failures: list[str] = []
-    start = time.monotonic()
-    try:
-        for url in urls:
-            say(f"{'copying' if _local_source(url) else 'downloading'} {url} → {dest}")
-            why = _try_mirror(job, url, retries=retries, backoff=backoff, say=say)
-            if why is None:
-                os.replace(part, dest)
-                return FetchResult(
-                    dest,
-                    "replaced" if existing.state == "corrupt" else "downloaded",
-                    dest.stat().st_size,
-                    sha256,
-                    url=url,
-                    resumed_from=job.resumed_from,
-                    bytes_transferred=job.received,
-                    seconds=time.monotonic() - start,
-                    notices=notices,
-                )
-            failures.append(f"{url}: {why}")
-            if url != urls[-1]:
-                say(f"{_host(url)} failed ({why}); trying the next mirror")
-    finally:
-        if own_session:
-            session.close()
+        if isinstance(timeout, (int, float)):
+            timeout = (float(timeout), float(timeout))
+        own_session = session is None
+        session = session or _new_session()
+        job = _Job(dest, sha256, size, timeout, progress, session)
+        failures: list[str] = []
+        start = time.monotonic()
+        try:
+            for url in urls:
+                say(f"{'copying' if _local_source(url) else 'downloading'} {url} → {dest}")
+                why = _try_mirror(job, url, retries=retries, backoff=backoff, say=say)
+                if why is None:
+                    os.replace(part, dest)
+                    return FetchResult(
+                        dest,
+                        "replaced" if existing.state == "corrupt" else "downloaded",
+                        dest.stat().st_size,
+                        sha256,
+                        url=url,
+                        resumed_from=job.resumed_from,
+                        bytes_transferred=job.received,
+                        seconds=time.monotonic() - start,
+                        notices=notices,
+                    )
+                failures.append(f"{url}: {why}")
+                if url != urls[-1]:
+                    say(f"{_host(url)} failed ({why}); trying the next mirror")
+        finally:
+            if own_session:
+                session.close()
 
-    if part.exists() and part.stat().st_size == 0:
-        part.unlink()
-    kept = " (the partial download is kept: run the same command again to resume)" if part.exists() else ""
-    raise DownloadError(
-        f"could not download {dest.name}: " + "; ".join(failures) + kept, hint=_hint(failures)
-    )
+        if part.exists() and part.stat().st_size == 0:
+            part.unlink()
+        kept = (
+            " (the partial download is kept: run the same command again to resume)" if part.exists() else ""
+        )
+        raise DownloadError(
+            f"could not download {dest.name}: " + "; ".join(failures) + kept, hint=_hint(failures)
+        )
 
 
 def _try_mirror(job: _Job, url: str, *, retries: int, backoff: float, say: NotifyFn) -> str | None:
