@@ -524,3 +524,31 @@ def test_a_second_fetch_into_the_same_file_fails_at_once(mirror, tmp_path):
     assert done.returncode == 0, done.stderr
     assert dest.read_bytes() == data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pth"]  # no .part or .lock left behind
+
+
+def test_fetch_logs_progress_lines_when_stderr_is_not_a_terminal(cli, mirror, tmp_path, monkeypatch):
+    """CI and batch jobs get no progress bar, but a long download still shows it is alive in the log."""
+    import medcli.cli.weights_fetch as fetch_cli
+
+    data = _blob(3 * MiB)
+    url = mirror.add("/slow.pth", data)
+    monkeypatch.setattr(fetch_cli, "LOG_EVERY_S", 0.0)  # every progress callback logs
+    result = cli(
+        "weights",
+        "fetch",
+        "--url",
+        url,
+        "--sha256",
+        _sha(data),
+        "--dest",
+        tmp_path / "slow.pth",
+        "--no-check",
+    )
+    assert result.exit_code == 0, result.stderr
+    lines = [x for x in result.stderr.splitlines() if x.startswith("INFO: slow.pth: ") and "MiB/s" in x]
+    assert lines and "% (" in lines[0] and "of 3.0 MiB" in lines[0]
+    monkeypatch.setattr(fetch_cli, "LOG_EVERY_S", 3600.0)  # the default pace: none in a short download
+    again = cli(
+        "weights", "fetch", "--url", url, "--sha256", _sha(data), "--dest", tmp_path / "b.pth", "--no-check"
+    )
+    assert again.exit_code == 0 and "% (" not in again.stderr

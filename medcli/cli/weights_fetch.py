@@ -6,6 +6,7 @@ check after a fetch uses ``medcli.models`` and is imported inside the command, s
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -167,11 +168,28 @@ def _fetch_one(target: Path, urls: list[str], **options):
     return result
 
 
+# Without a terminal (CI, SLURM, nohup): a plain progress line at most this often, so a long download shows
+# it is alive in the log without flooding it.
+LOG_EVERY_S = 30.0
+
+
 @contextmanager
 def _progress(label: str):
-    """Yield a ``progress(done, total)`` callback: a Rich bar (bytes, rate, ETA) only on a terminal."""
+    """Yield a ``progress(done, total)`` callback: a Rich bar (bytes, rate, ETA) on a terminal, else an
+    INFO line every ``LOG_EVERY_S`` seconds."""
     if not console.progress_enabled():
-        yield None
+        start = last = time.monotonic()
+
+        def log(done: int, total: int | None) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last < LOG_EVERY_S or not done or (total and done >= total):
+                return
+            last = now
+            share = f"{done / total:.0%} ({_mib(done)} of {_mib(total)})" if total else _mib(done)
+            console.info(f"{label}: {share}, {done / max(now - start, 1e-9) / 2**20:.1f} MiB/s")
+
+        yield log
         return
     from rich.progress import (
         BarColumn,
