@@ -83,7 +83,9 @@ def tiny_checkpoint(
 
     torch.manual_seed(seed)
     c = len(modalities)
-    model = create_model(depth, in_channels=c, num_classes=2, head=head)
+    # Non-zero residual gammas: after two steps a zero-initialised branch would still be almost silent,
+    # and the predictor's numerics (folding, bf16, flips, saliency) must be tested on branches that count.
+    model = create_model(depth, in_channels=c, num_classes=2, head=head, zero_init_last=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     model.train()
     for _ in range(steps):

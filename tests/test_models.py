@@ -222,7 +222,9 @@ TINY_A = ArchSpec("tiny-a", "tiny", "basic", (2, 1, 1, 1), "A", widths=(8, 16, 3
 def test_channels_last_3d_matches_contiguous(shortcut):
     torch.manual_seed(0)
     # Two channels: with one, channels-last and contiguous strides coincide and nothing would be tested.
-    model = create_model("tiny", in_channels=2) if shortcut == "B" else ResNet3D(TINY_A, in_channels=2)
+    # zero_init_last=False: every residual branch contributes, so its convs' layouts are really compared.
+    kw = {"in_channels": 2, "zero_init_last": False}
+    model = create_model("tiny", **kw) if shortcut == "B" else ResNet3D(TINY_A, **kw)
     model.eval()
     x = torch.randn(2, 2, 24, 24, 24)
     with torch.no_grad():

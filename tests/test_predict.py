@@ -164,13 +164,17 @@ def test_saliency_on_original_grid(cli, world, tmp_path):
 
 
 def test_bf16_close_to_fp32(world):
+    """The fold ensemble with TTA on every synthetic subject: bf16 P(HGG) within 0.02 of fp32."""
     source = P.find_checkpoints(world["run"], world["root"])
-    scan = P.ScanInput("s", {"t1ce": _scan(world)})
-    fp32 = P.load_predictor(source, precision="fp32", device="cpu", tta=True).predict([scan]).predictions[0]
+    scans, failures = P.collect_scans([world["data"]], ("t1ce",))
+    assert len(scans) == 3 and not failures
+    fp32 = P.load_predictor(source, precision="fp32", device="cpu", tta=True).predict(scans).predictions
     bf16_pred = P.load_predictor(source, precision="bf16", device="cpu", tta=True)
     assert bf16_pred.channels_last
-    bf16 = bf16_pred.predict([scan]).predictions[0]
-    assert abs(bf16.p_hgg - fp32.p_hgg) < 0.02
+    bf16 = bf16_pred.predict(scans).predictions
+    assert [p.scan_id for p in bf16] == [p.scan_id for p in fp32]
+    assert max(abs(b.p_hgg - f.p_hgg) for b, f in zip(bf16, fp32, strict=True)) < 0.02
+    assert len({round(f.p_hgg, 4) for f in fp32}) > 1  # the subjects really differ
 
 
 def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16():
