@@ -326,3 +326,22 @@ def test_2018_and_2020_linked_through_the_2020_mapping(tmp_path):
         "Brats18_2013_0_1",  # not in the 2020 mapping: a patient of its own
     ]
     assert any("1 brats2018 subject reappears in brats2020" in n for n in cohort.notes)
+
+
+def test_multi_member_gzip_is_not_mistaken_for_truncated(tmp_path):
+    """bgzip or `cat a.gz b.gz` write several gzip members; the last trailer then sizes only the last one."""
+    import gzip
+
+    import nibabel as nib
+
+    root = tmp_path / "flat"
+    write_subject(root, "case1")
+    path = root / "case1" / "case1_t2.nii.gz"
+    raw = gzip.decompress(path.read_bytes())
+    half = len(raw) // 2
+    path.write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:]))
+    assert nib.load(str(path)).get_fdata().shape == TINY  # readers accept it
+    cohort = discover(root)
+    assert [s.subject_id for s in cohort.subjects] == ["case1"], cohort.problems
+    truncate(path, keep=0.7)  # cut inside the second member: still caught
+    assert "truncated" in _problem(discover(root), "case1").what

@@ -827,19 +827,39 @@ def _starts_like_html(path: Path) -> bool:
 
 
 def _looks_truncated(path: Path, expected: int) -> bool:
-    """Whether the file holds fewer bytes than its header promises, without decompressing anything.
+    """Whether the file holds fewer bytes than its header promises, without decompressing in the usual case.
 
     ``.nii``: the file size.  ``.nii.gz``: the gzip trailer (ISIZE: uncompressed size mod 2**32), which a
-    cut-off file lacks; nibabel, ITK and gzip all write a single gzip member, so ISIZE is the whole size.
+    cut-off file lacks.  nibabel, ITK and gzip write a single gzip member, so ISIZE is the whole size; when
+    it is not (a cut-off file, or several members: bgzip, ``cat a.gz b.gz``) the file is decompressed once
+    to tell the two apart.
     """
     try:
         if path.name.lower().endswith(".gz"):
             with open(path, "rb") as f:
                 f.seek(-4, os.SEEK_END)
-                return int.from_bytes(f.read(4), "little") != expected % (1 << 32)
+                if int.from_bytes(f.read(4), "little") == expected % (1 << 32):
+                    return False
+            length = _gzip_length(path)
+            return length is None or length < expected
         return path.stat().st_size < expected
     except OSError:
         return True
+
+
+def _gzip_length(path: Path) -> int | None:
+    """Uncompressed length over all gzip members; None when the stream is cut off or corrupt."""
+    import gzip
+    import zlib
+
+    n = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                n += len(chunk)
+    except (EOFError, OSError, zlib.error):
+        return None
+    return n
 
 
 def _finite(a) -> bool:
