@@ -255,3 +255,75 @@ def test_prepare_with_worker_processes(cli, cohort, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["cached"] == 4
+
+
+# ------------------------------------------------------------------------------- inspecting and pruning
+def _two_subject_cache(tmp_path):
+    cache = PreprocessCache(tmp_path / "cache")
+    subjects = {
+        s: make_subject(tmp_path / "data" / s, ("t1ce", "flair"), seed=i) for i, s in enumerate(("A", "B"))
+    }
+    for sid, paths in subjects.items():
+        cache.ensure(sid, paths, CFG)
+    return cache, subjects
+
+
+def test_inspect_counts_live_entries_and_prune_removes_only_stale_ones(tmp_path):
+    from medcli.data.cache import inspect_cache, prune_cache
+
+    cache, subjects = _two_subject_cache(tmp_path)
+    [folder] = inspect_cache(cache.root)
+    assert (folder.key, folder.entries, folder.stale) == (CFG.key(), 2, [])
+    assert folder.config == CFG.to_dict() and folder.bytes > 2 * 4 * 2 * 16**3
+
+    # Subject A's FLAIR is re-exported: its old entry can never be served again.
+    save_nifti(subjects["A"]["flair"], phantom(seed=7))
+    stale_entry = [p for p in cache.config_dir(CFG).iterdir() if p.name.startswith("A-")]
+    assert len(stale_entry) == 2 and cache.entry("A", subjects["A"], CFG).array_path not in stale_entry
+    temp_new = cache.config_dir(CFG) / ".B-x.npy.abc.tmp"  # a writer busy right now
+    temp_old = cache.config_dir(CFG) / ".B-y.npy.def.tmp"  # left by a killed writer
+    temp_new.write_bytes(b"x")
+    temp_old.write_bytes(b"y")
+    os.utime(temp_old, (1, 1))
+    [folder] = inspect_cache(cache.root)
+    assert folder.entries == 1 and sorted(folder.stale) == sorted([*stale_entry, temp_old])
+
+    files, freed = prune_cache(cache.root)
+    assert files == 3 and freed == folder.stale_bytes
+    assert temp_new.exists() and not temp_old.exists()
+    assert cache.lookup("B", subjects["B"], CFG) is not None  # the live entry is still served
+    assert cache.ensure("A", subjects["A"], CFG) is True  # A is simply preprocessed again
+    assert inspect_cache(cache.root)[0].entries == 2
+
+
+def test_a_folder_from_another_medcli_version_is_stale_as_a_whole(tmp_path):
+    from medcli.data.cache import inspect_cache, prune_cache
+
+    cache, _ = _two_subject_cache(tmp_path)
+    folder = cache.config_dir(CFG)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "future_setting": 1}))
+    [info] = inspect_cache(cache.root)
+    assert info.stale_reason and "another medcli version" in info.stale_reason
+    assert len(info.stale) == 5  # config + 2 x (json, npy)
+    prune_cache(cache.root)
+    assert not folder.exists() and inspect_cache(cache.root) == []
+
+
+def test_cli_data_cache_reports_and_prunes(cli, tmp_path):
+    cache, subjects = _two_subject_cache(tmp_path)
+    subjects["B"]["t1ce"].unlink()  # B's scan is gone
+    result = cli("data", "cache", "--cache", cache.root, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    [folder] = report["folders"]
+    assert folder["entries"] == 1 and folder["stale_files"] == 2 and report["stale_bytes"] > 0
+    assert "pruned" not in report and len(list(cache.config_dir(CFG).glob("B-*"))) == 2  # nothing deleted
+
+    table = cli("data", "cache", "--cache", cache.root)
+    assert table.exit_code == 0 and "t1ce,flair" in table.stdout and "--prune" in table.stderr
+    pruned = cli("data", "cache", "--cache", cache.root, "--prune", "--json")
+    assert json.loads(pruned.stdout)["pruned"]["files"] == 2
+    assert not list(cache.config_dir(CFG).glob("B-*")) and list(cache.config_dir(CFG).glob("A-*"))
+    empty = cli("data", "cache", "--cache", tmp_path / "nowhere")
+    assert empty.exit_code == 0 and "no preprocessed arrays" in empty.stderr

@@ -22,19 +22,22 @@ if TYPE_CHECKING:  # pragma: no cover
 
 data_app = typer.Typer(
     name="data",
-    help="Make a synthetic cohort, and index BraTS folders or CSV manifests.",
+    help="Make a synthetic cohort, index BraTS folders or CSV manifests, fill and prune the cache.",
     no_args_is_help=True,
 )
 
 
 def register(root: typer.Typer) -> None:
-    """Add the ``data`` group: ``synth`` and ``index`` (here), ``prepare`` (``data_prepare``, if present)."""
+    """Add the ``data`` group: ``synth`` and ``index`` (here), ``prepare`` and ``cache`` (own modules)."""
     data_app.command("synth")(synth)
     data_app.command("index")(index)
     if importlib.util.find_spec("medcli.cli.data_prepare") is not None:
         from medcli.cli import data_prepare
 
         data_prepare.register(data_app)
+    from medcli.cli import data_cache
+
+    data_cache.register(data_app)
     root.add_typer(data_app, name="data")
 
 

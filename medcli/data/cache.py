@@ -242,3 +242,142 @@ def prepare_cohort(
     report.already_cached.sort()
     report.failed.sort()
     return report
+
+
+# --- looking after the cache (`medcli data cache`) -------------------------------------------------------
+# Entries are never overwritten, only superseded (an edited scan or config maps to a new entry), so without
+# pruning the cache only grows.  An entry is stale when it can never be served again: a source file is gone
+# or changed (its identity is part of the entry's name), or its folder's config no longer hashes to the
+# folder's name (written by another medcli version).  Half-finished writes (an array without its JSON, a
+# temp file) count only once they are older than ``min_age_s``: a writer may be busy with them right now.
+
+ORPHAN_MIN_AGE_S = 3600.0
+
+
+@dataclass
+class CacheFolder:
+    """One config's folder: its settings, live entries and what pruning would remove."""
+
+    key: str
+    path: Path
+    config: dict[str, Any] | None
+    entries: int = 0
+    bytes: int = 0
+    stale: list[Path] = field(default_factory=list)
+    stale_bytes: int = 0
+    stale_reason: str | None = None  # set when the whole folder is stale
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "path": str(self.path),
+            "config": self.config,
+            "entries": self.entries,
+            "bytes": self.bytes,
+            "stale_files": len(self.stale),
+            "stale_bytes": self.stale_bytes,
+            "stale_reason": self.stale_reason,
+        }
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _mtime(path: Path, default: float) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # removed meanwhile (a writer's rename, another prune)
+        return default
+
+
+def _sources_current(sources: list[list[Any]]) -> bool:
+    for _modality, path, size, mtime_ns in sources:
+        try:
+            st = Path(path).stat()
+        except OSError:
+            return False
+        if st.st_size != size or st.st_mtime_ns != mtime_ns:
+            return False
+    return bool(sources)
+
+
+def _folder_stale_reason(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        return None, None  # a first writer has not put it there yet; judge the entries alone
+    except (OSError, ValueError):
+        return None, "its config.json is unreadable"
+    try:
+        key = PreprocessConfig.from_dict(config).key()
+    except (MedcliError, TypeError, ValueError):
+        return config, "its config.json is from another medcli version"
+    if key != folder.name:
+        return config, "its config.json is from another medcli version (the settings hash differs)"
+    return config, None
+
+
+def inspect_cache(root: str | Path, *, min_age_s: float = ORPHAN_MIN_AGE_S) -> list[CacheFolder]:
+    """Every config folder under ``root``, with its live entries and its stale files (nothing is changed)."""
+    import time
+
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        return []
+    now = time.time()
+    folders = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        config, reason = _folder_stale_reason(folder)
+        info = CacheFolder(folder.name, folder, config, stale_reason=reason)
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        if reason is not None:
+            info.stale = files
+            info.stale_bytes = sum(_size(p) for p in files)
+            folders.append(info)
+            continue
+        for p in files:  # an atomic writer's temp files, left by a killed process
+            if p.name.startswith(".") and now - _mtime(p, now) > min_age_s:
+                info.stale.append(p)
+        stems = sorted({p.stem for p in files if p.suffix in (".json", ".npy") and p.name != "config.json"})
+        for stem in stems:
+            pair = [q for q in (folder / f"{stem}.json", folder / f"{stem}.npy") if q.exists()]
+            try:
+                sources = json.loads((folder / f"{stem}.json").read_text()).get("sources") or []
+            except (OSError, ValueError):
+                sources = None  # no (readable) JSON yet
+            if sources is not None and len(pair) == 2 and _sources_current(sources):
+                info.entries += 1
+                info.bytes += sum(_size(q) for q in pair)
+            elif sources is not None and not _sources_current(sources):
+                info.stale += pair  # a source file changed or is gone: never served again
+            elif all(now - _mtime(q, now) > min_age_s for q in pair):
+                info.stale += pair  # half an entry, long abandoned
+        info.stale_bytes = sum(_size(p) for p in info.stale)
+        folders.append(info)
+    return folders
+
+
+def prune_cache(root: str | Path, *, min_age_s: float = ORPHAN_MIN_AGE_S) -> tuple[int, int]:
+    """Delete what ``inspect_cache`` calls stale (and folders left empty); returns (files, bytes) freed."""
+    files = freed = 0
+    for info in inspect_cache(root, min_age_s=min_age_s):
+        for p in info.stale:
+            size = _size(p)
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                continue
+            files += 1
+            freed += size
+        remaining = [p for p in info.path.iterdir() if p.name != "config.json"]
+        if not remaining:
+            (info.path / "config.json").unlink(missing_ok=True)
+            try:
+                info.path.rmdir()
+            except OSError:
+                pass  # a writer just added something
+    return files, freed
