@@ -332,9 +332,12 @@ def test_fast_path_rewrites_compute_the_same_function():
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.normal_()
             m.bias.data.normal_()
-    fast = P.optimize_for_cpu_bf16(P.fuse_conv_bn(copy.deepcopy(model)))
+    from medcli.engine.cpu_bf16 import Float32Conv3d, PhaseBatchedConv3d, rewrite_for_cpu_bf16
+
+    fast = rewrite_for_cpu_bf16(P.fuse_conv_bn(copy.deepcopy(model)))
     assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fast.modules())
-    assert sum(isinstance(m, P.DilatedAsBatchedConv3d) for m in fast.modules()) >= 2
+    assert sum(isinstance(m, PhaseBatchedConv3d) for m in fast.modules()) >= 2
+    assert isinstance(fast.conv1, Float32Conv3d)
     for size in (16, 32, 40):
         x = torch.randn(2, 1, size, size, size)
         with torch.no_grad():

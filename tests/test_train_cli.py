@@ -253,7 +253,15 @@ def test_amp_on_the_cpu_trains_in_bf16_and_warns_where_bf16_is_emulated(cli, tra
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "on cpu (bf16" in result.stderr
+    assert "CPU bf16: fp32 stem, dilated convs as phase-batched undilated convs" in result.stderr
     assert ("oneDNN emulates it" in result.stderr) is not cpu_has_fast_bf16()
+    # The rewrite keeps the keys: the checkpoint is a plain model's, and eval loads it.
+    fold = train_env["out"] / "resnettiny-t1ce-ce" / "fold0"
+    plain = torch.load(fold / "last.pt", weights_only=True)["model"]
+    from medcli.models import create_model
+
+    assert list(plain) == list(create_model("tiny").state_dict())
+    assert cli("eval", str(fold), "--json").exit_code == 0
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ The fast path (``fuse=True``, the default) changes how, never what, the model co
 * BatchNorm folded into the preceding conv (one less pass over every activation);
 * channels-last-3d memory format on CPU (and with bf16 on CUDA);
 * ``precision="bf16"``: ``torch.autocast(bfloat16)``; on CPU also a float32 stem conv and MedicalNet's
-  dilated convs rewritten as phase-batched undilated convs (:class:`DilatedAsBatchedConv3d`), because
+  dilated convs rewritten as phase-batched undilated convs (:mod:`medcli.engine.cpu_bf16`), because
   oneDNN's bf16 kernels for those two are slower than fp32.
 * ``precision="auto"``: bf16 on CPUs that compute it natively (AMX / AVX512-BF16), else fp32 (emulated
   bf16 is slower than fp32; on CUDA a batch-1 forward is launch-bound and fp32/TF32 was fastest).
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medcli.engine.cpu_bf16 import rewrite_for_cpu_bf16
 from medcli.errors import CheckpointError, DataError, MedcliError, UsageError
 
 CLASS_NAMES = ("LGG", "HGG")
@@ -118,82 +119,6 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(d)
     except RuntimeError as e:
         raise UsageError(f"unknown device {device!r}", hint="use auto, cpu, cuda or cuda:N") from e
-
-
-class DilatedAsBatchedConv3d(nn.Module):
-    """A stride-1 3x3x3 Conv3d with dilation r, computed as an undilated conv over the r^3 phase sub-grids.
-
-    Output voxel p reads inputs p - r, p, p + r: all in the same phase (p mod r).  Splitting the volume
-    into its r^3 phases (space-to-batch, as TensorFlow's ``atrous_conv2d`` does), convolving each with the
-    same weights at dilation 1 / padding 1, and interleaving the results back gives exactly the dilated
-    convolution (zero padding at a sub-grid's edge is zero padding of the original).  Why: oneDNN has no
-    fast bf16 kernel for dilated 3-D convs (MedicalNet's layer4 uses dilation 4 and ran 3x *slower* in bf16
-    than in fp32 on a Sapphire Rapids CPU); the undilated conv runs on AMX.  Falls back to the dilated conv
-    when a spatial size is not a multiple of r.
-    """
-
-    def __init__(self, conv: nn.Conv3d):
-        super().__init__()
-        self.r = int(conv.dilation[0])
-        self.conv = nn.Conv3d(
-            conv.in_channels, conv.out_channels, 3, padding=1, bias=conv.bias is not None
-        ).to(device=conv.weight.device, dtype=conv.weight.dtype)
-        self.conv.weight = conv.weight
-        self.conv.bias = conv.bias
-
-    @staticmethod
-    def applies(conv: nn.Module) -> bool:
-        return (
-            isinstance(conv, nn.Conv3d)
-            and conv.kernel_size == (3, 3, 3)
-            and conv.stride == (1, 1, 1)
-            and conv.groups == 1
-            and len(set(conv.dilation)) == 1
-            and conv.dilation[0] > 1
-            and conv.padding == conv.dilation
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.r
-        n, c, d, h, w = x.shape
-        if d % r or h % r or w % r:
-            return torch.nn.functional.conv3d(x, self.conv.weight, self.conv.bias, 1, r, r)
-        channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-        fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-        phases = (
-            x.reshape(n, c, d // r, r, h // r, r, w // r, r)
-            .permute(0, 3, 5, 7, 1, 2, 4, 6)
-            .reshape(n * r**3, c, d // r, h // r, w // r)
-            .contiguous(memory_format=fmt)
-        )
-        y = self.conv(phases)
-        k = y.shape[1]
-        y = y.reshape(n, r, r, r, k, d // r, h // r, w // r).permute(0, 4, 5, 1, 6, 2, 7, 3)
-        return y.reshape(n, k, d, h, w).contiguous(memory_format=fmt)
-
-
-class Float32Island(nn.Module):
-    """Run ``module`` in float32 even under bf16 autocast (the 7^3 stem conv over 1-4 input channels has
-    no fast bf16 kernel on CPU: 4x slower than fp32 there, and it is a small share of the FLOPs)."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.module(x.float())
-
-
-def optimize_for_cpu_bf16(model: nn.Module) -> nn.Module:
-    """In place: fp32 stem, dilated convs as phase-batched convs.  Same function, faster under bf16."""
-    if isinstance(getattr(model, "conv1", None), nn.Conv3d):
-        model.conv1 = Float32Island(model.conv1)
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if DilatedAsBatchedConv3d.applies(child):
-                setattr(module, name, DilatedAsBatchedConv3d(child))
-    return model
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -320,7 +245,7 @@ class Predictor:
             if fuse:  # the fast path: BN folded; on CPU bf16 also fp32 stem + undilated convs
                 fuse_conv_bn(m)
                 if self.precision == "bf16" and self.device.type == "cpu":
-                    optimize_for_cpu_bf16(m)
+                    rewrite_for_cpu_bf16(m)
             self.models.append(m.to(device=self.device, memory_format=fmt))
         check_members(self.models, self.member_names)
 

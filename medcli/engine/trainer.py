@@ -99,9 +99,12 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
     (medcli.engine.speed).  bf16 needs no scaler and is kept contiguous (channels_last made it slower).
     CPU: ``auto`` is fp32.  bf16 autocast does not pay off for *training* this topology even with native
     bf16: on a 16-core Sapphire Rapids (AMX) a ResNet-50 step at 128³ ran 0.94–1.07× fp32 in bf16 +
-    channels_last vs 1.16–1.24× in fp32 + channels_last (medcli bench, two runs; the dilated layer3/4 convs
-    have no fast bf16 backward in oneDNN), and on AVX2 CPUs bf16 is emulated, many times slower.
-    ``--amp`` still turns bf16 on.  channels_last_3d pays off in fp32 on large volumes only: 1.2× at 96³
+    channels_last vs 1.16–1.24× in fp32 + channels_last (medcli bench, two runs, plain bf16 autocast), and
+    on AVX2 CPUs bf16 is emulated, many times slower.
+    ``--amp`` still turns bf16 on, with the predictor's bf16 rewrites (``medcli.engine.cpu_bf16``: fp32 stem,
+    dilated convs as phase-batched undilated ones), which made the bf16 *forward* 2.6-3x fp32 on AMX; their
+    effect on training there is not measured yet (the 0.94-1.07x above is without them).
+    channels_last_3d pays off in fp32 on large volumes only: 1.2× at 96³
     and 1.2–2.0× at 128³ on a 2-core AVX2 EPYC, slower at 16³–32³.
     """
     from medcli.engine.speed import cpu_has_fast_bf16
@@ -491,6 +494,12 @@ def _fit(
     resume: bool,
 ) -> FoldResult:
     fmt = torch.channels_last_3d if precision.channels_last else torch.contiguous_format
+    if device.type == "cpu" and precision.amp_dtype is torch.bfloat16:
+        from medcli.engine.cpu_bf16 import rewrite_for_cpu_bf16
+
+        # Same function and state-dict keys, kernels oneDNN runs fast in bf16 (the predictor's rewrite).
+        rewrite_for_cpu_bf16(model)
+        emit(Info("CPU bf16: fp32 stem, dilated convs as phase-batched undilated convs"))
     model.to(device, memory_format=fmt)
     loss_fn.to(device)
     ema = create_ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
