@@ -176,8 +176,7 @@ def _print_table(result) -> None:
 
 
 def _write_csv(path: Path, result) -> None:
-    import os
-    import tempfile
+    from medcli.atomic import atomic_write_text
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
@@ -185,15 +184,7 @@ def _write_csv(path: Path, result) -> None:
     for p in result.predictions:
         row = p.to_dict()
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_FIELDS})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, buf.getvalue())
 
 
 def register(root: typer.Typer) -> None:

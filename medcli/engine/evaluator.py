@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from medcli.atomic import atomic_write_text
 from medcli.engine import metrics as M
 from medcli.errors import CheckpointError, DataError, UsageError
 
@@ -515,13 +514,5 @@ def write_plots(report: EvalReport, folds: list[FoldPredictions], out: Path) -> 
 
 
 def write_json(report: EvalReport, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(report.to_dict(), fh, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(report.to_dict(), indent=2, default=str))
     return path

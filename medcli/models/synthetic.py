@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
+
+from medcli.atomic import atomic_write
 
 
 def medicalnet_state_dict(
@@ -68,12 +69,5 @@ def write_medicalnet_checkpoint(
     state = medicalnet_state_dict(depth, seed=seed, in_channels=in_channels, prefix=prefix)
     obj = state if container == "direct" else {container: state}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f, _use_new_zipfile_serialization=not legacy)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f, _use_new_zipfile_serialization=not legacy), fsync=False)
     return path
