@@ -159,3 +159,27 @@ def test_pickle_module_not_used_for_loading(tmp_path, monkeypatch):
     ck.atomic_save(_tiny_checkpoint(), path)
     monkeypatch.setattr(pickle, "Unpickler", None)  # the unsafe unpickler would now crash if used
     assert ck.read_checkpoint(path)["epoch"] == 3
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        ({"select": "raw", "ema_decay": 0.999}, "raw"),  # best.pt was picked by the raw weights
+        ({"select": "auto", "ema_decay": 0.999}, "ema"),
+        ({"select": "auto", "ema_decay": 0.0}, "raw"),
+        ({"select": "ema"}, "ema"),
+    ],
+)
+def test_auto_weights_are_the_ones_that_selected_best_pt(tmp_path, settings, expected):
+    blob = _tiny_checkpoint()
+    blob["config"].update(settings)
+    path = tmp_path / "best.pt"
+    ck.atomic_save(blob, path)
+    model, _, meta = ck.load_for_inference(path, weights="auto")
+    assert meta["weights"] == expected
+    source = blob["ema"] if expected == "ema" else blob["model"]
+    assert torch.equal(model.conv1.weight, source["conv1.weight"])
+
+
+def test_a_config_that_says_nothing_means_ema_where_present():
+    assert ck.selected_weights({}) == "ema" and ck.selected_weights({"model": {}}) == "ema"

@@ -283,3 +283,41 @@ def test_train_then_eval_and_predict_agree(cli, tmp_path):
     ]
     both = _json(cli("predict", scan, "--model", run, "--json"))["predictions"][0]["p_hgg"]
     assert both == pytest.approx(np.mean(ps), abs=1e-6)
+
+
+def test_predict_uses_the_threshold_eval_tuned(cli, trained, tmp_path):
+    """`eval --tune-threshold youden` saves a threshold; `predict --threshold tuned` applies it, and refuses
+    when there is none, when it was not tuned, or when the checkpoints are newer than the evaluation."""
+    import os
+    import shutil
+
+    run = tmp_path / "r"
+    shutil.copytree(trained["run"], run)
+    sid = trained["splits"].fold(1)[1][0]
+    scan = trained["data"] / sid
+    predict = ("predict", scan, "--model", run, "--weights", "raw", "--json", "--threshold", "tuned")
+
+    missing = cli(*predict)
+    assert missing.exit_code == 2 and _has(missing.stderr, "--tune-threshold youden")
+
+    fixed = cli("eval", run, "--recompute", "--n-boot", "0", "--no-plots", "--weights", "raw", "--json")
+    assert fixed.exit_code == 0, fixed.stderr
+    untuned = cli(*predict)
+    assert untuned.exit_code == 2 and _has(untuned.stderr, "fixed threshold")
+
+    args = ("eval", run, "--recompute", "--n-boot", "0", "--no-plots", "--weights", "raw", "--json")
+    tuned = cli(*args, "--tune-threshold", "youden")
+    assert tuned.exit_code == 0, tuned.stderr
+    deploy = _json(tuned)["threshold"]["deploy"]
+    result = cli(*predict)
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["threshold"] == pytest.approx(deploy)
+    p = out["predictions"][0]
+    assert p["grade"] == ("HGG" if p["p_hgg"] >= deploy else "LGG")
+    assert _has(result.stderr, f"Threshold {deploy:.3f}: Youden")
+
+    later = os.stat(run / "eval" / "eval.json").st_mtime + 10
+    os.utime(run / "fold0" / "best.pt", (later, later))  # retrained after the evaluation
+    stale = cli(*predict)
+    assert stale.exit_code == 2 and _has(stale.stderr, "older than the model's checkpoints")

@@ -47,7 +47,11 @@ def predict_command(
         help="A checkpoint (.pt), a fold directory (uses best.pt) or a run directory (all folds: ensemble). "
         "\\[default: the newest run under $MEDCLI_RUNS or ./runs]",
     ),
-    weights: str = typer.Option("ema", "--weights", help="ema (falls back to raw when absent) or raw."),
+    weights: str = typer.Option(
+        "auto",
+        "--weights",
+        help="auto (the weights that selected best.pt in training), ema (raw where absent) or raw.",
+    ),
     tta: bool = typer.Option(
         False,
         "--tta/--no-tta",
@@ -57,7 +61,12 @@ def predict_command(
         "auto", "--precision", help="auto (bf16 on CPUs with native bf16, else fp32), fp32 or bf16."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    threshold: float = typer.Option(0.5, "--threshold", help="Call HGG when P(HGG) >= this."),
+    threshold: str = typer.Option(
+        "0.5",
+        "--threshold",
+        help="Call HGG when P(HGG) >= this; `tuned`: the Youden threshold `medcli eval --tune-threshold "
+        "youden` saved for this model.",
+    ),
     saliency: Path | None = typer.Option(
         None,
         "--saliency",
@@ -67,20 +76,31 @@ def predict_command(
     json_out: bool = typer.Option(False, "--json", help="Print only JSON on stdout."),
 ) -> None:
     """Predict the grade (LGG/HGG) of new scans with a trained model or a fold ensemble."""
-    if weights not in ("ema", "raw"):
-        raise UsageError(
-            f"--weights {weights!r} is not ema or raw", hint="use --weights ema or --weights raw"
-        )
-    if not 0.0 <= threshold <= 1.0:
-        raise UsageError(f"--threshold {threshold} is outside [0, 1]", hint="e.g. --threshold 0.5")
+    if weights not in ("auto", "ema", "raw"):
+        raise UsageError(f"--weights {weights!r} is not auto, ema or raw", hint="e.g. --weights auto")
+    tuned = threshold.strip().lower() == "tuned"
+    if not tuned:
+        try:
+            cut = float(threshold)
+        except ValueError:
+            cut = float("nan")
+        if not 0.0 <= cut <= 1.0:
+            raise UsageError(
+                f"--threshold {threshold} is not in [0, 1] or `tuned`", hint="e.g. --threshold 0.5"
+            )
 
     from medcli.engine import predictor as P
 
     source = P.find_checkpoints(model, default_runs_root())
     if model is None:
         console.info(f"Using the newest run: {source.root} ({len(source.checkpoints)} fold(s))")
+    if tuned:
+        from medcli.engine.evaluator import tuned_threshold
+
+        cut, origin = tuned_threshold(source.root, source.checkpoints)
+        console.info(f"Threshold {cut:.3f}: {origin}")
     predictor = P.load_predictor(
-        source, weights=weights, tta=tta, precision=precision, device=device, threshold=threshold
+        source, weights=weights, tta=tta, precision=precision, device=device, threshold=cut
     )
     modalities = tuple(predictor.preprocess_cfg.modalities)
     console.info(

@@ -152,6 +152,18 @@ def checkpoint_meta(ckpt: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
+def selected_weights(config: dict[str, Any]) -> str:
+    """The weights that picked best.pt, from a training config: "ema" or "raw" (``select``; ``auto`` is EMA
+    when EMA was on).  A config that says nothing (not written by `medcli train`) gives "ema", which
+    ``load_for_inference`` turns into raw where a checkpoint has no EMA weights."""
+    select = config.get("select", "auto")
+    if select in ("ema", "raw"):
+        return select
+    if "ema_decay" not in config:
+        return "ema"
+    return "ema" if float(config.get("ema_decay") or 0) > 0 else "raw"
+
+
 def build_model(model_cfg: dict[str, Any], device: str | torch.device | None = None) -> torch.nn.Module:
     from medcli.models import create_model
 
@@ -171,14 +183,17 @@ def load_for_inference(
     """(model in eval mode, PreprocessConfig, meta) from a training checkpoint.
 
     ``weights="ema"`` uses the EMA weights when the checkpoint has them and falls back to the raw ones
-    otherwise (``meta["weights"]`` says which were used); ``"raw"`` always uses the trained weights.
+    otherwise (``meta["weights"]`` says which were used); ``"raw"`` always uses the trained weights;
+    ``"auto"`` the ones that selected this best.pt in training (see ``selected_weights``).
     ``meta["logit_scale"]`` is the factor to apply before softmax (s for LDAM's cosine head, else 1).
     """
     from medcli.data.preprocess import PreprocessConfig
 
-    if weights not in ("ema", "raw"):
-        raise CheckpointError(f"weights={weights!r} is not 'ema' or 'raw'")
+    if weights not in ("auto", "ema", "raw"):
+        raise CheckpointError(f"weights={weights!r} is not 'auto', 'ema' or 'raw'")
     ckpt = read_checkpoint(path, map_location="cpu", mmap=True)
+    if weights == "auto":
+        weights = selected_weights(ckpt.get("config") or {})
     meta = checkpoint_meta(ckpt)
     state = ckpt["ema"] if weights == "ema" and ckpt.get("ema") is not None else ckpt["model"]
     meta["weights"] = "ema" if state is ckpt.get("ema") else "raw"

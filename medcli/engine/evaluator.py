@@ -158,14 +158,13 @@ def selected_weights(fold_dir: Path, weights: str) -> str:
     so eval scores the model that was kept; "ema"/"raw" pass through."""
     if weights != "auto":
         return weights
+    from medcli.engine.checkpoint import selected_weights as from_config
+
     try:
         cfg = json.loads((Path(fold_dir) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return "ema"  # no config beside the checkpoint: EMA where present, raw otherwise (with a note)
-    select = cfg.get("select", "auto")
-    if select == "auto":
-        return "ema" if float(cfg.get("ema_decay") or 0) > 0 else "raw"
-    return select
+    return from_config(cfg)
 
 
 def read_val_predictions(fold_dir: Path, weights: str = "ema") -> tuple[FoldPredictions, str | None]:
@@ -516,3 +515,27 @@ def write_plots(report: EvalReport, folds: list[FoldPredictions], out: Path) -> 
 def write_json(report: EvalReport, path: Path) -> Path:
     atomic_write_text(path, json.dumps(report.to_dict(), indent=2, default=str))
     return path
+
+
+def tuned_threshold(root: Path, checkpoints: list[Path]) -> tuple[float, str]:
+    """The Youden threshold `medcli eval ROOT --tune-threshold youden` saved in ``ROOT/eval/eval.json``, and
+    where it came from.  Refused when absent, untuned, or older than the checkpoints it was tuned for."""
+    root = Path(root)
+    path = root / "eval" / "eval.json"
+    hint = f"run `medcli eval {root} --tune-threshold youden` first, or pass a number (e.g. --threshold 0.5)"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"--threshold tuned: {path} does not exist", hint=hint) from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--threshold tuned: {path} is unreadable ({e})", hint=hint) from None
+    info = report.get("threshold") or {}
+    if info.get("method") != "youden":
+        raise UsageError(f"--threshold tuned: {path} was evaluated at a fixed threshold", hint=hint)
+    newest = max(p.stat().st_mtime for p in checkpoints)
+    if path.stat().st_mtime < newest:
+        raise UsageError(
+            f"--threshold tuned: {path} is older than the model's checkpoints (retrained since?)", hint=hint
+        )
+    value = float(info["deploy"] if "deploy" in info else info["value"])
+    return value, f"Youden, chosen on {info.get('deploy_chosen_on') or info.get('chosen_on')} ({path})"

@@ -436,7 +436,7 @@ def _fold_number(name: str) -> int:
 def load_predictor(
     source: ModelSource,
     *,
-    weights: str = "ema",
+    weights: str = "auto",
     **options: Any,
 ) -> Predictor:
     """Load every checkpoint once and build a :class:`Predictor`; members must share preprocessing."""
