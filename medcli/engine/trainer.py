@@ -177,16 +177,6 @@ def train(
     if cfg.multi_gpu and dist.under_torchrun():
         dist.init(device.type)
     emit: Callback = callback if dist.is_main() else ignore
-    if device.type == "cpu" and precision.amp_dtype is torch.bfloat16:
-        from medcli.engine.speed import cpu_has_fast_bf16
-
-        if not cpu_has_fast_bf16():
-            emit(
-                Warning(
-                    "--amp on a CPU without native bf16: oneDNN emulates it, many times slower than fp32 "
-                    "(drop --amp)"
-                )
-            )
     _set_determinism(cfg, device)
 
     fold_dir = FoldDir(Path(cfg.out) / cfg.run_name(), cfg.fold)
@@ -495,11 +485,7 @@ def _fit(
 ) -> FoldResult:
     fmt = torch.channels_last_3d if precision.channels_last else torch.contiguous_format
     if device.type == "cpu" and precision.amp_dtype is torch.bfloat16:
-        from medcli.engine.cpu_bf16 import rewrite_for_cpu_bf16
-
-        # Same function and state-dict keys, kernels oneDNN runs fast in bf16 (the predictor's rewrite).
-        rewrite_for_cpu_bf16(model)
-        emit(Info("CPU bf16: fp32 stem, dilated convs as phase-batched undilated convs"))
+        _prepare_cpu_bf16(model, emit)
     model.to(device, memory_format=fmt)
     loss_fn.to(device)
     ema = create_ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -873,6 +859,23 @@ def _prediction_rows(subjects, val: dict[str, Any], val_ema: dict[str, Any] | No
             }
         )
     return rows
+
+
+def _prepare_cpu_bf16(model: nn.Module, emit: Callback) -> None:
+    """``--amp`` on a CPU: the predictor's bf16 rewrites (same function and state-dict keys, kernels oneDNN
+    runs fast in bf16), and a warning where bf16 is emulated."""
+    from medcli.engine.cpu_bf16 import rewrite_for_cpu_bf16
+    from medcli.engine.speed import cpu_has_fast_bf16
+
+    if not cpu_has_fast_bf16():
+        emit(
+            Warning(
+                "--amp on a CPU without native bf16: oneDNN emulates it, many times slower than fp32 "
+                "(drop --amp)"
+            )
+        )
+    rewrite_for_cpu_bf16(model)
+    emit(Info("CPU bf16: fp32 stem, dilated convs as phase-batched undilated convs"))
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
