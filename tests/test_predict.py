@@ -135,7 +135,8 @@ def test_reoriented_scan_gets_same_probability(cli, world, tmp_path):
     assert ps[0] == pytest.approx(ps[1], abs=1e-6)
 
 
-def test_saliency_on_original_grid(cli, world, tmp_path):
+@pytest.mark.parametrize("tta", [[], ["--tta"]], ids=["plain", "tta"])
+def test_saliency_on_original_grid(cli, world, tmp_path, tta):
     data = np.zeros((34, 30, 26), dtype=np.int16)
     data[6:32, 5:27, 4:22] = brain_volume((26, 22, 18), seed=3, hgg=True)  # brain away from the corners
     affine = np.array(
@@ -143,7 +144,7 @@ def test_saliency_on_original_grid(cli, world, tmp_path):
     )  # oblique axis order
     scan = write_nifti(tmp_path / "in" / "X_t1ce.nii.gz", data, affine)
     out = tmp_path / "sal"
-    r = cli("predict", scan, "--model", world["run"], "--saliency", out, "--json")
+    r = cli("predict", scan, "--model", world["run"], "--saliency", out, "--json", *tta)
     assert r.exit_code == 0, r.stderr
     pred = _json(r)["predictions"][0]
     img = nib.load(pred["saliency_nifti"])

@@ -12,7 +12,8 @@ from medcli.models import create_model
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return create_model("tiny", in_channels=1, num_classes=2).eval()
+    # Non-zero residual gammas: every branch shapes the feature map, as in a trained model.
+    return create_model("tiny", in_channels=1, num_classes=2, zero_init_last=False).eval()
 
 
 def test_grad_cam_equals_the_formula_for_a_linear_head(model):
@@ -43,7 +44,7 @@ def test_grad_cam_targets_differ_and_leave_no_grad_state(model):
 
 def test_ensemble_cam_is_the_normalised_mean(model):
     torch.manual_seed(1)
-    other = create_model("tiny", in_channels=1, num_classes=2).eval()
+    other = create_model("tiny", in_channels=1, num_classes=2, zero_init_last=False).eval()
     x = torch.randn(1, 1, 16, 16, 16)
     a, b = grad_cam(model, x, 1), grad_cam(other, x, 1)
     mean = (a + b) / 2
@@ -54,3 +55,30 @@ def test_cosine_head_cam(model):
     cos = create_model("tiny", in_channels=2, num_classes=2, head="cosine").eval()
     cam = grad_cam(cos, torch.randn(1, 2, 16, 16, 16), 1)
     assert cam.shape == (1, 16, 16, 16) and torch.isfinite(cam).all()
+
+
+def test_tta_cam_is_the_mean_of_the_flipped_back_maps(model):
+    from medcli.engine.predictor import FLIPS
+
+    x = torch.randn(1, 1, 16, 16, 16)
+    maps = [grad_cam(model, x.flip(d) if d else x, 1) for d in FLIPS]
+    mean = torch.stack(
+        [c.flip([k - 1 for k in d]) if d else c for c, d in zip(maps, FLIPS, strict=True)]
+    ).mean(0)
+    torch.testing.assert_close(ensemble_grad_cam([model], x, 1, flips=FLIPS), mean / mean.max())
+    chunked = ensemble_grad_cam([model], x, 1, flips=FLIPS, max_batch=3)  # 8 copies in passes of 3
+    torch.testing.assert_close(chunked, mean / mean.max())
+
+
+def test_tta_cam_over_all_flips_is_flip_equivariant(model):
+    """Mirror the scan, and the map mirrors with it: what the full flip group guarantees (and a map that
+    forgot to flip its copies back would not do)."""
+    from medcli.engine.predictor import FLIPS
+
+    x = torch.randn(1, 1, 16, 16, 16)
+    cam = ensemble_grad_cam([model], x, 1, flips=FLIPS)
+    for dims in ((2,), (3, 4)):
+        mirrored = ensemble_grad_cam([model], x.flip(dims), 1, flips=FLIPS)
+        torch.testing.assert_close(mirrored, cam.flip([d - 1 for d in dims]), atol=1e-5, rtol=1e-4)
+    plain = ensemble_grad_cam([model], x.flip((2,)), 1)
+    assert not torch.allclose(plain, grad_cam(model, x, 1).flip([1]), atol=1e-3)  # without TTA it is not

@@ -47,11 +47,31 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
     return cam / peak[:, None, None, None]
 
 
-def ensemble_grad_cam(models: list[nn.Module], x: torch.Tensor, target: int) -> torch.Tensor:
-    """Mean of the members' normalised Grad-CAMs, renormalised to [0, 1]."""
-    cams = torch.stack([grad_cam(m, x, target) for m in models]).mean(dim=0)
-    peak = cams.flatten(1).amax(dim=1).clamp_min(1e-12)
-    return cams / peak[:, None, None, None]
+def ensemble_grad_cam(
+    models: list[nn.Module],
+    x: torch.Tensor,
+    target: int,
+    flips: tuple[tuple[int, ...], ...] = ((),),
+    max_batch: int | None = None,
+) -> torch.Tensor:
+    """Mean of the members' normalised Grad-CAMs over the flipped copies of ``x`` (``predict --tta``: the
+    dims of ``x [N,C,D,H,W]`` each copy flips), each map flipped back first; renormalised to [0, 1].
+
+    Over the full flip group the map is exactly flip-equivariant, like the TTA probability is invariant.
+    ``max_batch`` bounds the volumes per backbone pass (the predictor's), so memory does not grow with TTA."""
+    n = x.shape[0]
+    batch = torch.cat([x.flip(dims) if dims else x for dims in flips])  # [F*N, ...], flip-major
+    maps = []
+    for m in models:
+        chunks = batch.split(max_batch or len(batch))
+        cams = torch.cat([grad_cam(m, chunk, target) for chunk in chunks]).split(n)  # F x [N, D, H, W]
+        # A flipped copy's map is flipped back; spatial dims of the map are those of x minus the channel.
+        maps += [
+            cam.flip([d - 1 for d in dims]) if dims else cam for cam, dims in zip(cams, flips, strict=True)
+        ]
+    mean = torch.stack(maps).mean(dim=0)
+    peak = mean.flatten(1).amax(dim=1).clamp_min(1e-12)
+    return mean / peak[:, None, None, None]
 
 
 def write_saliency(
@@ -65,7 +85,9 @@ def write_saliency(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     models = predictor.models
-    cam = ensemble_grad_cam(models, x.to(predictor.device).contiguous(), target)[0].cpu().numpy()
+    x = x.to(predictor.device).contiguous()
+    cam = ensemble_grad_cam(models, x, target, flips=predictor.flips, max_batch=predictor.max_batch)
+    cam = cam[0].cpu().numpy()
     volume, affine = to_original_grid(cam.astype(np.float32), pre.geometry)
     volume = np.asarray(volume, dtype=np.float32)
 
