@@ -7,7 +7,6 @@ module level: the engine modules are imported inside the commands (``medcli --he
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,15 +27,12 @@ data_app = typer.Typer(
 
 
 def register(root: typer.Typer) -> None:
-    """Add the ``data`` group: ``synth`` and ``index`` (here), ``prepare`` and ``cache`` (own modules)."""
+    """Add the ``data`` group: ``synth`` and ``index`` (here), ``prepare`` and ``cache`` (their modules)."""
+    from medcli.cli import data_cache, data_prepare
+
     data_app.command("synth")(synth)
     data_app.command("index")(index)
-    if importlib.util.find_spec("medcli.cli.data_prepare") is not None:
-        from medcli.cli import data_prepare
-
-        data_prepare.register(data_app)
-    from medcli.cli import data_cache
-
+    data_prepare.register(data_app)
     data_cache.register(data_app)
     root.add_typer(data_app, name="data")
 

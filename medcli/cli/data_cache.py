@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from medcli.cli import console
+from medcli.cli.data_prepare import CACHE_OPTION
 
 
 def register(data_app: typer.Typer) -> None:
@@ -25,12 +26,7 @@ def cache(
         "--prune",
         help="Delete stale entries: their scans changed or are gone, or an old medcli wrote them.",
     ),
-    cache_dir: Path | None = typer.Option(
-        None,
-        "--cache",
-        help="Cache directory (default: $MEDCLI_CACHE or ~/.cache/medcli/preprocessed).",
-        show_default=False,
-    ),
+    cache_dir: Path | None = CACHE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON only."),
 ) -> None:
     """Show the preprocessing cache: a row per settings folder with its size and stale part; --prune frees it.

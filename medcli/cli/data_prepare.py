@@ -16,6 +16,14 @@ from rich.table import Table
 from medcli.cli import console
 from medcli.errors import DataError, PartialFailure, UsageError
 
+# `--cache`, shared with `medcli data cache`.
+CACHE_OPTION = typer.Option(
+    None,
+    "--cache",
+    help="Cache directory (default: $MEDCLI_CACHE or ~/.cache/medcli/preprocessed).",
+    show_default=False,
+)
+
 
 def register(data_app: typer.Typer) -> None:
     """Add ``prepare`` to the ``data`` group."""
@@ -45,12 +53,7 @@ def prepare(
     input_size: str = typer.Option(
         "128", "--input-size", "--input_size", help="Model input size: 128 or D,H,W (as for train)."
     ),
-    cache: Path | None = typer.Option(
-        None,
-        "--cache",
-        help="Cache directory (default: $MEDCLI_CACHE or ~/.cache/medcli/preprocessed).",
-        show_default=False,
-    ),
+    cache: Path | None = CACHE_OPTION,
     workers: int = typer.Option(1, "--workers", "-j", min=1, help="Subjects preprocessed in parallel."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON only."),
 ) -> None:

@@ -347,12 +347,13 @@ def inspect_cache(root: str | Path, *, min_age_s: float = ORPHAN_MIN_AGE_S) -> l
             pair = [q for q in (folder / f"{stem}.json", folder / f"{stem}.npy") if q.exists()]
             try:
                 sources = json.loads((folder / f"{stem}.json").read_text()).get("sources") or []
+                current = _sources_current(sources)
             except (OSError, ValueError):
-                sources = None  # no (readable) JSON yet
-            if sources is not None and len(pair) == 2 and _sources_current(sources):
+                current = None  # no (readable) JSON yet: maybe a writer is between its two files
+            if current and len(pair) == 2:
                 info.entries += 1
                 info.bytes += sum(_size(q) for q in pair)
-            elif sources is not None and not _sources_current(sources):
+            elif current is False:
                 info.stale += pair  # a source file changed or is gone: never served again
             elif all(now - _mtime(q, now) > min_age_s for q in pair):
                 info.stale += pair  # half an entry, long abandoned

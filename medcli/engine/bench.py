@@ -223,7 +223,7 @@ def _model_flops(depth: int | str, batch: int, size: int, *, train: bool) -> flo
     from medcli.models import create_model
 
     with torch.device("meta"):
-        model = create_model(depth, zero_init_last=False)
+        model = create_model(depth)
         x = torch.empty(batch, 1, size, size, size)
     with FlopCounterMode(display=False) as counter:
         if train:

@@ -46,6 +46,11 @@ FLIPS: tuple[tuple[int, ...], ...] = tuple(
 )
 
 
+def flipped_copies(x: torch.Tensor, flips: Sequence[tuple[int, ...]]) -> torch.Tensor:
+    """``x [N, C, D, H, W]`` once per flip (the dims it flips), flip-major: ``[F*N, C, D, H, W]``."""
+    return torch.cat([x.flip(dims) if dims else x for dims in flips])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Hardware choices
 # ----------------------------------------------------------------------------------------------------------
@@ -276,7 +281,7 @@ class Predictor:
                 hint="pass the modalities the model was trained on",
             )
         n = x.shape[0]
-        batch = torch.cat([x.flip(dims) if dims else x for dims in self.flips])  # [F*N, ...], flip-major
+        batch = flipped_copies(x, self.flips)
         out = np.empty((len(self.models), len(self.flips) * n), dtype=np.float64)
         for m, (model, scale) in enumerate(zip(self.models, self.logit_scales, strict=True)):
             for start in range(0, batch.shape[0], self.max_batch):

@@ -59,8 +59,10 @@ def ensemble_grad_cam(
 
     Over the full flip group the map is exactly flip-equivariant, like the TTA probability is invariant.
     ``max_batch`` bounds the volumes per backbone pass (the predictor's), so memory does not grow with TTA."""
+    from medcli.engine.predictor import flipped_copies
+
     n = x.shape[0]
-    batch = torch.cat([x.flip(dims) if dims else x for dims in flips])  # [F*N, ...], flip-major
+    batch = flipped_copies(x, flips)
     maps = []
     for m in models:
         chunks = batch.split(max_batch or len(batch))

@@ -68,6 +68,5 @@ def write_medicalnet_checkpoint(
     path = Path(path)
     state = medicalnet_state_dict(depth, seed=seed, in_channels=in_channels, prefix=prefix)
     obj = state if container == "direct" else {container: state}
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: torch.save(obj, f, _use_new_zipfile_serialization=not legacy), fsync=False)
     return path
