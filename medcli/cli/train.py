@@ -142,7 +142,9 @@ def train_command(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     amp: bool | None = typer.Option(
-        None, "--amp/--no-amp", help="Mixed precision. (default: auto: on for CUDA and bf16-capable CPUs)"
+        None,
+        "--amp/--no-amp",
+        help="Mixed precision. (default: auto: on for CUDA, and for inputs of 64³ and up on CPUs with native bf16)",
     ),
     amp_dtype: str = typer.Option("auto", "--amp-dtype", help="auto, fp16 or bf16."),
     channels_last: bool | None = typer.Option(

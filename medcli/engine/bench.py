@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from medcli.engine.speed import cpu_has_fast_bf16
+
 SKIP_NO_BF16 = "skipped: no native bf16 on this CPU (oneDNN would emulate it, ~100x slower than fp32)"
 FULL_SHAPE = (240, 240, 155)  # a BraTS scan
 RELEASE_BYTES = 184_885_051  # MedicalNet resnet_50_23dataset.pth
@@ -116,17 +118,11 @@ def cpu_info() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "native_bf16": native_cpu_bf16(),
+        "native_bf16": cpu_has_fast_bf16(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
-
-
-def native_cpu_bf16() -> bool:
-    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX).  Elsewhere oneDNN emulates bf16
-    convolutions and they run hundreds of times slower than fp32, so medcli's fast path stays fp32 there."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def _device(opts: dict) -> torch.device:
@@ -134,7 +130,7 @@ def _device(opts: dict) -> torch.device:
 
 
 def _bf16_native(device: torch.device) -> bool:
-    return torch.cuda.is_bf16_supported() if device.type == "cuda" else native_cpu_bf16()
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
 
 
 def _reps(opts: dict) -> int:
@@ -178,7 +174,7 @@ def conv_ceiling(opts: dict, *, reps: int | None = None, skip_emulated: bool = F
     if cuda:
         configs.append(("fp16_cl", torch.float16, True))
     for name, dtype, channels_last in configs:
-        emulated = dtype == torch.bfloat16 and not cuda and not native_cpu_bf16()
+        emulated = dtype == torch.bfloat16 and not cuda and not cpu_has_fast_bf16()
         if emulated and skip_emulated:
             continue
         s = min(size, 8) if emulated else size

@@ -97,15 +97,15 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
     CUDA: AMP on by default.  ``auto`` picks fp16 + GradScaler + channels_last_3d: on an H100 a ResNet-50
     step at 128³ ran 161 samples/s that way, vs 122 (bf16), 114 (bf16 + channels_last) and 86 (fp32/TF32)
     (medcli.engine.speed).  bf16 needs no scaler and is kept contiguous (channels_last made it slower).
-    CPU: ``auto`` is fp32.  bf16 autocast does not pay off for *training* this topology even with native
-    bf16: on a 16-core Sapphire Rapids (AMX) a ResNet-50 step at 128³ ran 0.94–1.07× fp32 in bf16 +
-    channels_last vs 1.16–1.24× in fp32 + channels_last (medcli bench, two runs, plain bf16 autocast), and
-    on AVX2 CPUs bf16 is emulated, many times slower.
-    ``--amp`` still turns bf16 on, with the predictor's bf16 rewrites (``medcli.engine.cpu_bf16``: fp32 stem,
-    dilated convs as phase-batched undilated ones), which made the bf16 *forward* 2.6-3x fp32 on AMX; their
-    effect on training there is not measured yet (the 0.94-1.07x above is without them).
-    channels_last_3d pays off in fp32 on large volumes only: 1.2× at 96³
-    and 1.2–2.0× at 128³ on a 2-core AVX2 EPYC, slower at 16³–32³.
+    CPU: ``auto`` is bf16 + channels_last_3d on inputs of 64³ and up where the CPU computes bf16 natively
+    (AVX512-BF16 / AMX), with the predictor's bf16 rewrites (``medcli.engine.cpu_bf16``: fp32 stem, dilated
+    convs as phase-batched undilated ones).  A ResNet-50 step on 2 Sapphire Rapids (AMX) cores, bf16 +
+    channels_last vs plain fp32: 2.35× at 128³ (16 cores: 2.10×), 1.22× at 64³, 0.89× at 32³ (medcli bench,
+    one run each; fp32 + channels_last: 1.11×, 0.97×, 0.73×).  Plain bf16 autocast without the rewrites had
+    been 0.94–1.07× at 128³: oneDNN has no fast bf16 kernel for dilated 3-D convs.  Elsewhere ``auto`` is
+    fp32: bf16 is emulated there, many times slower, and ``--amp`` opts in with a warning.
+    channels_last_3d pays off in fp32 on large volumes only: 1.2× at 96³ and 1.2–2.0× at 128³ on a 2-core
+    AVX2 EPYC, slower at 16³–32³.
     """
     from medcli.engine.speed import cpu_has_fast_bf16
 
@@ -124,17 +124,18 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
         return Precision(dtype, dtype is torch.float16, cl)
     # CPU
     fast_bf16 = cpu_has_fast_bf16()
-    amp = False if cfg.amp is None else cfg.amp
+    large = min(cfg.input_size) >= CPU_CHANNELS_LAST_MIN_SIZE
+    amp = (fast_bf16 and large) if cfg.amp is None else cfg.amp
     if amp and cfg.amp_dtype == "fp16":
         raise DeviceError(
             "--amp-dtype fp16 needs a CUDA GPU", hint="on the CPU use --amp-dtype bf16 (or auto)"
         )
-    large = min(cfg.input_size) >= CPU_CHANNELS_LAST_MIN_SIZE
     cl = ((amp and fast_bf16) or large) if cfg.channels_last is None else cfg.channels_last
     return Precision(torch.bfloat16 if amp else None, False, cl)
 
 
-# Smallest input edge from which channels_last_3d is the faster CPU layout (see resolve_precision).
+# Smallest input edge from which channels_last_3d (and, where native, bf16) is faster on a CPU
+# (see resolve_precision).
 CPU_CHANNELS_LAST_MIN_SIZE = 64
 
 
@@ -862,7 +863,7 @@ def _prediction_rows(subjects, val: dict[str, Any], val_ema: dict[str, Any] | No
 
 
 def _prepare_cpu_bf16(model: nn.Module, emit: Callback) -> None:
-    """``--amp`` on a CPU: the predictor's bf16 rewrites (same function and state-dict keys, kernels oneDNN
+    """bf16 on a CPU: the predictor's bf16 rewrites (same function and state-dict keys, kernels oneDNN
     runs fast in bf16), and a warning where bf16 is emulated."""
     from medcli.engine.cpu_bf16 import rewrite_for_cpu_bf16
     from medcli.engine.speed import cpu_has_fast_bf16
