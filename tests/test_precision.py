@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medcli.engine.config import TrainConfig
 from medcli.engine import speed
+from medcli.engine.config import TrainConfig
 from medcli.engine.trainer import CPU_CHANNELS_LAST_MIN_SIZE, resolve_precision
 
 CPU = torch.device("cpu")

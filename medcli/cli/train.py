@@ -144,7 +144,7 @@ def train_command(
     amp: bool | None = typer.Option(
         None,
         "--amp/--no-amp",
-        help="Mixed precision. (default: auto: on for CUDA, and for inputs of 64³ and up on CPUs with native bf16)",
+        help="Mixed precision. (default: auto: on for CUDA, and from 64³ on CPUs with native bf16)",
     ),
     amp_dtype: str = typer.Option("auto", "--amp-dtype", help="auto, fp16 or bf16."),
     channels_last: bool | None = typer.Option(
