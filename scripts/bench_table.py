@@ -35,12 +35,23 @@ than its own (a smaller input, say) is `n/a`, with the verdict it got there in t
 """
 
 
+def short_cpu(name: str) -> str:
+    """'Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.0GHz' -> 'Intel Xeon Platinum 8480+'."""
+    name = name.split("@")[0]
+    for junk in ("(R)", "(TM)", "(tm)", " CPU", " Processor"):
+        name = name.replace(junk, "")
+    return " ".join(name.split()[:4]) or "CPU"
+
+
 def label(report: dict) -> str:
+    """A column's name: the device, the cores the run could use, native bf16, the input size."""
     m = report["machine"]
     device = report["options"].get("device", "cpu")
     size = report["options"].get("input_size", 128)
-    where = m["cuda"] if device.startswith("cuda") and m.get("cuda") else f"CPU, {m['cores']} cores"
-    return f"{where}, {size}³"
+    if device.startswith("cuda") and m.get("cuda"):
+        return f"{m['cuda']}, {size}³"
+    bf16 = " (bf16)" if m.get("native_bf16") else ""
+    return f"{short_cpu(m.get('cpu', ''))}{bf16}, {m['cores']} cores, {size}³"
 
 
 def command(report: dict) -> str:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from medcli.engine import bench
 from medcli.engine.bench import FULL_SHAPE, RELEASE_BYTES, Timing, evaluate_targets, flatten, time_it
@@ -305,3 +307,48 @@ def test_table_shows_gpu_memory_only_for_cuda_runs():
     assert rows["ensemble: peak GPU memory"].endswith(" MB")
     cpu = json.loads((bench_dir / "cpu-resnet50-128-merged.json").read_text())
     assert not [k for k in table.figure_rows(cpu) if "GPU memory" in k]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_cpu_info_counts_the_cores_this_process_may_use():
+    # A run pinned with taskset to 1 of N cores is a 1-core measurement, whatever the machine has.
+    saved = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(saved)})
+        info = bench.cpu_info()
+    finally:
+        os.sched_setaffinity(0, saved)
+    assert info["cores"] == 1
+    assert info["cpu_count"] == os.cpu_count()
+
+
+def test_table_columns_name_the_cpu_its_cores_and_native_bf16():
+    table = _table_script()
+    report = _full_report()
+    report["machine"].update(cpu="Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.00GHz", cores=2, native_bf16=True)
+    assert table.label(report) == "Intel Xeon Platinum 8480+ (bf16), 2 cores, 128³"
+    report["machine"].update(cpu="AMD EPYC 7B13", cores=16, native_bf16=False)
+    assert table.label(report) == "AMD EPYC 7B13, 16 cores, 128³"
+    report["machine"]["cuda"] = "NVIDIA H200"
+    report["options"]["device"] = "cuda"
+    assert table.label(report) == "NVIDIA H200, 128³"
+
+
+def test_profile_forward_script_accounts_for_every_flop_by_stage():
+    spec = importlib.util.spec_from_file_location("profile_forward", REPO / "scripts" / "profile_forward.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from medcli.engine.predictor import synthetic_predictor
+
+    r = script.profile("tiny", 16, "fp32", reps=1, warmup=1)
+    with FlopCounterMode(display=False) as counter:
+        synthetic_predictor("tiny", members=1, input_size=16, precision="fp32").probabilities(
+            torch.randn(1, 1, 16, 16, 16)
+        )
+    total = counter.get_total_flops()
+    staged = sum(row["gflop"] for row in r["stages"]) * 1e9
+    assert 0.99 * total <= staged <= total  # the stages hold all but the classifier head
+    assert {"conv1", "layer1", "layer4"} <= {row["stage"] for row in r["stages"]}
+    assert all(row["ms"] > 0 for row in r["stages"] if row["gflop"] > 0) and r["total_ms"] > 0

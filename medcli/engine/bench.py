@@ -115,7 +115,10 @@ def cpu_info() -> dict[str, Any]:
         pass
     return {
         "cpu": model,
-        "cores": os.cpu_count(),
+        # The cores this process may run on (taskset, cgroup cpusets), not the machine's: a run pinned to 2
+        # of 16 cores is a 2-core measurement.
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": cpu_has_fast_bf16(),
