@@ -352,3 +352,26 @@ def test_profile_forward_script_accounts_for_every_flop_by_stage():
     assert 0.99 * total <= staged <= total  # the stages hold all but the classifier head
     assert {"conv1", "layer1", "layer4"} <= {row["stage"] for row in r["stages"]}
     assert all(row["ms"] > 0 for row in r["stages"] if row["gflop"] > 0) and r["total_ms"] > 0
+
+
+@pytest.mark.parametrize("r", [2, 4])
+def test_dilated_conv_variants_compute_the_dilated_conv(r):
+    """The candidates scripts/bench_dilated_conv.py times are the same function (values and gradients)."""
+    spec = importlib.util.spec_from_file_location("bdc", REPO / "scripts" / "bench_dilated_conv.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+    w, b = torch.randn(5, 6, 3, 3, 3), torch.randn(5)
+    ref_x, ref_w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = script.dilated(ref_x, ref_w, b, r)
+    ref.square().sum().backward()
+    for name, conv in script.VARIANTS.items():
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = conv(xi, wi, b, r)
+        y.square().sum().backward()
+        torch.testing.assert_close(y, ref, msg=name)
+        torch.testing.assert_close(xi.grad, ref_x.grad, msg=name, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(wi.grad, ref_w.grad, msg=name, rtol=1e-4, atol=1e-4)
+    timed = script.time_variants(8, r, size=8, reps=1)
+    assert set(timed) == set(script.VARIANTS) and all(v["seconds"] > 0 for v in timed.values())
