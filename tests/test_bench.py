@@ -164,7 +164,8 @@ def test_data_verify_fetch_sections_on_small_inputs():
         "fetch_bytes": 1 << 20,
     }
     data = bench.data_pipeline(opts)
-    assert 0 < data["preprocess_read_s"] <= data["preprocess_cold_s"]
+    # Read and whole preprocessing are timed in separate passes: no order between them (a busy machine).
+    assert data["preprocess_read_s"] > 0 and data["preprocess_cold_s"] > 0
     assert data["cache_read_samples_per_s"] > 0 and data["synth_s_per_subject"]["total_s"] > 0
     verify = bench.weights_verify(opts)
     assert verify["command_exit_codes"] == [0]
