@@ -81,3 +81,25 @@ def test_medcli_error_becomes_one_line_and_exit_code(monkeypatch):
     assert "Traceback" not in result.output
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "NaN voxels" in lines[0] and "fix the file" in lines[0]
+
+
+def test_help_paragraphs_wrap_to_the_terminal_not_to_the_source(cli):
+    # `weights verify`'s docstring wraps its second paragraph at 110 columns in the source; on a wide
+    # terminal that paragraph must come out as one line, not broken where the source broke it.
+    result = cli("weights", "verify", "--help", env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    lines = [line.strip() for line in result.output.splitlines()]
+    assert any(line.startswith("Exit 0 when") and line.endswith("full key lists.") for line in lines), (
+        result.output
+    )
+
+
+def test_reflow_joins_lines_within_paragraphs_only():
+    from medcli.cli.app import reflow
+
+    doc = """First line
+        goes on.
+
+        Second paragraph
+        also."""
+    assert reflow(doc) == "First line goes on.\n\nSecond paragraph also."

@@ -7,6 +7,7 @@ stderr and an exit code (the same path for the console script and for ``CliRunne
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import typer
@@ -70,12 +71,28 @@ def root(
     console.set_verbose(verbose)
 
 
+def reflow(text: str) -> str:
+    """A docstring's paragraphs each on one line.  Typer's rich help keeps a paragraph's source line breaks,
+    so a docstring wrapped at 110 columns came out ragged in an 80-column terminal; the terminal wraps."""
+    return "\n\n".join(" ".join(p.split("\n")) for p in inspect.cleandoc(text).split("\n\n"))
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    for info in typer_app.registered_commands:
+        text = info.help or (info.callback.__doc__ if info.callback else None)
+        if text:
+            info.help = reflow(text)
+    for group in typer_app.registered_groups:
+        _reflow_help(group.typer_instance)
+
+
 def _register_commands() -> None:
     # One module per command group; order here is the order in `medcli --help`.
     from medcli.cli import bench, data, evaluate, plugins, predict, train, weights
 
     for module in (weights, data, train, evaluate, predict, plugins, bench):
         module.register(app)
+    _reflow_help(app)
 
 
 _register_commands()

@@ -122,10 +122,13 @@ def bench(
     ),
     json_out: bool = typer.Option(False, "--json", help="Print only the JSON report on stdout."),
 ) -> None:
-    """Measure the compute ceiling (large dense Conv3d) and medcli's train/predict/data/weights speed and
-    memory against it, with every target of the project beside what was reached.
+    """Measure this machine's compute ceiling and medcli's speed and memory against it.
 
-    Each section runs in a fresh process so its peak memory is its own; ratios are taken within this run.
+    The ceiling is the best FLOP/s of a large dense Conv3d; then the train step, forward pass, predict,
+    ensemble, data pipeline and weights, each target of the project beside what was reached.
+
+    Each section runs in a fresh process, so its peak memory is its own; ratios are taken within one run.
+
     The full run (ResNet-50 at 128³) takes minutes; `--depth 18 --input-size 64` is a quick look.
     """
     from medcli.engine import bench as engine
