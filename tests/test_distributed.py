@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 from conftest import run_medcli
 
 from medcli.engine.distributed import relaunch_command
@@ -45,3 +46,39 @@ def test_ddp_two_gloo_processes(train_env):
         predicted = [r["subject_id"] for r in csv.DictReader(fh)]
     # Every validation subject exactly once: the DistributedSampler's padded duplicate was dropped.
     assert sorted(predicted) == sorted(splits["folds"][0]["val"])
+
+
+@pytest.mark.slow
+def test_ddp_ranks_draw_their_own_dropout_and_resume_exactly(train_env):
+    """Two gloo processes with dropout: each rank has its own random stream, every rank's state is saved,
+    and a run stopped after 2 epochs and resumed to 3 ends with the weights of an uninterrupted 3-epoch run
+    (restoring rank 0's stream on both ranks, as before, would not)."""
+    out = train_env["out"]
+    common = [
+        "train", "--data", train_env["data"], "--out", out, *train_env["tiny"], "--loss", "ce",
+        "--scheduler", "none", "--dropout", "0.5", "--deterministic", "--seed", "3", "--device", "cpu",
+    ]  # fmt: skip
+    base = [*common, "--multi_gpu", "--nproc", "2"]
+    for args in (["--epochs", "3", "--name", "full"], ["--epochs", "2", "--name", "cut"]):
+        result = run_medcli(*base, *args, env=train_env["env"], timeout=400)
+        assert result.returncode == 0, result.stderr
+    resumed = run_medcli(
+        *base, "--epochs", "3", "--name", "cut", "--resume", env=train_env["env"], timeout=400
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from" in resumed.stderr and "random streams" not in resumed.stderr
+
+    a = torch.load(out / "full" / "fold0" / "last.pt", weights_only=True)
+    b = torch.load(out / "cut" / "fold0" / "last.pt", weights_only=True)
+    assert len(a["rng_ranks"]) == 2
+    assert not torch.equal(a["rng_ranks"][0]["torch"], a["rng_ranks"][1]["torch"])  # per-rank streams
+    assert torch.equal(a["rng"]["torch"], a["rng_ranks"][0]["torch"])
+    assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+    # Resumed by one process: it goes on, and says the random streams are not the uninterrupted run's.
+    more = run_medcli(*common, "--epochs", "4", "--name", "full", "--resume", env=train_env["env"])
+    assert more.returncode == 0, more.stderr
+    assert "a run saved by 2: it goes on" in more.stderr
+    assert torch.load(out / "full" / "fold0" / "last.pt", weights_only=True)["epoch"] == 3

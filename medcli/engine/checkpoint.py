@@ -3,7 +3,8 @@
 Format ``medcli-checkpoint/1`` (others depend on it; keep the keys exactly)::
 
     format, model, ema, optimizer, scheduler, scaler, epoch (last completed, 0-based), global_step,
-    rng {torch, numpy, python, cuda}, best_metric, config (TrainConfig.to_dict(), incl. "model"),
+    rng {torch, numpy, python, cuda} (rank 0's), rng_ranks (under DDP: every rank's rng, by rank; else
+    absent), best_metric, config (TrainConfig.to_dict(), incl. "model"),
     preprocess (PreprocessConfig.to_dict()), class_names, fold, split_hash,
     provenance {pretrained_sha256, medcli_version, torch_version, created}
 
@@ -30,7 +31,7 @@ from medcli.errors import CheckpointError
 
 FORMAT = "medcli-checkpoint/1"
 CLASS_NAMES = ["LGG", "HGG"]
-_HEAVY_KEYS = ("model", "ema", "optimizer", "scheduler", "scaler", "rng")
+_HEAVY_KEYS = ("model", "ema", "optimizer", "scheduler", "scaler", "rng", "rng_ranks")
 
 
 # -- writing ---------------------------------------------------------------------------------------------

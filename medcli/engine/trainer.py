@@ -210,10 +210,21 @@ def train(
         dist.barrier()
 
 
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # CUDA devices too
+
+
+def _seed_this_rank(cfg: TrainConfig) -> None:
+    """Under DDP, once the model is built (identically on every rank: same seed), each rank continues on its
+    own random stream, so the replicas draw different dropout masks (as timm seeds seed + rank).  Rank r
+    uses seed + 1_000_003·r.  Data order and augmentation have their own explicit seeds."""
+    _seed_everything(cfg.seed + 1_000_003 * dist.rank())
+
+
 def _set_determinism(cfg: TrainConfig, device: torch.device) -> None:
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    _seed_everything(cfg.seed)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -506,8 +517,10 @@ def _fit(
 
     state = TrainState()
     if resume:
-        _restore(fold_dir, cfg, model, ema, optimizer, schedule, scaler, state)
+        _restore(fold_dir, cfg, model, ema, optimizer, schedule, scaler, state, emit)
         emit(Info(f"Resuming from {fold_dir.last}: epoch {state.epoch + 1} done, step {state.global_step}"))
+    elif dist.world_size() > 1:
+        _seed_this_rank(cfg)
     if dist.is_main():
         state.rows = [r for r in fold_dir.read_metrics() if r["epoch"] <= state.epoch] if resume else []
 
@@ -595,6 +608,8 @@ def _fit(
             "global_step": state.global_step,
         }
         line = _epoch_line(cfg, record, is_best)
+        # Every rank's random state, for an exact resume under DDP (a collective: all ranks call it).
+        rng_ranks = dist.gather_objects([ckpt_io.capture_rng()]) if dist.world_size() > 1 else None
         if dist.is_main():
             state.rows.append(record)
             # Metrics first, checkpoint second: a run killed in between resumes from the previous
@@ -603,6 +618,8 @@ def _fit(
             if is_best or not (fold_dir.path / "val_predictions.csv").exists():
                 fold_dir.write_predictions(_prediction_rows(data.val_subjects, val, val_ema))
             blob = _checkpoint_dict(cfg, model, ema, optimizer, schedule, scaler, state, data, pretrained_sha)
+            if rng_ranks is not None:
+                blob["rng_ranks"] = rng_ranks
             ckpt_io.atomic_save(blob, fold_dir.last)
             if is_best:
                 _link_or_copy(fold_dir.last, fold_dir.best)
@@ -911,7 +928,9 @@ def _checkpoint_dict(cfg, model, ema, optimizer, schedule, scaler, state: TrainS
     }
 
 
-def _restore(fold_dir: FoldDir, cfg, model, ema, optimizer, schedule, scaler, state: TrainState) -> None:
+def _restore(
+    fold_dir: FoldDir, cfg, model, ema, optimizer, schedule, scaler, state: TrainState, emit: Callback
+) -> None:
     ck = ckpt_io.read_checkpoint(fold_dir.last)
     saved = TrainConfig.from_dict(ck["config"])
     diff = saved.differences(cfg)
@@ -939,4 +958,24 @@ def _restore(fold_dir: FoldDir, cfg, model, ema, optimizer, schedule, scaler, st
     state.global_step = int(ck["global_step"])
     state.best_metric = ck.get("best_metric")
     state.best_epoch = ck.get("best_epoch")
-    ckpt_io.restore_rng(ck["rng"])
+    _restore_rng(ck, emit)
+
+
+def _restore_rng(ck: dict[str, Any], emit: Callback) -> None:
+    """This rank's random state as it was saved; exact when resumed with the same number of processes."""
+    ranks = ck.get("rng_ranks")
+    if dist.world_size() == 1 and not ranks:
+        ckpt_io.restore_rng(ck["rng"])
+    elif ranks and len(ranks) == dist.world_size():
+        ckpt_io.restore_rng(ranks[dist.rank()])
+    else:
+        saved = len(ranks) if ranks else 1
+        emit(
+            Warning(
+                f"resuming with {dist.world_size()} process(es) a run saved by {saved}: it goes on, but not "
+                "on the random streams (dropout, sampler shards) an uninterrupted run would have drawn"
+            )
+        )
+        ckpt_io.restore_rng(ck["rng"])
+        if dist.world_size() > 1:
+            _seed_everything(int(torch.randint(0, 2**31 - 1, ())) + 1_000_003 * dist.rank())
