@@ -80,5 +80,5 @@ def test_ddp_ranks_draw_their_own_dropout_and_resume_exactly(train_env):
     # Resumed by one process: it goes on, and says the random streams are not the uninterrupted run's.
     more = run_medcli(*common, "--epochs", "4", "--name", "full", "--resume", env=train_env["env"])
     assert more.returncode == 0, more.stderr
-    assert "a run saved by 2: it goes on" in more.stderr
+    assert "resuming with 1 process(es) a checkpoint that was saved by 2 processes" in more.stderr
     assert torch.load(out / "full" / "fold0" / "last.pt", weights_only=True)["epoch"] == 3

@@ -969,11 +969,11 @@ def _restore_rng(ck: dict[str, Any], emit: Callback) -> None:
     elif ranks and len(ranks) == dist.world_size():
         ckpt_io.restore_rng(ranks[dist.rank()])
     else:
-        saved = len(ranks) if ranks else 1
+        saved = f"was saved by {len(ranks)} processes" if ranks else "holds one process's random state"
         emit(
             Warning(
-                f"resuming with {dist.world_size()} process(es) a run saved by {saved}: it goes on, but not "
-                "on the random streams (dropout, sampler shards) an uninterrupted run would have drawn"
+                f"resuming with {dist.world_size()} process(es) a checkpoint that {saved}: training goes on, "
+                "but not on the random streams (dropout, shards) an uninterrupted run would have drawn"
             )
         )
         ckpt_io.restore_rng(ck["rng"])
