@@ -22,12 +22,12 @@ On a 2-core AVX2 EPYC in fp32, ``dilated`` was fastest for C=512 r=4 and on par 
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from medcli.engine.bench import time_it
 from medcli.engine.cpu_bf16 import PhaseBatchedConv3d
 
 Conv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, int], torch.Tensor]
@@ -112,14 +112,8 @@ def time_variants(
                 y.float().sum().backward()
 
         with torch.enable_grad() if train else torch.inference_mode():
-            run()
-            times = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - start)
-        s = sorted(times)[len(times) // 2]
-        out[name] = {"seconds": s, "tflops": flops / s / 1e12}
+            t = time_it(run, warmup=1, reps=reps)
+        out[name] = {"seconds": t.median, "tflops": flops / t.median / 1e12}
     return out
 
 

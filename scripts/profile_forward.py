@@ -18,6 +18,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from medcli.engine.bench import time_it
 from medcli.engine.predictor import synthetic_predictor
 
 
@@ -44,17 +45,13 @@ def profile(depth: str, input_size: int, precision: str, reps: int = 3, warmup: 
         child.register_forward_hook(
             lambda m, i, o, n=name: seconds[n].append(time.perf_counter() - started[n])
         )
-    totals = []
-    for _ in range(warmup + reps):
-        start = time.perf_counter()
-        p.probabilities(x)
-        totals.append(time.perf_counter() - start)
+    total = time_it(lambda: p.probabilities(x), warmup=warmup, reps=reps)  # the hooks see every pass
     rows = []
     for name in stages:
         s = statistics.median(seconds[name][warmup:])
         f = flops.get(name, 0)
         rows.append({"stage": name, "ms": s * 1e3, "gflop": f / 1e9, "tflops": f / s / 1e12 if s else 0.0})
-    return {"precision": p.precision, "total_ms": statistics.median(totals[warmup:]) * 1e3, "stages": rows}
+    return {"precision": p.precision, "total_ms": total.median * 1e3, "stages": rows}
 
 
 def main(argv: list[str] | None = None) -> int:

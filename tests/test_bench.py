@@ -249,11 +249,16 @@ def test_bench_list(cli):
 # ------------------------------------------------------------------------------------------------ README
 
 
-def _table_script():
-    spec = importlib.util.spec_from_file_location("bench_table", REPO / "scripts" / "bench_table.py")
+def _script(name: str):
+    """A module of scripts/ (they are not a package), loaded from its file."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _table_script():
+    return _script("bench_table")
 
 
 def test_table_script_renders_and_replaces_only_between_markers(tmp_path: Path):
@@ -336,9 +341,7 @@ def test_table_columns_name_the_cpu_its_cores_and_native_bf16():
 
 
 def test_profile_forward_script_accounts_for_every_flop_by_stage():
-    spec = importlib.util.spec_from_file_location("profile_forward", REPO / "scripts" / "profile_forward.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("profile_forward")
     from torch.utils.flop_counter import FlopCounterMode
 
     from medcli.engine.predictor import synthetic_predictor
@@ -358,9 +361,7 @@ def test_profile_forward_script_accounts_for_every_flop_by_stage():
 @pytest.mark.parametrize("r", [2, 4])
 def test_dilated_conv_variants_compute_the_dilated_conv(r):
     """The candidates scripts/bench_dilated_conv.py times are the same function (values and gradients)."""
-    spec = importlib.util.spec_from_file_location("bdc", REPO / "scripts" / "bench_dilated_conv.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("bench_dilated_conv")
     torch.manual_seed(0)
     x = torch.randn(2, 6, 8, 8, 8).contiguous(memory_format=torch.channels_last_3d)
     w, b = torch.randn(5, 6, 3, 3, 3), torch.randn(5)
