@@ -1,22 +1,25 @@
 #!/usr/bin/env python3
-"""MedicalNet's dilated 3³ convs computed four ways, timed on the machine at hand (CPU).
+"""MedicalNet's dilated 3³ convs computed five ways, timed on the machine at hand (CPU).
 
 layer3 convolves 256 channels at dilation 2 and layer4 512 channels at dilation 4, both on a 16³ grid for a
-128³ input.  oneDNN has no fast bf16 kernel for some of them, so medcli's CPU bf16 path rewrites them
-(``medcli.engine.cpu_bf16.PhaseBatchedConv3d``).  This script compares, for one such conv:
+128³ input.  oneDNN has no fast bf16 kernel for some of them, so medcli's CPU paths rewrite them
+(``medcli.engine.cpu_kernels``).  This script compares, for one such conv:
 
 * ``dilated``: ``F.conv3d(..., dilation=r)``, what the model declares;
 * ``phase``:   medcli's phase-batched undilated conv (r³ sub-grids as a batch);
 * ``im2col``:  the 27 shifted copies side by side, one GEMM (``[voxels, 27·C] @ [27·C, K]``);
-* ``gemm27``:  27 GEMMs of a shifted view each (``[voxels, C] @ [C, K]``), summed.
+* ``gemm27``:  27 GEMMs of a shifted view each (``[voxels, C] @ [C, K]``), summed;
+* ``tapwise``: medcli's tap-wise conv: the 27 GEMMs over in-volume voxels only, no padding, with its own
+  backward (``medcli.engine.tap_conv``).
 
     taskset -c 0,1 python scripts/bench_dilated_conv.py --threads 2 --dtype bf16          # inference
     python scripts/bench_dilated_conv.py --dtype bf16 --train --batch 2                    # fwd + bwd
 
 Measured on 2 Sapphire Rapids (AMX) cores in bf16 (ms; inference batch 1 / training batch 2):
 C=512 r=4: dilated 714 / 3121, phase 78 / 628, im2col 113 / 1031, gemm27 46 / 557;
-C=256 r=2: dilated 5.8 / 97, phase 10 / 75, im2col 29 / 295, gemm27 16 / 162.
-On a 2-core AVX2 EPYC in fp32, ``dilated`` was fastest for C=512 r=4 and on par with ``phase`` at r=2.
+C=256 r=2: dilated 5.8 / 97, phase 10 / 75, im2col 29 / 295, gemm27 16 / 162 (before ``tapwise`` existed).
+On a 2-core AVX2 EPYC in fp32 (best of 16 / 6 interleaved runs, ms): C=512 r=4 dilated 256 / 2105,
+tapwise 245 / 1794; C=256 r=2 dilated 99 / 707, tapwise 86 / 618.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from medcli.engine.bench import time_it
-from medcli.engine.cpu_bf16 import PhaseBatchedConv3d
+from medcli.engine.cpu_kernels import PhaseBatchedConv3d
+from medcli.engine.tap_conv import tapwise_conv3d
 
 Conv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, int], torch.Tensor]
 
@@ -82,7 +86,17 @@ def gemm27(x, weight, bias, r):
     return _to_ncdhw(y if bias is None else y + bias.to(dt), x)
 
 
-VARIANTS: dict[str, Conv] = {"dilated": dilated, "phase": phase, "im2col": im2col, "gemm27": gemm27}
+def tapwise(x, weight, bias, r):
+    return tapwise_conv3d(x, weight, bias, r)
+
+
+VARIANTS: dict[str, Conv] = {
+    "dilated": dilated,
+    "phase": phase,
+    "im2col": im2col,
+    "gemm27": gemm27,
+    "tapwise": tapwise,
+}
 
 
 def time_variants(

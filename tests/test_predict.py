@@ -319,8 +319,9 @@ def test_usage_errors(cli, world):
 
 
 def test_fast_path_rewrites_compute_the_same_function():
-    """BN folding, the fp32 stem and phase-batched dilated convs change speed, not outputs (checked in fp32,
-    on sizes where layer4's dilation-4 convs take the phase path (32, 40) and the fallback (16))."""
+    """BN folding and the CPU kernels (fp32 stem, phase-batched and tap-wise dilated convs) change speed,
+    not outputs (checked in fp32, on sizes where layer3's phase split applies (32, 40) and falls back
+    (16: a 2³ grid), and where layer4's off-centre taps all lie in padding (16, 32))."""
     import copy
 
     from medcli.models import create_model
@@ -333,17 +334,20 @@ def test_fast_path_rewrites_compute_the_same_function():
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.normal_()
             m.bias.data.normal_()
-    from medcli.engine.cpu_bf16 import Float32Conv3d, PhaseBatchedConv3d, rewrite_for_cpu_bf16
+    from medcli.engine.cpu_kernels import Float32Conv3d, PhaseBatchedConv3d, rewrite_for_cpu
+    from medcli.engine.tap_conv import TapwiseConv3d
 
-    fast = rewrite_for_cpu_bf16(P.fuse_conv_bn(copy.deepcopy(model)))
-    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fast.modules())
-    assert sum(isinstance(m, PhaseBatchedConv3d) for m in fast.modules()) >= 2
-    assert isinstance(fast.conv1, Float32Conv3d)
-    for size in (16, 32, 40):
-        x = torch.randn(2, 1, size, size, size)
-        with torch.no_grad():
-            want = model(x)
-            torch.testing.assert_close(fast(x), want, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(
-                fast(x.contiguous(memory_format=torch.channels_last_3d)), want, atol=1e-5, rtol=1e-5
-            )
+    for bf16 in (False, True):  # the rewrites of either precision, run here in fp32
+        fast = rewrite_for_cpu(P.fuse_conv_bn(copy.deepcopy(model)), bf16=bf16)
+        assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fast.modules())
+        assert any(isinstance(m, TapwiseConv3d) for m in fast.modules())
+        assert any(isinstance(m, PhaseBatchedConv3d) for m in fast.modules()) is bf16
+        assert isinstance(fast.conv1, Float32Conv3d) is bf16
+        for size in (16, 32, 40):
+            x = torch.randn(2, 1, size, size, size)
+            with torch.no_grad():
+                want = model(x)
+                torch.testing.assert_close(fast(x), want, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(
+                    fast(x.contiguous(memory_format=torch.channels_last_3d)), want, atol=1e-5, rtol=1e-5
+                )

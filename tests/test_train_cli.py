@@ -125,6 +125,7 @@ def test_seed_recipe_runs_and_writes_the_run_directory(cli, train_env):
     assert "Loading MedicalNet pretrained weights from: pretrained/medicalnet_resnet50_3d.pth" in err
     assert "random initialization" in err  # the file is absent here: warning, not failure
     assert "Model created: 0.23M total params, 0.23M trainable" in err
+    assert "CPU fp32: dilated convs tap by tap" in err  # medcli's CPU kernels, in fp32 too
 
     fold = train_env["out"] / "resnettiny-t1ce-ldam" / "fold0"
     for name in (
@@ -253,7 +254,7 @@ def test_amp_on_the_cpu_trains_in_bf16_and_warns_where_bf16_is_emulated(cli, tra
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "on cpu (bf16" in result.stderr
-    assert "CPU bf16: fp32 stem, dilated convs as phase-batched undilated convs" in result.stderr
+    assert "CPU bf16: fp32 stem, dilation-4 convs tap by tap, dilation-2 convs phase-batched" in result.stderr
     assert ("oneDNN emulates it" in result.stderr) is not cpu_has_fast_bf16()
     # The rewrite keeps the keys: the checkpoint is a plain model's, and eval loads it.
     fold = train_env["out"] / "resnettiny-t1ce-ce" / "fold0"

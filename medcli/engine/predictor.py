@@ -9,9 +9,10 @@ The fast path (``fuse=True``, the default) changes how, never what, the model co
 
 * BatchNorm folded into the preceding conv (one less pass over every activation);
 * channels-last-3d memory format on CPU (and with bf16 on CUDA);
-* ``precision="bf16"``: ``torch.autocast(bfloat16)``; on CPU also a float32 stem conv and MedicalNet's
-  dilated convs rewritten as phase-batched undilated convs (:mod:`medcli.engine.cpu_bf16`), because
-  oneDNN's bf16 kernels for those two are slower than fp32.
+* on CPU, MedicalNet's dilated convs computed tap by tap without the taps that read zero padding, and
+  under bf16 a float32 stem conv (:mod:`medcli.engine.cpu_kernels`): oneDNN's bf16 kernels for those are
+  slower than fp32;
+* ``precision="bf16"``: ``torch.autocast(bfloat16)``.
 * ``precision="auto"``: bf16 on CPUs that compute it natively (AMX / AVX512-BF16), else fp32 (emulated
   bf16 is slower than fp32; on CUDA a batch-1 forward is launch-bound and fp32/TF32 was fastest).
 
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medcli.engine.cpu_bf16 import rewrite_for_cpu_bf16
+from medcli.engine.cpu_kernels import rewrite_for_cpu
 from medcli.errors import CheckpointError, DataError, MedcliError, UsageError
 
 CLASS_NAMES = ("LGG", "HGG")
@@ -247,10 +248,10 @@ class Predictor:
         self.models = []
         for m in models:
             m.eval().requires_grad_(False)
-            if fuse:  # the fast path: BN folded; on CPU bf16 also fp32 stem + undilated convs
+            if fuse:  # the fast path: BN folded; on CPU the CPU kernels too
                 fuse_conv_bn(m)
-                if self.precision == "bf16" and self.device.type == "cpu":
-                    rewrite_for_cpu_bf16(m)
+                if self.device.type == "cpu":
+                    rewrite_for_cpu(m, bf16=self.precision == "bf16")
             self.models.append(m.to(device=self.device, memory_format=fmt))
         check_members(self.models, self.member_names)
 

@@ -26,7 +26,9 @@ from torch.utils.data import DataLoader
 
 from medcli.engine import checkpoint as ckpt_io
 from medcli.engine import distributed as dist
+from medcli.engine import speed
 from medcli.engine.config import TrainConfig
+from medcli.engine.cpu_kernels import describe, rewrite_for_cpu
 from medcli.engine.ema import create_ema, restore_ema
 from medcli.engine.events import (
     BatchEnded,
@@ -98,17 +100,16 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
     step at 128³ ran 161 samples/s that way, vs 122 (bf16), 114 (bf16 + channels_last) and 86 (fp32/TF32)
     (medcli.engine.speed).  bf16 needs no scaler and is kept contiguous (channels_last made it slower).
     CPU: ``auto`` is bf16 + channels_last_3d on inputs of 64³ and up where the CPU computes bf16 natively
-    (AVX512-BF16 / AMX), with the predictor's bf16 rewrites (``medcli.engine.cpu_bf16``: fp32 stem, dilated
-    convs as phase-batched undilated ones).  A ResNet-50 step on 2 Sapphire Rapids (AMX) cores, bf16 +
-    channels_last vs plain fp32: 2.35× at 128³ (16 cores: 2.10×), 1.22× at 64³, 0.89× at 32³ (medcli bench,
-    one run each; fp32 + channels_last: 1.11×, 0.97×, 0.73×).  Plain bf16 autocast without the rewrites had
-    been 0.94–1.07× at 128³: oneDNN has no fast bf16 kernel for dilated 3-D convs.  Elsewhere ``auto`` is
-    fp32: bf16 is emulated there, many times slower, and ``--amp`` opts in with a warning.
-    channels_last_3d pays off in fp32 on large volumes only: 1.2× at 96³ and 1.2–2.0× at 128³ on a 2-core
-    AVX2 EPYC, slower at 16³–32³.
+    (AVX512-BF16 / AMX), with the predictor's bf16 rewrites (``medcli.engine.cpu_kernels``: fp32 stem,
+    dilated convs as phase-batched undilated ones or tap by tap).  A ResNet-50 step on 2 Sapphire Rapids
+    (AMX) cores, bf16 + channels_last vs plain fp32: 2.35× at 128³ (16 cores: 2.10×), 1.22× at 64³, 0.89×
+    at 32³ (medcli bench, one run each; fp32 + channels_last: 1.11×, 0.97×, 0.73×).  Plain bf16 autocast
+    without the rewrites had been 0.94–1.07× at 128³: oneDNN has no fast bf16 kernel for dilated 3-D
+    convs.  Elsewhere ``auto`` is fp32: bf16 is emulated there, many times slower, and ``--amp`` opts in
+    with a warning.  channels_last_3d pays off in fp32 on large volumes only: 1.2× at 96³ and 1.2–2.0× at
+    128³ on a 2-core AVX2 EPYC, slower at 16³–32³.  (Those ratios predate the tap-wise dilated convs, which
+    every CPU path now uses; the AMX thresholds were not re-measured with them.)
     """
-    from medcli.engine.speed import cpu_has_fast_bf16
-
     if device.type == "cuda":
         amp = True if cfg.amp is None else cfg.amp
         if not amp:
@@ -123,7 +124,7 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
         cl = (dtype is torch.float16) if cfg.channels_last is None else cfg.channels_last
         return Precision(dtype, dtype is torch.float16, cl)
     # CPU
-    fast_bf16 = cpu_has_fast_bf16()
+    fast_bf16 = speed.cpu_has_fast_bf16()
     large = min(cfg.input_size) >= CPU_CHANNELS_LAST_MIN_SIZE
     amp = (fast_bf16 and large) if cfg.amp is None else cfg.amp
     if amp and cfg.amp_dtype == "fp16":
@@ -132,6 +133,20 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
         )
     cl = ((amp and fast_bf16) or large) if cfg.channels_last is None else cfg.channels_last
     return Precision(torch.bfloat16 if amp else None, False, cl)
+
+
+def place_model(model: nn.Module, device: torch.device, precision: Precision) -> str | None:
+    """Move ``model`` to ``device`` in ``precision``'s memory format; on a CPU, with medcli's CPU kernels
+    (:func:`medcli.engine.cpu_kernels.rewrite_for_cpu`: same function and state-dict keys).  Returns what
+    was rewritten (None where nothing was), for the log.  ``medcli bench`` times its train step this way."""
+    rewrites = None
+    if device.type == "cpu":
+        bf16 = precision.amp_dtype is torch.bfloat16
+        rewrite_for_cpu(model, bf16=bf16)
+        rewrites = describe(bf16)
+    fmt = torch.channels_last_3d if precision.channels_last else torch.contiguous_format
+    model.to(device, memory_format=fmt)
+    return rewrites
 
 
 # Smallest input edge from which channels_last_3d (and, where native, bf16) is faster on a CPU
@@ -495,10 +510,16 @@ def _fit(
     emit: Callback,
     resume: bool,
 ) -> FoldResult:
-    fmt = torch.channels_last_3d if precision.channels_last else torch.contiguous_format
-    if device.type == "cpu" and precision.amp_dtype is torch.bfloat16:
-        _prepare_cpu_bf16(model, emit)
-    model.to(device, memory_format=fmt)
+    if device.type == "cpu" and precision.amp_dtype is torch.bfloat16 and not speed.cpu_has_fast_bf16():
+        emit(
+            Warning(
+                "--amp on a CPU without native bf16: oneDNN emulates it, many times slower than fp32 "
+                "(drop --amp)"
+            )
+        )
+    rewrites = place_model(model, device, precision)
+    if rewrites:
+        emit(Info(f"CPU {precision.name}: {rewrites}"))
     loss_fn.to(device)
     ema = create_ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     optimizer = create_optimizer(
@@ -877,23 +898,6 @@ def _prediction_rows(subjects, val: dict[str, Any], val_ema: dict[str, Any] | No
             }
         )
     return rows
-
-
-def _prepare_cpu_bf16(model: nn.Module, emit: Callback) -> None:
-    """bf16 on a CPU: the predictor's bf16 rewrites (same function and state-dict keys, kernels oneDNN
-    runs fast in bf16), and a warning where bf16 is emulated."""
-    from medcli.engine.cpu_bf16 import rewrite_for_cpu_bf16
-    from medcli.engine.speed import cpu_has_fast_bf16
-
-    if not cpu_has_fast_bf16():
-        emit(
-            Warning(
-                "--amp on a CPU without native bf16: oneDNN emulates it, many times slower than fp32 "
-                "(drop --amp)"
-            )
-        )
-    rewrite_for_cpu_bf16(model)
-    emit(Info("CPU bf16: fp32 stem, dilated convs as phase-batched undilated convs"))
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

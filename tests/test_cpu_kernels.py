@@ -1,4 +1,5 @@
-"""CPU bf16 rewrites (fp32 stem, phase-batched dilated convs): same function, gradients and keys."""
+"""CPU rewrites (tap-wise and phase-batched dilated convs, fp32 stem under bf16): same function, gradients
+and keys."""
 
 from __future__ import annotations
 
@@ -7,18 +8,28 @@ import copy
 import pytest
 import torch
 
-from medcli.engine.cpu_bf16 import Float32Conv3d, PhaseBatchedConv3d, rewrite_for_cpu_bf16
+from medcli.engine.cpu_kernels import Float32Conv3d, PhaseBatchedConv3d, rewrite_for_cpu
+from medcli.engine.tap_conv import TapwiseConv3d
 from medcli.models import create_model
 
 
-@pytest.mark.parametrize("size", [16, 32])  # 16: layer4's dilation-4 convs fall back; 32: phase path
-def test_rewritten_model_trains_identically_in_fp32(size):
+def _count(model, cls) -> int:
+    return sum(type(m) is cls for m in model.modules())
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32-rewrites", "bf16-rewrites"])
+@pytest.mark.parametrize("size", [16, 32])  # 16: layer3's grid is 2³, phase split falls back at dilation 4
+def test_rewritten_model_trains_identically_in_fp32(size, bf16):
     torch.manual_seed(0)
     model = create_model("tiny", in_channels=2, zero_init_last=False, dropout=0.0).train()
-    fast = rewrite_for_cpu_bf16(copy.deepcopy(model))
-    assert isinstance(fast.conv1, Float32Conv3d)
-    # Both 3³ convs of the one block in layer3 (dilation 2) and in layer4 (dilation 4).
-    assert sum(isinstance(m, PhaseBatchedConv3d) for m in fast.modules()) == 4
+    fast = rewrite_for_cpu(copy.deepcopy(model), bf16=bf16)
+    # The tiny model has two 3³ convs at dilation 2 (layer3) and two at dilation 4 (layer4).
+    if bf16:
+        assert isinstance(fast.conv1, Float32Conv3d)
+        assert _count(fast, PhaseBatchedConv3d) == 2 and _count(fast, TapwiseConv3d) == 2
+    else:
+        assert type(fast.conv1) is torch.nn.Conv3d
+        assert _count(fast, PhaseBatchedConv3d) == 0 and _count(fast, TapwiseConv3d) == 4
     assert list(fast.state_dict()) == list(model.state_dict())  # checkpoints cannot tell them apart
 
     x = torch.randn(2, 2, size, size, size)
@@ -36,14 +47,14 @@ def test_rewrite_keeps_the_parameter_objects():
     """An optimiser or EMA built before or after the rewrite updates the same tensors."""
     model = create_model("tiny")
     before = {name: p for name, p in model.named_parameters()}
-    rewrite_for_cpu_bf16(model)
+    rewrite_for_cpu(model, bf16=True)
     assert all(p is before[name] for name, p in model.named_parameters())
     plain = create_model("tiny")
     plain.load_state_dict(model.state_dict())  # and a plain model loads what it saves
 
 
 def test_bf16_autocast_keeps_the_stem_in_float32():
-    model = rewrite_for_cpu_bf16(create_model("tiny").eval())
+    model = rewrite_for_cpu(create_model("tiny").eval(), bf16=True)
     seen = {}
 
     def record(name):
