@@ -9,9 +9,10 @@ kernels.  Used by the predictor's fast path and the trainer on CPU (:func:`rewri
 
   - the 7³ stem conv over 1-4 input channels runs in float32: oneDNN has no fast bf16 kernel for it (4x
     slower than fp32 there), and it is a small share of the FLOPs;
-  - dilation-4 convs run tap by tap as well: oneDNN's dilated bf16 kernel ran 9x slower than the phase
-    batching below, and 27 GEMMs over the padded input 1.7x faster than it (layer4's conv, 2 Sapphire
-    Rapids cores, batch 1; training 1.1x), before padding was skipped;
+  - dilation-4 convs run tap by tap as well.  For layer4's conv on 2 Sapphire Rapids cores (batch 1)
+    oneDNN's dilated bf16 kernel took 714 ms, the phase batching below 78 ms, and 27 GEMMs over the
+    padded input 46 ms (training, batch 2: 3121 / 628 / 557 ms); the tap-wise conv is those GEMMs without
+    the padding.  Per-conv evidence: the whole network on AMX was not re-timed since;
   - dilation-2 convs run as undilated convs over the r³ phase sub-grids (:class:`PhaseBatchedConv3d`):
     there phase batching beat 27 GEMMs (10 vs 16 ms).
 
