@@ -86,16 +86,12 @@ def gemm27(x, weight, bias, r):
     return _to_ncdhw(y if bias is None else y + bias.to(dt), x)
 
 
-def tapwise(x, weight, bias, r):
-    return tapwise_conv3d(x, weight, bias, r)
-
-
 VARIANTS: dict[str, Conv] = {
     "dilated": dilated,
     "phase": phase,
     "im2col": im2col,
     "gemm27": gemm27,
-    "tapwise": tapwise,
+    "tapwise": tapwise_conv3d,
 }
 
 

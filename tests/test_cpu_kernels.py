@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from medcli.engine.cpu_kernels import Float32Conv3d, PhaseBatchedConv3d, rewrite_for_cpu
+from medcli.engine.cpu_kernels import Float32Conv3d, PhaseBatchedConv3d, describe, rewrite_for_cpu
 from medcli.engine.tap_conv import TapwiseConv3d
 from medcli.models import create_model
 
@@ -68,3 +68,11 @@ def test_bf16_autocast_keeps_the_stem_in_float32():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(1, 1, 16, 16, 16))
     assert seen == {"stem": torch.float32, "block": torch.bfloat16}
+
+
+def test_describe_reads_what_was_rewritten_from_the_model():
+    assert describe(create_model("tiny")) is None  # nothing rewritten
+    assert describe(rewrite_for_cpu(create_model("tiny"), bf16=False)) == "dilation-2/4 convs tap by tap"
+    assert describe(rewrite_for_cpu(create_model("tiny"), bf16=True)) == (
+        "fp32 stem, dilation-4 convs tap by tap, dilation-2 convs phase-batched"
+    )

@@ -103,8 +103,12 @@ def rewrite_for_cpu(model: nn.Module, *, bf16: bool) -> nn.Module:
     return model
 
 
-def describe(bf16: bool) -> str:
-    """What :func:`rewrite_for_cpu` does, for log lines and reports."""
-    if bf16:
-        return "fp32 stem, dilation-4 convs tap by tap, dilation-2 convs phase-batched"
-    return "dilated convs tap by tap"
+def describe(model: nn.Module) -> str | None:
+    """What :func:`rewrite_for_cpu` changed in ``model`` (read from its modules), for log lines and
+    reports; None where it changed nothing."""
+    parts = ["fp32 stem"] if isinstance(getattr(model, "conv1", None), Float32Conv3d) else []
+    for cls, how in ((TapwiseConv3d, "tap by tap"), (PhaseBatchedConv3d, "phase-batched")):
+        dilations = sorted({m.dilation[0] for m in model.modules() if type(m) is cls})
+        if dilations:
+            parts.append(f"dilation-{'/'.join(map(str, dilations))} convs {how}")
+    return ", ".join(parts) or None

@@ -141,9 +141,7 @@ def place_model(model: nn.Module, device: torch.device, precision: Precision) ->
     was rewritten (None where nothing was), for the log.  ``medcli bench`` times its train step this way."""
     rewrites = None
     if device.type == "cpu":
-        bf16 = precision.amp_dtype is torch.bfloat16
-        rewrite_for_cpu(model, bf16=bf16)
-        rewrites = describe(bf16)
+        rewrites = describe(rewrite_for_cpu(model, bf16=precision.amp_dtype is torch.bfloat16))
     fmt = torch.channels_last_3d if precision.channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt)
     return rewrites
