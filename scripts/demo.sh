@@ -2,9 +2,10 @@
 # The main job end to end, offline, on 2 CPU cores in a few minutes:
 #   synthesise a BraTS-like cohort → train fold 0 → evaluate → predict one subject.
 # Small on purpose, to finish in minutes on 2 cores: 32³ inputs (real runs use 128), 40 subjects, 16 epochs.
-# The ResNet-50 of the real recipe, with pretrained/medicalnet_resnet50_3d.pth if `medcli weights fetch` put
-# it there, else from random initialization (a warning says so); it learns from scratch here because each
-# residual block starts as its shortcut (`--zero-init-last`, the default).  DEMO_DEPTH=10 is ~5x quicker.
+# The ResNet-50 of the real recipe, from MedicalNet's weights where `medcli weights fetch` put them (train's
+# default --pretrained-path auto finds the release for --depth), else from random initialization (a warning
+# says so); it learns from scratch here because each residual block starts as its shortcut
+# (`--zero-init-last`, the default).  DEMO_DEPTH=10 is ~5x quicker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -13,9 +14,6 @@ SUBJECTS=${DEMO_SUBJECTS:-40}
 SIZE=${DEMO_SIZE:-32}
 EPOCHS=${DEMO_EPOCHS:-16}
 DEPTH=${DEMO_DEPTH:-50}
-# Where `medcli weights fetch` puts MedicalNet releases (absent: a warning, and training from random init).
-if [ "$DEPTH" = 50 ]; then WEIGHTS=pretrained/medicalnet_resnet50_3d.pth
-else WEIGHTS=${MEDCLI_HOME:-$HOME/.cache/medcli}/weights/resnet_${DEPTH}.pth; fi
 export MEDCLI_CACHE=$DEMO/cache NO_COLOR=${NO_COLOR:-1}
 
 rm -rf "$DEMO"
@@ -27,7 +25,7 @@ $BIN/medcli data synth "$DEMO/data" --subjects "$SUBJECTS" --small --seed 0
 
 echo "== 2. train fold 0 of 3: ResNet-$DEPTH (MedicalNet topology) on T1ce+T2+FLAIR, Adam, cosine, EMA =="
 $BIN/medcli train --data "$DEMO/data" --out "$DEMO/runs" --name demo --fold 0 --folds 3 \
-    --depth "$DEPTH" --pretrained-path "$WEIGHTS" --modalities t1ce,t2,flair --input-size "$SIZE" \
+    --depth "$DEPTH" --modalities t1ce,t2,flair --input-size "$SIZE" \
     --epochs "$EPOCHS" --batch_size 4 --gradient_accumulation_steps 1 --lr "${DEMO_LR:-3e-4}" --optimizer adam \
     --loss "${DEMO_LOSS:-weighted-ce}" --scheduler cosine --warmup-epochs 1 --dropout 0.2 --grad_clip 1.0 \
     --ema_decay 0.9 --select raw --seed 0

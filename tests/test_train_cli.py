@@ -156,8 +156,9 @@ def test_seed_recipe_runs_and_writes_the_run_directory(cli, train_env):
 
     # Same folder, other settings: refused before any work, with what to do.
     again = cli(
-        "train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"], "--lr", "1e-3"
-    )
+        "train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"], "--lr", "1e-3",
+        "--pretrained-path", "pretrained/medicalnet_resnet50_3d.pth",
+    )  # fmt: skip
     assert again.exit_code == 2 and "different settings (lr)" in again.stderr and "--name" in again.stderr
     # Same settings without --resume: refused too (nothing is silently overwritten).
     same = cli(
@@ -235,6 +236,32 @@ def test_pretrained_weights_load_with_the_seeds_log_lines(cli, train_env, tmp_pa
     import hashlib
 
     assert ckpt["provenance"]["pretrained_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_default_weights_follow_the_depth(cli, train_env, tmp_path):
+    """No --pretrained-path: the release for --depth, where `medcli weights fetch resnet10` puts it."""
+    from medcli.models.synthetic import write_medicalnet_checkpoint
+
+    home_file = tmp_path / "home" / "weights" / "resnet_10_23dataset.pth"
+    args = ["train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"], "--depth",
+            "10", "--loss", "ce", "--max-steps", "1", "--epochs", "1", "--ema-decay", "0"]  # fmt: skip
+    absent = cli(*args, "--require-pretrained")
+    assert absent.exit_code == 4
+    assert str(home_file) in absent.stderr and "medcli weights fetch resnet10" in absent.stderr
+
+    write_medicalnet_checkpoint(home_file, depth=10)
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert f"Loading MedicalNet pretrained weights from: {home_file}" in result.stderr
+    assert "MedicalNet pretrained weights loaded successfully!" in result.stderr
+    config = json.loads((train_env["out"] / "resnet10-t1ce-ce" / "fold0" / "config.json").read_text())
+    assert config["pretrained_path"] == str(home_file)  # the run records the file it started from
+
+    tiny = cli("train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+               "--name", "tiny", "--max-steps", "1", "--epochs", "1")  # fmt: skip
+    assert tiny.exit_code == 0, tiny.output
+    assert "MedicalNet released no ResNet-tiny-3D weights: training from random initialization" in tiny.stderr
 
 
 def test_require_pretrained_missing_file_exits_4(cli, train_env):

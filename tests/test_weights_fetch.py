@@ -18,7 +18,13 @@ from helpers_weights import FakeMirror
 from medcli.errors import DownloadError, UnknownNameError
 from medcli.paths import DEFAULT_WEIGHTS
 from medcli.weights.download import fetch, part_path
-from medcli.weights.manifest import install_path, load_manifest, local_status
+from medcli.weights.manifest import (
+    fetch_command,
+    install_path,
+    load_manifest,
+    local_status,
+    weights_for_depth,
+)
 
 MiB = 2**20
 
@@ -323,6 +329,26 @@ def test_install_paths(tmp_path, monkeypatch):
     m = load_manifest()
     assert install_path(m.default) == DEFAULT_WEIGHTS == Path("pretrained/medicalnet_resnet50_3d.pth")
     assert install_path(m.get("resnet18")) == tmp_path / "weights" / "resnet_18_23dataset.pth"
+
+
+def test_release_for_each_depth_and_where_train_looks(tmp_path, monkeypatch):
+    """`train`/`verify` without a file: the depth's release at its first local copy, else its install path."""
+    monkeypatch.setenv("MEDCLI_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    m = load_manifest()
+    assert m.for_depth(50) is m.default and m.for_depth("50") is m.default
+    assert m.for_depth(10).name == "resnet10_23dataset"  # the 23-dataset file over the 8-dataset one
+    assert m.for_depth(101).name == "resnet101_8dataset"  # the only release of that depth
+    assert m.for_depth("tiny") is None and weights_for_depth("tiny") == (None, None)
+
+    assert weights_for_depth(50) == (DEFAULT_WEIGHTS, m.default)
+    home_copy = tmp_path / "home" / "weights" / "resnet_50_23dataset.pth"  # where `fetch --all` puts it
+    home_copy.parent.mkdir(parents=True)
+    home_copy.write_bytes(b"x")
+    assert weights_for_depth(50)[0] == home_copy  # the copy that exists wins over the absent seed path
+    assert weights_for_depth(18)[0] == tmp_path / "home" / "weights" / "resnet_18_23dataset.pth"
+    assert fetch_command(m.default) == "medcli weights fetch"
+    assert fetch_command(m.for_depth(18)) == "medcli weights fetch resnet18"
 
 
 def test_manifest_is_package_data():

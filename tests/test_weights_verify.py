@@ -61,6 +61,28 @@ def test_verify_default_path_is_the_seeds(cli, r50_file, tmp_path, monkeypatch):
     assert SUMMARY_50 in result.stdout
 
 
+def test_verify_default_path_follows_depth(cli, tmp_path, tmp_path_factory, monkeypatch):
+    """Without PATH, `--depth 10` checks the ResNet-10 release where `weights fetch resnet10` puts it."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("MEDCLI_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    missing = cli("weights", "verify", "--depth", "10")
+    assert missing.exit_code == 4
+    line = _one_error_line(missing)
+    assert (
+        str(home / "weights" / "resnet_10_23dataset.pth") in line and "medcli weights fetch resnet10" in line
+    )
+
+    (home / "weights").mkdir(parents=True)
+    (home / "weights" / "resnet_10_23dataset.pth").symlink_to(medicalnet_file(tmp_path_factory, 10))
+    result = cli("weights", "verify", "--depth", "10")
+    assert result.exit_code == 0, result.output
+    assert "missing 2 (fc.weight, fc.bias)" in result.stdout
+
+    none = cli("weights", "verify", "--depth", "tiny")  # no release of that depth: name a file
+    assert none.exit_code == 2 and "no weights for depth tiny" in _one_error_line(none)
+
+
 def test_verify_json_is_only_json(cli, r50_file):
     result = cli("weights", "verify", r50_file, "--json")
     assert result.exit_code == 0

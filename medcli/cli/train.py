@@ -47,10 +47,11 @@ def train_command(
         None, "--name", help="Run name. (default: from model, modalities and loss, e.g. resnet50-t1ce-ldam)"
     ),
     pretrained_path: str = typer.Option(
-        str(DEFAULT_WEIGHTS),
+        "auto",
         "--pretrained-path",
         "--pretrained_path",
-        help="MedicalNet weights; a missing file means random init with a warning.",
+        help="MedicalNet weights file, or 'auto': the release for --depth, where `medcli weights list` "
+        f"shows it ({DEFAULT_WEIGHTS} for 50). A missing file means random init with a warning.",
     ),
     no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Train from random initialization."),
     require_pretrained: bool = typer.Option(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from medcli.cli import console
-from medcli.errors import IncompleteLoadError
+from medcli.errors import IncompleteLoadError, UsageError
 from medcli.paths import DEFAULT_WEIGHTS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,8 +49,11 @@ def register(root: typer.Typer) -> None:
 
 
 def verify(
-    path: Path = typer.Argument(
-        DEFAULT_WEIGHTS, help="Weights file to check.", show_default=str(DEFAULT_WEIGHTS)
+    path: Path | None = typer.Argument(
+        None,
+        help="Weights file to check. (default: the release for --depth where `medcli weights list` shows it: "
+        f"{DEFAULT_WEIGHTS} for 50)",
+        show_default=False,
     ),
     depth: str = typer.Option("50", "--depth", help="ResNet depth: 10, 18, 34, 50, 101, 152, 200 or tiny."),
     in_channels: int = typer.Option(
@@ -74,7 +77,15 @@ def verify(
     # A plain CPU build (~0.5 s for ResNet-50).  Not meta + to_empty(): measured slower, since the first
     # meta-tensor op imports torch's symbolic-shape machinery (2-3 s).
     model = create_model(depth, in_channels=in_channels, num_classes=num_classes, head=head)
-    report = load_pretrained(model, path, require=True)
+    fetch = "medcli weights fetch"
+    if path is None:
+        from medcli.weights.manifest import fetch_command, weights_for_depth
+
+        path, entry = weights_for_depth(model.depth)
+        if path is None:
+            raise UsageError(f"MedicalNet released no weights for depth {depth}", hint="pass a file to check")
+        fetch = fetch_command(entry)
+    report = load_pretrained(model, path, require=True, fetch=fetch)
 
     if json_out:
         data = report.to_dict()

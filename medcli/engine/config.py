@@ -84,7 +84,8 @@ class TrainConfig:
     depth: int | str = 50
     dropout: float = 0.4
     zero_init_last: bool = True  # random init: each residual block's last BN gamma at 0 (see resnet3d)
-    pretrained_path: str | None = "pretrained/medicalnet_resnet50_3d.pth"
+    # "auto": the local copy of the MedicalNet release for `depth` (see resolve_pretrained); None: random init
+    pretrained_path: str | None = "auto"
     require_pretrained: bool = False
     # optimisation
     epochs: int = 60

@@ -192,6 +192,7 @@ def train(
         dist.init(device.type)
     emit: Callback = callback if dist.is_main() else ignore
     _set_determinism(cfg, device)
+    fetch = resolve_pretrained(cfg)  # before the run folder compares configs: it stores the resolved path
 
     fold_dir = FoldDir(Path(cfg.out) / cfg.run_name(), cfg.fold)
     fold_dir.check_reusable(cfg.to_dict(), resume=resume, force=force)
@@ -204,7 +205,7 @@ def train(
     if cfg.require_pretrained and not (cfg.pretrained_path and Path(cfg.pretrained_path).is_file()):
         raise WeightsError(
             f"--require-pretrained: weights file {cfg.pretrained_path} not found",
-            hint="run `medcli weights fetch`, or pass the file with --pretrained-path",
+            hint=f"run `{fetch}`, or pass the file with --pretrained-path",
         )
 
     data = _prepare_data(cfg, fold_dir, precision, emit)
@@ -213,7 +214,7 @@ def train(
     if hasattr(loss_fn, "describe"):
         emit(Info(f"Loss: {loss_fn.describe()}"))
 
-    model, pretrained_sha = _build_model(cfg, emit)
+    model, pretrained_sha = _build_model(cfg, emit, fetch)
     if dist.is_main():
         fold_dir.start(cfg.to_dict(), fresh=not resume)
     dist.barrier()
@@ -438,9 +439,23 @@ def display_name(depth: int | str) -> str:
     return f"ResNet{depth}-3D" if isinstance(depth, int) else f"ResNet-{depth}-3D"
 
 
-def _build_model(cfg: TrainConfig, emit: Callback) -> tuple[nn.Module, str | None]:
-    """create_model + load_pretrained, announced in the seed's words with true numbers."""
+def resolve_pretrained(cfg: TrainConfig) -> str:
+    """Replace ``pretrained_path="auto"`` by where the MedicalNet release for ``cfg.depth`` is (or would be
+    fetched to; None for a depth never released, ``tiny``).  Returns the command that fetches that release,
+    for the messages about a missing file."""
+    from medcli.weights.manifest import fetch_command, weights_for_depth
+
+    path, entry = weights_for_depth(cfg.depth)
+    if cfg.pretrained_path == "auto":
+        cfg.pretrained_path = None if path is None else str(path)
+    return fetch_command(entry)
+
+
+def _build_model(cfg: TrainConfig, emit: Callback, fetch: str) -> tuple[nn.Module, str | None]:
+    """create_model + load_pretrained, announced in the seed's words with true numbers (``fetch``: the
+    command that downloads the release for this depth, for a missing file)."""
     from medcli.models import create_model, load_pretrained
+    from medcli.weights.manifest import load_manifest
 
     name = display_name(cfg.depth)
     emit(Info(f"Creating {name} model..."))
@@ -456,7 +471,7 @@ def _build_model(cfg: TrainConfig, emit: Callback) -> tuple[nn.Module, str | Non
     sha = None
     if cfg.pretrained_path:
         emit(Info(f"Loading MedicalNet pretrained weights from: {cfg.pretrained_path}"))
-        report = load_pretrained(model, cfg.pretrained_path, require=cfg.require_pretrained)
+        report = load_pretrained(model, cfg.pretrained_path, require=cfg.require_pretrained, fetch=fetch)
         if report.exists:
             stripped = f", '{report.prefix_stripped}' prefix stripped" if report.prefix_stripped else ""
             emit(Info(f"Using checkpoint as {report.container} ({report.format}{stripped})"))
@@ -476,6 +491,8 @@ def _build_model(cfg: TrainConfig, emit: Callback) -> tuple[nn.Module, str | Non
                 raise IncompleteLoadError(message, hint="run `medcli weights verify` on the file")
             emit(Warning(message + "; the rest starts from random initialization"))
         sha = report.sha256
+    elif load_manifest().for_depth(cfg.depth) is None:  # `tiny`: nothing to start from
+        emit(Info(f"MedicalNet released no {name} weights: training from random initialization"))
     else:
         emit(Warning("no --pretrained-path: training from random initialization"))
     total = sum(p.numel() for p in model.parameters())

@@ -378,7 +378,12 @@ def group_keys(keys: list[str]) -> dict[str, list[str]]:
 
 # ------------------------------------------------------------------------------------------ loading
 def load_pretrained(
-    model: nn.Module, path: str | os.PathLike, *, require: bool = False, strict: bool = False
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    require: bool = False,
+    strict: bool = False,
+    fetch: str = "medcli weights fetch",
 ) -> LoadReport:
     """Load a MedicalNet-style weights file into ``model`` and report exactly what happened.
 
@@ -388,9 +393,10 @@ def load_pretrained(
       are ignored (listed in ``report.ignored``).
     * A 1-channel ``conv1`` is adapted to ``in_channels = N`` by repeating the kernel and scaling by 1/N.
     * Missing file: a warning in the report and the model keeps its random init, unless ``require`` (then
-      ``WeightsError``).  Unusable file: ``WeightsError``.  Another depth's file, or less than half of the
-      backbone matched: ``IncompleteLoadError``, raised before the model is modified.  With ``strict``,
-      any load that is not ``report.ok`` raises ``IncompleteLoadError``.
+      ``WeightsError``); both name ``fetch``, the command that downloads it.  Unusable file:
+      ``WeightsError``.  Another depth's file, or less than half of the backbone matched:
+      ``IncompleteLoadError``, raised before the model is modified.  With ``strict``, any load that is not
+      ``report.ok`` raises ``IncompleteLoadError``.
     """
     start = time.perf_counter()
     path = Path(path)
@@ -409,12 +415,12 @@ def load_pretrained(
         if require:
             raise WeightsError(
                 f"pretrained weights not found: {path}",
-                hint="run `medcli weights fetch`, or pass the file's path",
+                hint=f"run `{fetch}`, or pass the file's path",
             )
         report.exists = False
         report.missing = list(report.model_keys)
         report.warnings.append(
-            f"pretrained weights not found: {path}; using random initialization (run `medcli weights fetch`)"
+            f"pretrained weights not found: {path}; using random initialization (run `{fetch}`)"
         )
         report.seconds = time.perf_counter() - start
         return report

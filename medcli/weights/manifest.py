@@ -7,7 +7,8 @@ file name, its size (``None`` where not confirmed) and SHA-256, and its mirrors 
 
 Local files: the default entry installs to the seed's path ``pretrained/medicalnet_resnet50_3d.pth``
 (``medcli.paths.DEFAULT_WEIGHTS``); every entry also has a home under ``$MEDCLI_HOME/weights/<file>``
-(where ``fetch --all`` puts them).
+(where ``fetch --all`` puts them).  :func:`weights_for_depth` is what ``train`` and ``weights verify`` use
+when no file is named: the local copy of the release for the model's depth.
 """
 
 from __future__ import annotations
@@ -84,6 +85,22 @@ def local_status(entry: WeightsEntry) -> FileCheck:
     return checks[0]
 
 
+def weights_for_depth(depth: int | str) -> tuple[Path | None, WeightsEntry | None]:
+    """Where the release for ``depth`` is (its first local copy, else its install path, where ``medcli weights
+    fetch NAME`` would put it), and the release; ``(None, None)`` for a depth MedicalNet never released."""
+    entry = load_manifest().for_depth(depth)
+    if entry is None:
+        return None, None
+    return next((p for p in local_candidates(entry) if p.is_file()), install_path(entry)), entry
+
+
+def fetch_command(entry: WeightsEntry | None) -> str:
+    """The command that downloads ``entry`` to where :func:`weights_for_depth` looks."""
+    if entry is None or entry.is_default:
+        return "medcli weights fetch"
+    return f"medcli weights fetch {entry.aliases[0] if entry.aliases else entry.name}"
+
+
 @dataclass(frozen=True)
 class Manifest:
     entries: tuple[WeightsEntry, ...]
@@ -95,6 +112,23 @@ class Manifest:
 
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
+
+    def for_depth(self, depth: int | str) -> WeightsEntry | None:
+        """The release a ResNet of ``depth`` starts from by default: the default release where it has that
+        depth, else the one named or aliased ``resnet<depth>`` (the 23-dataset file where there is one), else
+        the one of that depth trained on the most datasets; None for a depth never released (``tiny``)."""
+        key = normalize(f"resnet{depth}")
+        same = [e for e in self.entries if str(e.depth) == str(depth)]
+        if not same:
+            return None
+        return min(
+            same,
+            key=lambda e: (
+                not e.is_default,
+                key not in {normalize(n) for n in (e.name, *e.aliases)},
+                -e.datasets,
+            ),
+        )
 
     def get(self, name: str) -> WeightsEntry:
         """Look up by name, alias or released file name (``resnet_50_23dataset.pth``); case-insensitive."""
