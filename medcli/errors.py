@@ -80,6 +80,12 @@ class PartialFailure(MedcliError):
     exit_code = 10
 
 
+class Interrupted(MedcliError):
+    """Ctrl-C (SIGINT), with what the interrupted command left behind and how to go on."""
+
+    exit_code = 130
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "other error",

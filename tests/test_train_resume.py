@@ -1,4 +1,5 @@
-"""--resume after SIGKILL ends with exactly the weights of an uninterrupted run (CPU, deterministic)."""
+"""--resume after SIGKILL ends with exactly the weights of an uninterrupted run (CPU, deterministic); Ctrl-C
+says which epoch last.pt holds."""
 
 from __future__ import annotations
 
@@ -62,3 +63,32 @@ def test_sigkill_then_resume_matches_uninterrupted_run(train_env):
         ]
 
     assert rows("full") == rows("cut")  # one row per epoch, none lost or doubled by the kill
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_which_epoch_last_pt_holds_and_how_to_resume(train_env):
+    """Ctrl-C mid-training: exit 130, one line naming the epoch last.pt holds and --resume; it resumes."""
+    args = ["train", "--data", str(train_env["data"]), "--out", str(train_env["out"]), *train_env["tiny"]]
+    args += ["--epochs", "400", "--name", "ctrlc"]
+    fold = train_env["out"] / "ctrlc" / "fold0"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medcli", *args],
+        env={**os.environ, **train_env["env"]},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 240
+    while not (fold / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, err
+    held = torch.load(fold / "last.pt", weights_only=True)["epoch"]
+    assert f"{fold / 'last.pt'} holds epoch {held + 1} (add --resume to the same command" in errors[0]
+
+    resumed = run_medcli(*args, "--resume", "--max-steps", "1", env=train_env["env"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming from {fold / 'last.pt'}: epoch {held + 1} done" in resumed.stderr

@@ -27,10 +27,10 @@ class MedcliGroup(TyperGroup):
                 console.err.print_exception(show_locals=False)
             console.print_error(str(e))
             raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # training says more itself (errors.Interrupted: which epoch last.pt holds)
             console.print_error(
-                "interrupted; a partial download resumes when you run the same command again, "
-                "and training resumes from last.pt with --resume"
+                "interrupted; files are written atomically, so nothing half-written is in place: run the "
+                "same command again (a partial download resumes)"
             )
             raise typer.Exit(130) from None
 

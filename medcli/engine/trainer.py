@@ -10,6 +10,7 @@ early stopping) from the gathered validation predictions, so they never disagree
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import random
@@ -43,7 +44,7 @@ from medcli.engine.events import (
 )
 from medcli.engine.optim import create_optimizer, create_schedule, set_backbone_frozen
 from medcli.engine.runs import FoldDir
-from medcli.errors import CheckpointError, DataError, DeviceError, UsageError, WeightsError
+from medcli.errors import CheckpointError, DataError, DeviceError, Interrupted, UsageError, WeightsError
 
 CLASS_NAMES = ("LGG", "HGG")
 
@@ -511,6 +512,7 @@ class TrainState:
     best_metric: float | None = None
     best_epoch: int | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)
+    saved_epoch: int = -1  # the epoch last.pt holds (-1: none yet), for the message on Ctrl-C
 
 
 def _fit(
@@ -554,6 +556,7 @@ def _fit(
     state = TrainState()
     if resume:
         _restore(fold_dir, cfg, model, ema, optimizer, schedule, scaler, state, emit)
+        state.saved_epoch = state.epoch
         emit(Info(f"Resuming from {fold_dir.last}: epoch {state.epoch + 1} done, step {state.global_step}"))
     elif dist.world_size() > 1:
         _seed_this_rank(cfg)
@@ -585,91 +588,99 @@ def _fit(
     )
     scale = cfg.ldam_s if cfg.head == "cosine" else 1.0
     stopped_early = False
-    for epoch in range(state.epoch + 1, cfg.epochs):
-        if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
-            break
-        started = time.perf_counter()
-        if hasattr(loss_fn, "on_epoch_start"):
-            loss_fn.on_epoch_start(epoch, cfg.epochs)
-        set_backbone_frozen(model, epoch < cfg.freeze_backbone_epochs)
-        if hasattr(data.train_dataset, "set_epoch"):
-            data.train_dataset.set_epoch(epoch)
-        if data.train_sampler is not None:
-            data.train_sampler.set_epoch(epoch)
-        data.train_generator.manual_seed(cfg.seed * 100003 + epoch)  # the shuffle depends on the epoch only
+    with _resume_hint_on_interrupt(fold_dir, cfg, state):
+        for epoch in range(state.epoch + 1, cfg.epochs):
+            if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
+                break
+            started = time.perf_counter()
+            if hasattr(loss_fn, "on_epoch_start"):
+                loss_fn.on_epoch_start(epoch, cfg.epochs)
+            set_backbone_frozen(model, epoch < cfg.freeze_backbone_epochs)
+            if hasattr(data.train_dataset, "set_epoch"):
+                data.train_dataset.set_epoch(epoch)
+            if data.train_sampler is not None:
+                data.train_sampler.set_epoch(epoch)
+            data.train_generator.manual_seed(
+                cfg.seed * 100003 + epoch
+            )  # the shuffle depends on the epoch only
 
-        emit(EpochStarted(epoch=epoch, epochs=cfg.epochs, num_batches=len(data.train_loader)))
-        stats = train_one_epoch(
-            net,
-            data.train_loader,
-            loss_fn,
-            optimizer,
-            scaler,
-            device=device,
-            precision=precision,
-            accumulation=cfg.gradient_accumulation_steps,
-            grad_clip=cfg.grad_clip,
-            schedule=schedule,
-            ema=ema,
-            ema_source=model,
-            state=state,
-            max_steps=cfg.max_steps,
-            on_batch=lambda b, n, loss, lr, sps, e=epoch: emit(BatchEnded(e, b, n, loss, lr, sps)),
-        )
-        val = evaluate_loader(model, data.val_loader, loss_fn, device, precision, scale)
-        val_ema = (
-            evaluate_loader(ema.module, data.val_loader, loss_fn, device, precision, scale) if ema else None
-        )
-        chosen = val_ema if (cfg.selection == "ema" and val_ema is not None) else val
-        if schedule.interval == "plateau" and chosen["auc"] is not None:
-            schedule.scheduler.step(chosen["auc"])
+            emit(EpochStarted(epoch=epoch, epochs=cfg.epochs, num_batches=len(data.train_loader)))
+            stats = train_one_epoch(
+                net,
+                data.train_loader,
+                loss_fn,
+                optimizer,
+                scaler,
+                device=device,
+                precision=precision,
+                accumulation=cfg.gradient_accumulation_steps,
+                grad_clip=cfg.grad_clip,
+                schedule=schedule,
+                ema=ema,
+                ema_source=model,
+                state=state,
+                max_steps=cfg.max_steps,
+                on_batch=lambda b, n, loss, lr, sps, e=epoch: emit(BatchEnded(e, b, n, loss, lr, sps)),
+            )
+            val = evaluate_loader(model, data.val_loader, loss_fn, device, precision, scale)
+            val_ema = (
+                evaluate_loader(ema.module, data.val_loader, loss_fn, device, precision, scale)
+                if ema
+                else None
+            )
+            chosen = val_ema if (cfg.selection == "ema" and val_ema is not None) else val
+            if schedule.interval == "plateau" and chosen["auc"] is not None:
+                schedule.scheduler.step(chosen["auc"])
 
-        metric = chosen["auc"]
-        is_best = metric is not None and (state.best_metric is None or metric > state.best_metric)
-        if is_best:
-            state.best_metric, state.best_epoch = metric, epoch
-        state.epoch = epoch
-        record = {
-            "epoch": epoch,
-            "train_loss": stats["loss"],
-            "val_loss": val["loss"],
-            "val_auc": val["auc"],
-            "val_bal_acc": val["bal_acc"],
-            "val_auc_ema": val_ema["auc"] if val_ema else None,
-            "val_bal_acc_ema": val_ema["bal_acc"] if val_ema else None,
-            "val_loss_ema": val_ema["loss"] if val_ema else None,
-            "lr": optimizer.param_groups[0]["lr"],
-            "samples_per_s": stats["samples_per_s"],
-            "seconds": round(time.perf_counter() - started, 3),
-            "global_step": state.global_step,
-        }
-        line = _epoch_line(cfg, record, is_best)
-        # Every rank's random state, for an exact resume under DDP (a collective: all ranks call it).
-        rng_ranks = dist.gather_objects([ckpt_io.capture_rng()]) if dist.world_size() > 1 else None
-        if dist.is_main():
-            state.rows.append(record)
-            # Metrics first, checkpoint second: a run killed in between resumes from the previous
-            # checkpoint and drops the rows after it, so metrics never run ahead of last.pt for long.
-            fold_dir.write_metrics(state.rows)
-            if is_best or not (fold_dir.path / "val_predictions.csv").exists():
-                fold_dir.write_predictions(_prediction_rows(data.val_subjects, val, val_ema))
-            blob = _checkpoint_dict(cfg, model, ema, optimizer, schedule, scaler, state, data, pretrained_sha)
-            if rng_ranks is not None:
-                blob["rng_ranks"] = rng_ranks
-            ckpt_io.atomic_save(blob, fold_dir.last)
+            metric = chosen["auc"]
+            is_best = metric is not None and (state.best_metric is None or metric > state.best_metric)
             if is_best:
-                _link_or_copy(fold_dir.last, fold_dir.best)
-            fold_dir.append_log(line)
-        emit(EpochEnded(record=record, is_best=is_best, line=line))
+                state.best_metric, state.best_epoch = metric, epoch
+            state.epoch = epoch
+            record = {
+                "epoch": epoch,
+                "train_loss": stats["loss"],
+                "val_loss": val["loss"],
+                "val_auc": val["auc"],
+                "val_bal_acc": val["bal_acc"],
+                "val_auc_ema": val_ema["auc"] if val_ema else None,
+                "val_bal_acc_ema": val_ema["bal_acc"] if val_ema else None,
+                "val_loss_ema": val_ema["loss"] if val_ema else None,
+                "lr": optimizer.param_groups[0]["lr"],
+                "samples_per_s": stats["samples_per_s"],
+                "seconds": round(time.perf_counter() - started, 3),
+                "global_step": state.global_step,
+            }
+            line = _epoch_line(cfg, record, is_best)
+            # Every rank's random state, for an exact resume under DDP (a collective: all ranks call it).
+            rng_ranks = dist.gather_objects([ckpt_io.capture_rng()]) if dist.world_size() > 1 else None
+            if dist.is_main():
+                state.rows.append(record)
+                # Metrics first, checkpoint second: a run killed in between resumes from the previous
+                # checkpoint and drops the rows after it, so metrics never run ahead of last.pt for long.
+                fold_dir.write_metrics(state.rows)
+                if is_best or not (fold_dir.path / "val_predictions.csv").exists():
+                    fold_dir.write_predictions(_prediction_rows(data.val_subjects, val, val_ema))
+                blob = _checkpoint_dict(
+                    cfg, model, ema, optimizer, schedule, scaler, state, data, pretrained_sha
+                )
+                if rng_ranks is not None:
+                    blob["rng_ranks"] = rng_ranks
+                ckpt_io.atomic_save(blob, fold_dir.last)
+                state.saved_epoch = epoch
+                if is_best:
+                    _link_or_copy(fold_dir.last, fold_dir.best)
+                fold_dir.append_log(line)
+            emit(EpochEnded(record=record, is_best=is_best, line=line))
 
-        if (
-            cfg.patience is not None
-            and state.best_epoch is not None
-            and epoch - state.best_epoch >= cfg.patience
-        ):
-            stopped_early = True
-            emit(Info(f"Early stopping: no validation AUC gain for {cfg.patience} epochs"))
-            break
+            if (
+                cfg.patience is not None
+                and state.best_epoch is not None
+                and epoch - state.best_epoch >= cfg.patience
+            ):
+                stopped_early = True
+                emit(Info(f"Early stopping: no validation AUC gain for {cfg.patience} epochs"))
+                break
 
     files = {}
     if dist.is_main() and state.rows:
@@ -701,6 +712,23 @@ def _fit(
     )
     emit(FoldFinished(summary=result.to_dict()))
     return result
+
+
+@contextlib.contextmanager
+def _resume_hint_on_interrupt(fold_dir: FoldDir, cfg: TrainConfig, state: TrainState):
+    """Ctrl-C during the epochs: say which epoch ``last.pt`` holds and how to continue from it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        where = f"interrupted in epoch {state.epoch + 2}/{cfg.epochs}"
+        if state.saved_epoch < 0:
+            raise Interrupted(
+                f"{where}, before the first checkpoint", hint="run the same command again"
+            ) from None
+        raise Interrupted(
+            f"{where}; {fold_dir.last} holds epoch {state.saved_epoch + 1}",
+            hint="add --resume to the same command to continue from there",
+        ) from None
 
 
 def _epoch_line(cfg: TrainConfig, r: dict[str, Any], is_best: bool) -> str:
