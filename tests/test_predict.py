@@ -164,6 +164,26 @@ def test_saliency_on_original_grid(cli, world, tmp_path, tta):
     assert sorted(p.name for p in out.iterdir()) == ["X_gradcam.nii.gz", "X_gradcam.png"]
 
 
+def test_same_files_once_and_same_names_told_apart(cli, world, tmp_path):
+    """A scan given twice (itself and in its folder) is predicted once; two different scans both named
+    scan.nii.gz get distinct ids, rows and saliency maps (neither overwrites the other)."""
+    a = tmp_path / "a" / "scan.nii.gz"
+    b = tmp_path / "b" / "scan.nii.gz"
+    for path, i in ((a, 1), (b, 2)):
+        path.parent.mkdir()
+        path.write_bytes(_scan(world, i).read_bytes())
+    sal = tmp_path / "sal"
+    r = cli("predict", _scan(world), _scan(world).parent, a, b, "--model", world["run"] / "fold0",
+            "--saliency", sal, "--json")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    preds = {p["scan_id"]: p for p in _json(r)["predictions"]}
+    assert sorted(preds) == ["BraTS20_Training_001", "a_scan", "b_scan"]
+    assert preds["a_scan"]["p_hgg"] != preds["b_scan"]["p_hgg"]  # really the two different scans
+    assert sorted(p.name for p in sal.iterdir()) == sorted(
+        f"{i}_gradcam.{ext}" for i in preds for ext in ("nii.gz", "png")
+    )
+
+
 def test_bf16_close_to_fp32(world):
     """The fold ensemble with TTA on every synthetic subject: bf16 P(HGG) within 0.02 of fp32."""
     source = P.find_checkpoints(world["run"], world["root"])

@@ -26,6 +26,7 @@ plain fp32 eager is ``Predictor(..., precision="fp32", fuse=False, channels_last
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -533,7 +534,32 @@ def collect_scans(
             failures.extend(bad)
         except DataError as e:
             failures.append(ScanFailure(str(path), str(e), e.exit_code))
-    return scans, failures
+    return _unique(scans), failures
+
+
+def _unique(scans: list[ScanInput]) -> list[ScanInput]:
+    """The same files named twice (a scan and its folder, say) are predicted once; different scans that
+    share an id (``a/scan.nii.gz``, ``b/scan.nii.gz``) get ids that tell them apart (``a_scan``, ``b_scan``),
+    so no row is ambiguous and no saliency map overwrites another's."""
+    seen: set[tuple] = set()
+    kept: list[ScanInput] = []
+    for scan in scans:
+        files = tuple(sorted((m, str(p.resolve())) for m, p in scan.paths.items()))
+        if files not in seen:
+            seen.add(files)
+            kept.append(scan)
+    counts = Counter(s.scan_id for s in kept)
+    taken = {i for i, n in counts.items() if n == 1}  # ids that stay as they are
+    for scan in kept:
+        if counts[scan.scan_id] > 1:
+            folder = next(iter(scan.paths.values())).resolve().parent.name
+            base = candidate = f"{folder}_{scan.scan_id}"
+            n = 2
+            while candidate in taken:
+                candidate, n = f"{base}-{n}", n + 1
+            scan.scan_id = candidate
+            taken.add(candidate)
+    return kept
 
 
 def _discover_scans(path: Path, modalities: Sequence[str]) -> tuple[list[ScanInput], list[ScanFailure]]:
