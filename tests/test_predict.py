@@ -58,11 +58,16 @@ def test_single_nifti_json_and_csv(cli, world, tmp_path):
     assert text[0].startswith("scan_id,grade,p_hgg") and text[1].startswith("BraTS20_Training_001,")
 
 
-def test_table_output(cli, world):
+def test_table_output(cli, world, tmp_path):
     r = cli("predict", world["data"], "--model", world["run"], "--tta")
     assert r.exit_code == 0, r.stderr
     assert "BraTS20_Training_003" in r.stdout and "P(HGG)" in r.stdout and "min–max" in r.stdout
     assert _has(r.stderr, "8-flip TTA")
+    short = tmp_path / "p.nii.gz"
+    short.write_bytes(_scan(world).read_bytes())
+    one = cli("predict", short, "--model", world["run"] / "fold0")  # a narrow table: one scan, short name
+    assert one.exit_code == 0, one.stderr
+    assert "Predictions (1 model(s), threshold 0.5)" in one.stdout.splitlines()[0]  # its title on one line
 
 
 def test_ensemble_and_tta_equal_mean_of_members(world):

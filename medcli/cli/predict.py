@@ -175,7 +175,9 @@ def _print_table(result) -> None:
 
     members = f"{result.n_members} model(s)" + (" x 8 flips" if result.tta else "")
     show_label = any(p.label is not None for p in result.predictions)
-    table = Table(title=f"Predictions ({members}, threshold {result.threshold:g})", title_justify="left")
+    title = f"Predictions ({members}, threshold {result.threshold:g})"
+    # At least as wide as its title: a one-scan table would otherwise wrap the title over two lines.
+    table = Table(title=title, title_justify="left", min_width=len(title))
     table.add_column("scan")
     table.add_column("grade")
     table.add_column("P(HGG)", justify="right")
