@@ -32,11 +32,10 @@ def _flatten_rows(figures: dict) -> list[tuple[str, str]]:
 
 def _speed_table(report: dict):
     """One row per (section, mode): time, samples/s, TFLOP/s, fraction of the ceiling, speedup."""
-    from rich.table import Table
 
     from medcli.engine.bench import median_range
 
-    table = Table(title="Model speed (median, min–max)", title_justify="left")
+    table = console.table("Model speed (median, min–max)")
     for col in ("section", "mode", "seconds", "samples/s", "TFLOP/s", "of ceiling", "vs fp32"):
         table.add_column(col, justify="left" if col in ("section", "mode") else "right")
     for name in _MODEL_SECTIONS:
@@ -62,9 +61,7 @@ def _speed_table(report: dict):
 
 
 def _targets_table(report: dict):
-    from rich.table import Table
-
-    table = Table(title="Targets", title_justify="left")
+    table = console.table("Targets")
     for col in ("issue", "target", "reached", "status", "note"):
         table.add_column(col, overflow="fold")
     for row in report["targets"]:
@@ -77,7 +74,6 @@ def _targets_table(report: dict):
 
 def render(report: dict) -> None:
     """The human-readable report on stdout."""
-    from rich.table import Table
 
     m = report["machine"]
     console.out.print(
@@ -95,7 +91,7 @@ def render(report: dict) -> None:
             rest = {k: v for k, v in figures.items() if k != "modes"}
         else:
             rest = figures
-        table = Table(title=name, title_justify="left", show_header=False)
+        table = console.table(name, show_header=False)
         table.add_column("figure")
         table.add_column("value", justify="right", overflow="fold")
         for k, v in _flatten_rows(rest):

@@ -53,3 +53,11 @@ def print_json(data: Any) -> None:
 def progress_enabled() -> bool:
     """Progress bars only on an interactive stderr: CI logs stay readable."""
     return err.is_terminal
+
+
+def table(title: str, **options: Any):
+    """A Rich table titled on the left, at least as wide as its title: Rich wraps a title to its table's
+    width, so a narrow table (one scan, a short key) would otherwise break its title over two lines."""
+    from rich.table import Table
+
+    return Table(title=title, title_justify="left", min_width=len(title), **options)

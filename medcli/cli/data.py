@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.table import Table
 
 from medcli.cli import console
 
@@ -99,7 +98,7 @@ def synth(
     if as_json:
         console.print_json(summary)
         return
-    table = Table(title="Synthetic cohort", show_header=False, title_justify="left")
+    table = console.table("Synthetic cohort", show_header=False)
     table.add_column(style="bold")
     table.add_column()
     grades = summary["grades"]
@@ -180,7 +179,7 @@ def _render_cohort(cohort: Cohort, list_subjects: bool) -> None:
     errors = [p for p in cohort.problems if p.severity == "error"]
     warnings = [p for p in cohort.problems if p.severity != "error"]
 
-    summary = Table(title="Cohort", show_header=False, title_justify="left")
+    summary = console.table("Cohort", show_header=False)
     summary.add_column(style="bold")
     summary.add_column()
     summary.add_row("root" if len(cohort.roots) == 1 else "roots", "\n".join(str(r) for r in cohort.roots))
@@ -196,7 +195,7 @@ def _render_cohort(cohort: Cohort, list_subjects: bool) -> None:
 
     found = cohort.modality_counts()
     required = set(cohort.required_modalities or ())
-    modalities = Table(title="Modalities", title_justify="left")
+    modalities = console.table("Modalities")
     modalities.add_column("modality")
     modalities.add_column("subjects", justify="right")
     modalities.add_column("required")
@@ -205,7 +204,7 @@ def _render_cohort(cohort: Cohort, list_subjects: bool) -> None:
     console.out.print(modalities)
 
     if list_subjects and cohort.subjects:
-        subjects = Table(title="Subjects", title_justify="left")
+        subjects = console.table("Subjects")
         for column in ("subject", "patient", "grade", "source", "modalities"):
             subjects.add_column(column)
         for s in cohort.subjects:
@@ -214,7 +213,7 @@ def _render_cohort(cohort: Cohort, list_subjects: bool) -> None:
         console.out.print(subjects)
 
     if cohort.problems:
-        problems = Table(title="Problems", title_justify="left")
+        problems = console.table("Problems")
         for column in ("", "subject", "file", "problem", "what to do"):
             problems.add_column(column, overflow="fold")
         for p in [*errors, *warnings]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from medcli.cli import console
 from medcli.cli.data_prepare import CACHE_OPTION
@@ -53,7 +52,7 @@ def cache(
     if not folders:
         console.info(f"no preprocessed arrays under {root}")
         return
-    table = Table(title=f"Preprocessing cache {root}", title_justify="left")
+    table = console.table(f"Preprocessing cache {root}")
     for column in ("settings", "modalities", "input", "entries", "size", "stale"):
         table.add_column(column, justify="right" if column in ("entries", "size", "stale") else "left")
     for f in folders:

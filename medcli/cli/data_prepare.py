@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from medcli.cli import console
 from medcli.errors import DataError, PartialFailure, UsageError
@@ -113,7 +112,7 @@ def _first_problem(cohort, subject_id: str) -> str:
 
 
 def _render(summary: dict) -> None:
-    table = Table(title="Preprocessing cache", show_header=False, title_justify="left")
+    table = console.table("Preprocessing cache", show_header=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     cfg = summary["config"]
@@ -130,7 +129,7 @@ def _render(summary: dict) -> None:
     console.out.print(table)
     rows = [("failed", f) for f in summary["failed"]] + [("set aside", s) for s in summary["skipped"]]
     if rows:
-        problems = Table(title="Not cached", title_justify="left")
+        problems = console.table("Not cached")
         for column in ("", "subject", "reason"):
             problems.add_column(column, overflow="fold")
         for kind, item in rows:

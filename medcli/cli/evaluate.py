@@ -174,13 +174,11 @@ def _threshold_text(report) -> str:
 
 
 def _render(report) -> None:
-    from rich.table import Table
-
     out = console.out
     if len(report.folds) > 1:
         # Metrics as rows and folds as columns: stays readable at 80 columns for 5-10 folds.
         sources = sorted({f"{r.source} · {r.weights} weights" for r in report.folds})
-        table = Table(title=f"Per fold: {report.target} ({', '.join(sources)})", title_justify="left")
+        table = console.table(f"Per fold: {report.target} ({', '.join(sources)})")
         table.add_column("metric", no_wrap=True)
         for r in report.folds:
             table.add_column(f"fold {r.fold}", justify="right", no_wrap=True)
@@ -211,9 +209,7 @@ def _render(report) -> None:
 
 
 def _metrics_table(m, title: str, n_boot: int) -> None:
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
+    table = console.table(title)
     table.add_column("metric", no_wrap=True)
     table.add_column("value", justify="right")
     if n_boot:
@@ -231,9 +227,7 @@ def _metrics_table(m, title: str, n_boot: int) -> None:
 
 
 def _per_class_and_confusion(m) -> None:
-    from rich.table import Table
-
-    table = Table(title="Per class", title_justify="left")
+    table = console.table("Per class")
     for col in ("class", "support", "sensitivity", "specificity", "precision", "F1"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for name, c in m.per_class.items():
@@ -247,7 +241,7 @@ def _per_class_and_confusion(m) -> None:
         )
     console.out.print(table)
 
-    cm = Table(title="Confusion matrix", title_justify="left")
+    cm = console.table("Confusion matrix")
     cm.add_column("true \\ predicted")
     cm.add_column("LGG", justify="right")
     cm.add_column("HGG", justify="right")

@@ -57,9 +57,8 @@ def list_plugins(
 
 def _print_table(records, group: str) -> None:
     from rich.markup import escape
-    from rich.table import Table
 
-    table = Table(title=f"{group} (use with --loss NAME)", title_justify="left")
+    table = console.table(f"{group} (use with --loss NAME)")
     table.add_column("name", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("distribution")

@@ -171,13 +171,10 @@ def _run(predictor, scans, saliency):
 
 
 def _print_table(result) -> None:
-    from rich.table import Table
-
     members = f"{result.n_members} model(s)" + (" x 8 flips" if result.tta else "")
     show_label = any(p.label is not None for p in result.predictions)
     title = f"Predictions ({members}, threshold {result.threshold:g})"
-    # At least as wide as its title: a one-scan table would otherwise wrap the title over two lines.
-    table = Table(title=title, title_justify="left", min_width=len(title))
+    table = console.table(title)
     table.add_column("scan")
     table.add_column("grade")
     table.add_column("P(HGG)", justify="right")

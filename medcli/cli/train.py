@@ -359,9 +359,7 @@ def _toml_value(v: Any) -> str:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"run {summary['run']}", title_justify="left")
+    table = console.table(f"run {summary['run']}")
     for col in ("fold", "epochs", "best epoch", "best val AUC", "selected", "last val AUC", "folder"):
         table.add_column(col, justify="right" if col not in ("selected", "folder") else "left")
     for r in summary["folds"]:

@@ -146,7 +146,7 @@ def render_load_report(report: LoadReport, *, to_stderr: bool = False, full: boo
     if not report.exists:
         return
 
-    table = Table(title="keys by layer", title_justify="left")
+    table = console.table("keys by layer")
     table.add_column("layer")
     for kind in _KINDS:
         table.add_column(kind, justify="right")
@@ -158,7 +158,7 @@ def render_load_report(report: LoadReport, *, to_stderr: bool = False, full: boo
     out.print(table)
 
     if report.mismatched:
-        mism = Table(title="shape mismatches", title_justify="left")
+        mism = console.table("shape mismatches")
         for col in ("key", "file shape", "model shape"):
             mism.add_column(col)
         for key, file_shape, model_shape in report.mismatched:
@@ -174,7 +174,7 @@ def render_load_report(report: LoadReport, *, to_stderr: bool = False, full: boo
         groups = report.keys_by_layer(kind)
         if not groups:
             continue
-        keys_table = Table(title=f"{kind} keys", title_justify="left")
+        keys_table = console.table(f"{kind} keys")
         keys_table.add_column("layer")
         keys_table.add_column("keys", overflow="fold")
         limit = None if full else 6

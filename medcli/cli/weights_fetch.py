@@ -249,11 +249,9 @@ def _check_loads(depth: int, path: Path, *, own_file: bool, render: str):
 
 
 def _print_fetch_table(rows: list[dict]) -> None:
-    from rich.table import Table
-
     if not rows:
         return
-    table = Table(title="MedicalNet weights", title_justify="left")
+    table = console.table("MedicalNet weights")
     table.add_column("name")
     table.add_column("status")
     table.add_column("size", justify="right", no_wrap=True)
@@ -284,9 +282,7 @@ def list_weights(
         console.print_json([{**e.to_dict(), "local": c.to_dict()} for e, c in rows])
         return
 
-    from rich.table import Table
-
-    table = Table(title="MedicalNet releases (* = default)", title_justify="left")
+    table = console.table("MedicalNet releases (* = default)")
     table.add_column("name (aliases)")
     table.add_column("depth", justify="right")
     table.add_column("size", justify="right", no_wrap=True)
