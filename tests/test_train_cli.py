@@ -92,6 +92,36 @@ def test_class_absent_from_training_fold(cli, train_env, tmp_path):
     assert "no LGG subjects" in result.stderr
 
 
+def test_a_scan_that_fails_preprocessing_stops_training_and_names_the_command_that_lists_all(
+    cli, train_env, tmp_path
+):
+    """A NaN passes the header-only index, so training stops at preprocessing, naming the subject, and points
+    to `data prepare` with this run's settings, which lists every such subject."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    data = tmp_path / "nan_cohort"
+    shutil.copytree(train_env["data"], data)
+    scan = next(data.glob("*/*_t1ce.nii.gz"))
+    img = nib.load(scan)
+    voxels = np.asarray(img.dataobj).astype(np.float32)
+    voxels[5, 5, 5] = np.nan
+    nib.save(nib.Nifti1Image(voxels, img.affine), scan)
+    subject = scan.parent.name
+
+    result = cli("train", "--data", data, "--out", train_env["out"], *train_env["tiny"])
+    assert result.exit_code == 3, result.output
+    assert subject in result.stderr and "NaN" in result.stderr
+    command = f"medcli data prepare {data} --modalities t1ce --input-size 16,16,16"
+    assert command in " ".join(result.stderr.split())
+    assert not (train_env["out"] / "resnettiny-t1ce-ldam" / "fold0" / "last.pt").exists()
+
+    listed = cli(*command.split()[1:])
+    assert listed.exit_code != 0 and subject in listed.stdout + listed.stderr
+
+
 def test_config_file_unknown_key_and_override(cli, train_env, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('loss = "ce"\nlearning_rate = 0.1\n')

@@ -304,7 +304,7 @@ def _prepare_data(cfg: TrainConfig, fold_dir: FoldDir, precision: Precision, emi
         from medcli.paths import cache_dir
 
         cache = PreprocessCache(cache_dir())
-        _warm_cache(cache, [*train_subjects, *val_subjects], pcfg, emit)
+        _warm_cache(cache, [*train_subjects, *val_subjects], pcfg, emit, data_root=cfg.data)
     train_ds = VolumeDataset(train_subjects, pcfg, cache=cache, augment=True, seed=cfg.seed)
     val_ds = VolumeDataset(val_subjects, pcfg, cache=cache, augment=False, seed=cfg.seed)
 
@@ -348,7 +348,7 @@ def _prepare_data(cfg: TrainConfig, fold_dir: FoldDir, precision: Precision, emi
     )
 
 
-def _warm_cache(cache, subjects: Sequence[Any], pcfg, emit: Callback) -> None:
+def _warm_cache(cache, subjects: Sequence[Any], pcfg, emit: Callback, *, data_root: str) -> None:
     """Preprocess every subject once, in parallel, before the first epoch (rank 0; others wait).
 
     A scan that cannot be preprocessed stops training here, naming it, rather than mid-epoch.
@@ -371,7 +371,9 @@ def _warm_cache(cache, subjects: Sequence[Any], pcfg, emit: Callback) -> None:
         sid, reason = report.failed[0]
         raise DataError(
             f"{len(report.failed)} subject(s) could not be preprocessed; first: {sid}: {reason}",
-            hint="run `medcli data index` to see every problem, fix or remove those subjects",
+            # `data index` reads headers only; `data prepare` preprocesses, so it lists these failures.
+            hint=f"`medcli data prepare {data_root} --modalities {','.join(pcfg.modalities)} --input-size "
+            f"{','.join(map(str, pcfg.input_size))}` lists every subject that fails; fix or remove them",
         )
 
 
