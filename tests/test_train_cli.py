@@ -156,6 +156,9 @@ def test_seed_recipe_runs_and_writes_the_run_directory(cli, train_env):
     assert "random initialization" in err  # the file is absent here: warning, not failure
     assert "Model created: 0.23M total params, 0.23M trainable" in err
     assert "CPU fp32: dilation-2/4 convs tap by tap" in err  # medcli's CPU kernels, in fp32 too
+    run_dir = train_env["out"] / "resnettiny-t1ce-ldam"
+    assert f"runresnettiny-t1ce-ldamin{run_dir}" in "".join(result.stdout.split())  # the summary's title
+    assert f"Next: `medcli eval {run_dir}`" in " ".join(err.split())
 
     fold = train_env["out"] / "resnettiny-t1ce-ldam" / "fold0"
     for name in (

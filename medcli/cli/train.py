@@ -359,7 +359,7 @@ def _toml_value(v: Any) -> str:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    table = console.table(f"run {summary['run']}")
+    table = console.table(f"run {summary['run']} in {summary['run_dir']}")
     for col in ("fold", "epochs", "best epoch", "best val AUC", "selected", "last val AUC", "folder"):
         table.add_column(col, justify="right" if col not in ("selected", "folder") else "left")
     for r in summary["folds"]:
@@ -375,9 +375,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
             fmt(r["best_metric"]),
             r["selection"],
             fmt(last.get("val_auc_ema") if r["selection"] == "ema" else last.get("val_auc")),
-            r["run_dir"],
+            Path(r["run_dir"]).name,  # the run's folder is in the title: a full path per row gets cut
         )
     console.out.print(table)
+    run_dir = summary["run_dir"]
+    console.info(f"Next: `medcli eval {run_dir}`, then `medcli predict SCAN --model {run_dir}`")
 
 
 def _warn(message: str) -> None:
