@@ -414,6 +414,9 @@ def test_cli_list_table(cli, site):
     result = cli("weights", "list")
     assert result.exit_code == 0
     assert "alpha *" in result.stdout and "beta" in result.stdout and "absent" in result.stdout
+    # Files under $MEDCLI_HOME/weights by name, the folder once in the title; the seed's path in full.
+    assert str(site["home"]) in "".join(result.stdout.split()) and "beta.pth" in result.stdout
+    assert str(site["home"] / "beta.pth") not in "".join(result.stdout.split())
 
 
 def test_cli_fetch_all_into_medcli_home(cli, site, mirror):

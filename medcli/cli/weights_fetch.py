@@ -255,7 +255,7 @@ def _print_fetch_table(rows: list[dict]) -> None:
     table.add_column("name")
     table.add_column("status")
     table.add_column("size", justify="right", no_wrap=True)
-    table.add_column("path", overflow="fold")
+    table.add_column("file", overflow="fold")
     for r in rows:
         status = {"present": "present, verified", "downloaded": "downloaded, verified"}.get(
             r["action"], "corrupt copy replaced, verified"
@@ -274,7 +274,7 @@ def list_weights(
     Local copies are looked for at pretrained/medicalnet_resnet50_3d.pth (the default release) and
     $MEDCLI_HOME/weights/<file>; a present file is checked for size and SHA-256.
     """
-    from medcli.weights.manifest import load_manifest, local_status
+    from medcli.weights.manifest import load_manifest, local_status, weights_dir
 
     manifest = load_manifest()
     rows = [(e, local_status(e)) for e in manifest.entries]
@@ -282,18 +282,22 @@ def list_weights(
         console.print_json([{**e.to_dict(), "local": c.to_dict()} for e, c in rows])
         return
 
-    table = console.table("MedicalNet releases (* = default)")
+    # Paths under $MEDCLI_HOME/weights are shown by file name (the folder is in the title): full paths
+    # were folded over three lines at 80 columns.
+    home = weights_dir()
+    table = console.table(f"MedicalNet releases (* = default); files in {home} unless a path is given")
     table.add_column("name (aliases)")
     table.add_column("depth", justify="right")
     table.add_column("size", justify="right", no_wrap=True)
     table.add_column("local copy")
-    table.add_column("path", overflow="fold")
+    table.add_column("file", overflow="fold")
     for e, c in rows:
         state = {"verified": "[green]verified[/]", "absent": "[dim]absent[/]"}.get(
             c.state, f"[red]corrupt: {c.reason}[/]"
         )
         label = e.name + (" *" if e.is_default else "") + (f" ({', '.join(e.aliases)})" if e.aliases else "")
-        table.add_row(label, str(e.depth), _mib(e.size), state, str(c.path))
+        path = c.path.name if c.path.parent == home else str(c.path)
+        table.add_row(label, str(e.depth), _mib(e.size), state, path)
     console.out.print(table)
 
 
