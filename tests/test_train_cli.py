@@ -122,6 +122,21 @@ def test_a_scan_that_fails_preprocessing_stops_training_and_names_the_command_th
     assert listed.exit_code != 0 and subject in listed.stdout + listed.stderr
 
 
+def test_subjects_left_out_of_training_are_named(cli, train_env, tmp_path):
+    """A subject discover sets aside (a truncated scan) is not trained on, and the log says so."""
+    import shutil
+
+    data = tmp_path / "cut_cohort"
+    shutil.copytree(train_env["data"], data)
+    scan = sorted(data.glob("*/*_t1ce.nii.gz"))[-1]
+    scan.write_bytes(scan.read_bytes()[:2000])
+    result = cli("train", "--data", data, "--out", train_env["out"], *train_env["tiny"], "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    err = " ".join(result.stderr.split())
+    assert f"1 of 10 subjects left out of training (first: {scan.parent.name}: t1ce: truncated" in err
+    assert f"`medcli data index {data}` lists each" in err
+
+
 def test_config_file_unknown_key_and_override(cli, train_env, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('loss = "ce"\nlearning_rate = 0.1\n')

@@ -270,6 +270,7 @@ def _prepare_data(cfg: TrainConfig, fold_dir: FoldDir, precision: Precision, emi
     pcfg = PreprocessConfig(modalities=tuple(cfg.modalities), input_size=tuple(cfg.input_size))
     cohort = discover(Path(cfg.data), modalities=cfg.modalities)
     subjects = cohort.require_labels()
+    _warn_left_out(cohort, subjects, cfg.data, emit)
     splits = _load_or_make_splits(cfg, subjects, fold_dir)
     train_ids, val_ids = splits.fold(cfg.fold)
     by_id = {s.subject_id: s for s in subjects}
@@ -345,6 +346,22 @@ def _prepare_data(cfg: TrainConfig, fold_dir: FoldDir, precision: Precision, emi
         (int(counts[0]), int(counts[1])),
         splits.cohort_hash,
         pcfg,
+    )
+
+
+def _warn_left_out(cohort: Any, subjects: Sequence[Any], data_root: str, emit: Callback) -> None:
+    """Name the subjects found but not trained on (unreadable or incomplete scans, no grade), and why:
+    training on fewer subjects than the user has must never be silent."""
+    used = {s.subject_id for s in subjects}
+    left = [s.subject_id for s in (*cohort.subjects, *cohort.excluded) if s.subject_id not in used]
+    if not left:
+        return
+    why = next((p.what for p in cohort.problems if p.subject == left[0]), "no LGG/HGG grade")
+    emit(
+        Warning(
+            f"{len(left)} of {len(left) + len(subjects)} subjects left out of training (first: {left[0]}: "
+            f"{why}); `medcli data index {data_root}` lists each with what to do"
+        )
     )
 
 
