@@ -189,6 +189,40 @@ def test_same_files_once_and_same_names_told_apart(cli, world, tmp_path):
     )
 
 
+def test_prefetch_keeps_order_and_bounds_the_scans_in_flight():
+    """``ahead`` scans are preprocessed at once (threads), never more; results come back in input order."""
+    import threading
+    import time
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def work(i):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return i * i
+
+    for ahead in (1, 3):
+        peak[0] = 0
+        got = []
+        for item, future in P._prefetched(list(range(10)), work, ahead=ahead):
+            got.append((item, future.result()))
+            time.sleep(0.03)  # the "forward pass": the next scans are preprocessed meanwhile
+        assert got == [(i, i * i) for i in range(10)]
+        assert peak[0] == ahead
+
+
+def test_more_scans_ahead_predict_the_same(world):
+    source = P.find_checkpoints(world["run"], world["root"])
+    scans, _ = P.collect_scans([world["data"]], ("t1ce",))
+    one = P.load_predictor(source, device="cpu", prefetch=1).predict(scans).predictions
+    three = P.load_predictor(source, device="cpu", prefetch=3).predict(scans).predictions
+    assert [(p.scan_id, p.p_hgg) for p in one] == [(p.scan_id, p.p_hgg) for p in three]
+
+
 def test_bf16_close_to_fp32(world):
     """The fold ensemble with TTA on every synthetic subject: bf16 P(HGG) within 0.02 of fp32."""
     source = P.find_checkpoints(world["run"], world["root"])
