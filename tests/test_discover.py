@@ -254,6 +254,33 @@ def test_bad_segmentation_is_a_warning_only(tmp_path):
     assert _problem(cohort, "case1").severity == "warning"
 
 
+def _unoriented(path: Path) -> Path:
+    """A volume whose header says nothing about orientation (qform and sform codes 0)."""
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.zeros(TINY, dtype=np.int16)
+    data[2:-2, 2:-2, 2:-2] = 100
+    nib.save(nib.Nifti1Image(data, None), str(path))
+    assert int(nib.load(str(path)).header["sform_code"]) == 0
+    return path
+
+
+def test_scan_without_orientation_is_a_warning_and_an_unusable_cohort_names_its_error(tmp_path):
+    root = tmp_path / "flat"
+    for m in MODALITIES:
+        _unoriented(root / "case1" / f"case1_{m}.nii.gz")
+    cohort = discover(root)
+    assert len(cohort.subjects) == 1  # kept: a warning, not an error
+    warnings = [p for p in cohort.problems if p.severity == "warning"]
+    assert len(warnings) == 4 and all("no orientation in its header" in p.what for p in warnings)
+    assert "dcm2niix" in warnings[0].hint
+
+    write_volume(root / "case1" / "case1_t1ce.nii.gz")  # an oriented t1ce: the others no longer align
+    with pytest.raises(DataError, match="t1 affine differs from t1ce"):  # the error, not the warnings
+        discover(root).require_usable()
+
+
 def test_nothing_found_and_missing_path_are_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no BraTS subjects or CSV manifest"):

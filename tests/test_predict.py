@@ -3,6 +3,7 @@ Grad-CAM on the original grid, partial failures and every kind of bad input."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -221,6 +222,23 @@ def test_more_scans_ahead_predict_the_same(world):
     one = P.load_predictor(source, device="cpu", prefetch=1).predict(scans).predictions
     three = P.load_predictor(source, device="cpu", prefetch=3).predict(scans).predictions
     assert [(p.scan_id, p.p_hgg) for p in one] == [(p.scan_id, p.p_hgg) for p in three]
+
+
+def test_a_scan_without_orientation_is_predicted_with_a_warning(cli, world, tmp_path):
+    img = nib.load(_scan(world))
+    bare = tmp_path / "bare.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), None), bare)  # qform and sform codes 0
+    csv_path = tmp_path / "p.csv"
+    r = cli("predict", bare, _scan(world), "--model", world["run"] / "fold0", "--json", "--csv", csv_path)
+    assert r.exit_code == 0, r.stderr
+    warned, fine = _json(r)["predictions"]
+    assert (
+        len(warned["warnings"]) == 1 and "bare.nii.gz: no orientation in its header" in warned["warnings"][0]
+    )
+    assert fine["warnings"] == []
+    assert _has(r.stderr, "WARNING: bare: bare.nii.gz: no orientation in its header")
+    rows = list(csv.DictReader(csv_path.open()))
+    assert "no orientation" in rows[0]["warnings"] and rows[1]["warnings"] == ""
 
 
 def test_bf16_close_to_fp32(world):

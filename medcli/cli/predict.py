@@ -30,6 +30,7 @@ CSV_FIELDS = (
     "label",
     "saliency_nifti",
     "saliency_png",
+    "warnings",
 )
 
 
@@ -128,6 +129,9 @@ def predict_command(
             console.info(f"Predictions written to {csv_path}")
         if saliency is not None:
             console.info(f"Grad-CAM maps (NIfTI on each scan's grid + PNG) written to {saliency}/")
+    for p in result.predictions:
+        for w in p.warnings:
+            console.warn(f"{p.scan_id}: {w}")
     for f in result.failures:
         _warn_failure(f)
     if result.failures:
@@ -202,6 +206,7 @@ def _write_csv(path: Path, result) -> None:
     writer.writeheader()
     for p in result.predictions:
         row = p.to_dict()
+        row["warnings"] = "; ".join(row["warnings"])
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_FIELDS})
     atomic_write_text(path, buf.getvalue())
 

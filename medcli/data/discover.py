@@ -161,10 +161,12 @@ class Cohort:
         """The usable subjects; ``DataError`` when every subject found had a problem."""
         if not self.subjects:
             where = ", ".join(str(r) for r in self.roots)
+            # The first error: a warning (kept subject) is not why none is usable.
+            first = next((p for p in self.problems if p.severity == "error"), None)
             raise DataError(
                 f"no usable subject under {where}: all {len(self.excluded)} found have problems "
-                f"(first: {self.problems[0].subject}: {self.problems[0].what})"
-                if self.problems
+                f"(first: {first.subject}: {first.what})"
+                if first
                 else f"no usable subject under {where}",
                 hint="run `medcli data index` to see every problem and what to do",
             )
@@ -740,7 +742,13 @@ def _check_subject(subject: Subject, required: Sequence[str], check_headers: boo
                 )
             )
             continue
-        shape, affine = header
+        shape, affine, oriented = header
+        if not oriented:
+            from medcli.data.nifti import NO_ORIENTATION, NO_ORIENTATION_HINT  # nibabel: only when needed
+
+            problems.append(
+                Problem(sid, str(path), f"{modality}: {NO_ORIENTATION}", NO_ORIENTATION_HINT, "warning")
+            )
         if reference is None:
             reference = (modality, shape, affine)
             continue
@@ -772,8 +780,9 @@ def _check_subject(subject: Subject, required: Sequence[str], check_headers: boo
     return problems
 
 
-def _read_nifti_header(path: Path) -> tuple[tuple[int, ...], object] | str:
-    """(3-D shape, affine) from the header alone, or a description of what is wrong with the file.
+def _read_nifti_header(path: Path) -> tuple[tuple[int, ...], object, bool] | str:
+    """(3-D shape, affine, whether it has an orientation) from the header alone, or a description of what
+    is wrong with the file.
 
     Reads the first 540 bytes (gunzipped on the fly) and parses them with nibabel's header classes:
     about 5× cheaper than ``nibabel.load``, which also builds an image and sniffs for sidecar files.
@@ -781,6 +790,8 @@ def _read_nifti_header(path: Path) -> tuple[tuple[int, ...], object] | str:
     import gzip
 
     import nibabel as nib  # imported here: `medcli data --help` stays instant
+
+    from medcli.data.nifti import has_orientation
 
     try:
         opener = gzip.open if path.name.lower().endswith(".gz") else open
@@ -798,6 +809,7 @@ def _read_nifti_header(path: Path) -> tuple[tuple[int, ...], object] | str:
         header = header_class(raw[:size], endianness=endianness, check=False)
         shape = tuple(int(n) for n in header.get_data_shape())
         affine = header.get_best_affine()
+        oriented = has_orientation(header)
         # Single-file NIfTI data start at vox_offset, never before the header (+4 extension bytes) ends.
         offset = max(int(header["vox_offset"]), size + 4)
         itemsize = header.get_data_dtype().itemsize
@@ -814,7 +826,7 @@ def _read_nifti_header(path: Path) -> tuple[tuple[int, ...], object] | str:
     expected = offset + itemsize * shape[0] * shape[1] * shape[2]
     if _looks_truncated(path, expected):
         return "truncated: the file ends before its image data does (an interrupted download or copy?)"
-    return shape, affine
+    return shape, affine, oriented
 
 
 def _starts_like_html(path: Path) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -37,6 +38,9 @@ class NiftiVolume:
     original_affine: np.ndarray
     ornt: np.ndarray
     path: Path
+    # False when the header holds no orientation (qform and sform codes 0): nibabel then reads the voxel
+    # axes as LAS, a guess that may mirror the scan against others.
+    oriented: bool = True
 
 
 def _fail(path: Path, what: str, todo: str) -> DataError:
@@ -125,7 +129,20 @@ def read_nifti(path: str | Path, orientation: str = "RAS") -> NiftiVolume:
         original_affine=np.asarray(affine, dtype=np.float64),
         ornt=ornt,
         path=path,
+        oriented=has_orientation(img.header),
     )
+
+
+def has_orientation(header: Any) -> bool:
+    """Whether a NIfTI header says how its voxel axes lie in the scanner (a qform or sform code > 0)."""
+    return int(header["qform_code"]) > 0 or int(header["sform_code"]) > 0
+
+
+NO_ORIENTATION = (
+    "no orientation in its header (qform and sform codes 0): its axes are read as nibabel's default (LAS), "
+    "which may mirror it"
+)
+NO_ORIENTATION_HINT = "re-export it with its orientation, e.g. from DICOM with dcm2niix"
 
 
 def load_volume(path: str | Path, orientation: str = "RAS") -> tuple[np.ndarray, np.ndarray]:

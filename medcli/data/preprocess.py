@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from medcli.data.nifti import NiftiVolume, read_nifti, to_file_grid
+from medcli.data.nifti import NO_ORIENTATION, NO_ORIENTATION_HINT, NiftiVolume, read_nifti, to_file_grid
 from medcli.errors import DataError, UsageError
 
 PREPROCESS_VERSION = 1
@@ -171,6 +171,7 @@ class Preprocessed:
 
     array: np.ndarray
     geometry: Geometry = field(repr=False)
+    warnings: tuple[str, ...] = ()  # about the input files (e.g. no orientation), for predict to show
 
 
 def _check_modalities(paths: Mapping[str, Path], cfg: PreprocessConfig, who: str) -> None:
@@ -275,7 +276,12 @@ def preprocess(
         crop=box,
         input_size=cfg.input_size,
     )
-    return Preprocessed(array=np.ascontiguousarray(array, dtype=np.float32), geometry=geometry)
+    warnings = tuple(
+        f"{v.path.name}: {NO_ORIENTATION} ({NO_ORIENTATION_HINT})" for v in vols if not v.oriented
+    )
+    return Preprocessed(
+        array=np.ascontiguousarray(array, dtype=np.float32), geometry=geometry, warnings=warnings
+    )
 
 
 def to_original_grid(

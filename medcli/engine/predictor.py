@@ -158,6 +158,7 @@ class ScanPrediction:
     label: int | None = None
     saliency_nifti: str | None = None
     saliency_png: str | None = None
+    warnings: list[str] = field(default_factory=list)  # about the input files (e.g. no orientation)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -353,6 +354,7 @@ class Predictor:
                 pre = pending.result()  # re-raises the scan's own DataError
                 x = torch.from_numpy(np.ascontiguousarray(pre.array, dtype=np.float32))[None]
                 pred = self.summarize(self.probabilities(x), 0, scan)
+                pred.warnings = list(pre.warnings)
                 if saliency_dir is not None:
                     from medcli.engine.saliency import write_saliency
 
