@@ -125,6 +125,21 @@ def test_default_model_is_newest_run(cli, world, tmp_path):
     assert r.exit_code == 8 and _has(r.stderr, "no trained run found")
 
 
+def test_a_partial_ensemble_says_which_folds_it_lacks(cli, world, tmp_path):
+    """A run whose splits.json has 3 folds but only folds 0 and 1 trained: predicted, and said so."""
+    import shutil
+
+    run = shutil.copytree(world["run"], tmp_path / "run")
+    (run / "splits.json").write_text(json.dumps({"format": "medcli-splits/1", "k": 3}))
+    r = cli("predict", _scan(world), "--model", run)
+    assert r.exit_code == 0, r.stderr
+    assert _has(r.stderr, f"Model: 2 of 3 folds of {run} (fold 2: no checkpoint yet)")
+    source = P.find_checkpoints(run, tmp_path)
+    assert source.untrained == [2] and len(source.checkpoints) == 2
+    (run / "splits.json").write_text(json.dumps({"format": "medcli-splits/1", "k": 2}))
+    assert P.find_checkpoints(run, tmp_path).describe() == f"2 fold(s) of {run}"
+
+
 def test_reoriented_scan_gets_same_probability(cli, world, tmp_path):
     """The same image stored LPS and RAS (data flipped, affine flipped) is the same scan to medcli."""
     data = brain_volume((24, 20, 18), seed=7, hgg=True)

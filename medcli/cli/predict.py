@@ -94,7 +94,7 @@ def predict_command(
 
     source = P.find_checkpoints(model, default_runs_root())
     if model is None:
-        console.info(f"Using the newest run: {source.root} ({len(source.checkpoints)} fold(s))")
+        console.info(f"Using the newest run: {source.root}")
     if tuned:
         from medcli.engine.evaluator import tuned_threshold
 
@@ -105,7 +105,7 @@ def predict_command(
     )
     modalities = tuple(predictor.preprocess_cfg.modalities)
     console.info(
-        f"Model: {len(predictor.models)} member(s) from {source.root} · modalities {','.join(modalities)} · "
+        f"Model: {source.describe()} · modalities {','.join(modalities)} · "
         f"input {'x'.join(map(str, predictor.preprocess_cfg.input_size))} · {predictor.precision} on "
         f"{predictor.device}" + (" · 8-flip TTA" if tta else "")
     )

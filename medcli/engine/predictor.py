@@ -416,6 +416,17 @@ class ModelSource:
     checkpoints: list[Path]
     kind: str  # "checkpoint" | "fold" | "run"
     root: Path
+    untrained: list[int] = field(default_factory=list)  # a run's folds (by its splits.json) without one
+
+    def describe(self) -> str:
+        """``"2 of 3 folds of runs/x (fold 2: no best.pt yet)"``, ``"runs/x/fold0"``, ... for messages."""
+        if self.kind != "run":
+            return str(self.checkpoints[0] if self.kind == "checkpoint" else self.root)
+        n = len(self.checkpoints)
+        if not self.untrained:
+            return f"{n} fold(s) of {self.root}"
+        missing = ", ".join(map(str, self.untrained))
+        return f"{n} of {n + len(self.untrained)} folds of {self.root} (fold {missing}: no checkpoint yet)"
 
 
 def find_checkpoints(model: Path | None, runs_root: Path, checkpoint_name: str = "best.pt") -> ModelSource:
@@ -440,11 +451,24 @@ def find_checkpoints(model: Path | None, runs_root: Path, checkpoint_name: str =
         return ModelSource([model / checkpoint_name], "fold", model)
     folds = sorted(model.glob(f"fold*/{checkpoint_name}"), key=lambda p: _fold_number(p.parent.name))
     if folds:
-        return ModelSource(folds, "run", model)
+        return ModelSource(folds, "run", model, _untrained_folds(model, folds))
     raise CheckpointError(
         f"{model}: no {checkpoint_name} in it or in fold*/ below it",
         hint="finish training a fold first, or pass a .pt checkpoint",
     )
+
+
+def _untrained_folds(run: Path, checkpoints: Sequence[Path]) -> list[int]:
+    """The folds of ``run``'s split (``splits.json``) that have no checkpoint: an ensemble of fewer folds
+    than the run has is legitimate (``train --fold 0`` first), but worth saying."""
+    import json
+
+    try:
+        k = int(json.loads((run / "splits.json").read_text())["k"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # no (readable) split: nothing to compare with
+    have = {_fold_number(p.parent.name) for p in checkpoints}
+    return [i for i in range(k) if i not in have]
 
 
 def _fold_number(name: str) -> int:
