@@ -516,7 +516,7 @@ def _build_model(cfg: TrainConfig, emit: Callback, fetch: str) -> tuple[nn.Modul
     elif load_manifest().for_depth(cfg.depth) is None:  # `tiny`: nothing to start from
         emit(Info(f"MedicalNet released no {name} weights: training from random initialization"))
     else:
-        emit(Warning("no --pretrained-path: training from random initialization"))
+        emit(Info("--no-pretrained: training from random initialization"))
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     emit(Info(f"Model created: {total / 1e6:.2f}M total params, {trainable / 1e6:.2f}M trainable"))
