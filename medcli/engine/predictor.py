@@ -419,14 +419,14 @@ class ModelSource:
     untrained: list[int] = field(default_factory=list)  # a run's folds (by its splits.json) without one
 
     def describe(self) -> str:
-        """``"2 of 3 folds of runs/x (fold 2: no best.pt yet)"``, ``"runs/x/fold0"``, ... for messages."""
+        """``"2 of 3 folds of runs/x (fold 2: no checkpoint yet)"``, ``"runs/x/fold0"``, ... for messages."""
         if self.kind != "run":
             return str(self.checkpoints[0] if self.kind == "checkpoint" else self.root)
         n = len(self.checkpoints)
         if not self.untrained:
             return f"{n} fold(s) of {self.root}"
-        missing = ", ".join(map(str, self.untrained))
-        return f"{n} of {n + len(self.untrained)} folds of {self.root} (fold {missing}: no checkpoint yet)"
+        missing = ("fold " if len(self.untrained) == 1 else "folds ") + ", ".join(map(str, self.untrained))
+        return f"{n} of {n + len(self.untrained)} folds of {self.root} ({missing}: no checkpoint yet)"
 
 
 def find_checkpoints(model: Path | None, runs_root: Path, checkpoint_name: str = "best.pt") -> ModelSource:
