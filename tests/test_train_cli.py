@@ -312,6 +312,28 @@ def test_default_weights_follow_the_depth(cli, train_env, tmp_path):
     assert "MedicalNet released no ResNet-tiny-3D weights: training from random initialization" in tiny.stderr
 
 
+def test_folds_started_from_other_weights_are_flagged(cli, train_env, tmp_path):
+    """Fold 0 from random init, fold 1 from a weights file: fold 1's log says the folds differ."""
+    from medcli.models.synthetic import write_medicalnet_checkpoint
+
+    weights = write_medicalnet_checkpoint(tmp_path / "tiny.pth", depth="tiny")
+    base = ["train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+            "--name", "mixed", "--max-steps", "1", "--epochs", "1"]  # fmt: skip
+    first = cli(*base, "--fold", "0", "--pretrained-path", weights)
+    assert first.exit_code == 0, first.output
+    again = cli(*base, "--fold", "1", "--pretrained-path", weights)
+    assert again.exit_code == 0 and "not comparable" not in again.stderr  # same start: nothing to say
+
+    changed = tmp_path / "other.pth"
+    changed.write_bytes(weights.read_bytes())
+    with open(changed, "ab") as fh:
+        fh.write(b"\0")  # other bytes, so another SHA-256 (torch ignores trailing bytes of a legacy file)
+    result = cli(*base, "--fold", "1", "--pretrained-path", changed, "--force")
+    assert result.exit_code == 0, result.output
+    err = " ".join(result.stderr.split())
+    assert "fold0 started from weights with SHA-256" in err and "the run's folds are not comparable" in err
+
+
 def test_require_pretrained_missing_file_exits_4(cli, train_env):
     result = cli(
         "train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],

@@ -216,6 +216,7 @@ def train(
         emit(Info(f"Loss: {loss_fn.describe()}"))
 
     model, pretrained_sha = _build_model(cfg, emit, fetch)
+    _warn_other_start(fold_dir, pretrained_sha, emit)
     if dist.is_main():
         fold_dir.start(cfg.to_dict(), fresh=not resume)
     dist.barrier()
@@ -459,6 +460,30 @@ def _accepted(name: str, options: dict[str, Any]) -> dict[str, Any]:
 
 def display_name(depth: int | str) -> str:
     return f"ResNet{depth}-3D" if isinstance(depth, int) else f"ResNet-{depth}-3D"
+
+
+def _warn_other_start(fold_dir: FoldDir, sha: str | None, emit: Callback) -> None:
+    """A run's folds are compared and ensembled, so they should start from the same weights; say so when
+    another fold's checkpoint records other ones (e.g. the weights were fetched after fold 0 trained)."""
+
+    def start(h: str | None) -> str:
+        return "random initialization" if h is None else f"weights with SHA-256 {h[:12]}…"
+
+    for other in sorted(fold_dir.path.parent.glob("fold*/last.pt")):
+        if other.parent == fold_dir.path:
+            continue
+        try:  # memory-mapped: only the small provenance dict is read
+            theirs = ckpt_io.read_checkpoint(other, mmap=True).get("provenance", {}).get("pretrained_sha256")
+        except CheckpointError:
+            continue  # unreadable: `eval`/`predict` will say so where it matters
+        if theirs != sha:
+            emit(
+                Warning(
+                    f"{other.parent.name} started from {start(theirs)}, this fold from {start(sha)}: the "
+                    "run's folds are not comparable (use --force on the other folds, or --name for a new run)"
+                )
+            )
+            return
 
 
 def resolve_pretrained(cfg: TrainConfig) -> str:
