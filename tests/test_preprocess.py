@@ -134,6 +134,26 @@ def test_crop_and_normalisation_before_resize(tmp_path):
         assert inside.max() == pytest.approx(z_hi, rel=1e-4)
 
 
+def test_warnings_for_inputs_unlike_brats(tmp_path):
+    """Skull-stripped and oriented: no warning; noise in the air (not skull-stripped) or a header without
+    orientation: one warning each, naming what to do."""
+    cfg = PreprocessConfig(modalities=("t1ce",), input_size=16)
+    clean = make_subject(tmp_path / "clean")
+    assert preprocess(clean, cfg).warnings == ()
+
+    head = phantom(seed=1)
+    head[head == 0] = 1 + np.abs(np.random.default_rng(0).normal(0, 3, head.shape))[head == 0]  # air: noise
+    noisy = save_nifti(tmp_path / "head" / "head_t1ce.nii.gz", head)
+    (warning,) = preprocess({"t1ce": noisy}, cfg).warnings
+    assert "100% of its voxels are non-zero" in warning and "skull-strip it first" in warning
+
+    bare = tmp_path / "bare" / "bare_t1ce.nii.gz"
+    bare.parent.mkdir()
+    nib.save(nib.Nifti1Image(phantom().astype(np.int16), None), str(bare))  # qform and sform codes 0
+    (warning,) = preprocess({"t1ce": bare}, cfg).warnings
+    assert warning.startswith("bare_t1ce.nii.gz: no orientation in its header") and "dcm2niix" in warning
+
+
 def test_missing_modality_names_subject_and_needs(tmp_path):
     paths = make_subject(tmp_path / "BraTS20_Training_007", ("t1ce",))
     cfg = PreprocessConfig(modalities=("t1ce", "flair"), **SMALL)

@@ -238,6 +238,12 @@ def _resize(array: np.ndarray, size: Sequence[int], mode: str = "trilinear") -> 
     return F.interpolate(t, size=tuple(size), mode=mode, **kwargs)[0].numpy()
 
 
+# Above this fraction of non-zero voxels a scan is taken as not skull-stripped: a skull-stripped brain fills
+# about 10-15% of a BraTS volume and about half of its own bounding box (an ellipsoid: pi/6 = 52%), while a
+# whole-head scan with scanner noise in the air is non-zero almost everywhere.
+NOT_SKULL_STRIPPED = 0.9
+
+
 def preprocess(
     paths: Mapping[str, str | Path], cfg: PreprocessConfig, *, subject_id: str | None = None
 ) -> Preprocessed:
@@ -255,6 +261,7 @@ def preprocess(
     brain = vols[0].data != 0
     for v in vols[1:]:
         brain |= v.data != 0
+    nonzero = float(brain.mean())
     box = _bounding_box(brain, cfg.crop_margin)
     sl = tuple(slice(a, b) for a, b in box)
     brain = np.ascontiguousarray(brain[sl])
@@ -279,6 +286,12 @@ def preprocess(
     warnings = tuple(
         f"{v.path.name}: {NO_ORIENTATION} ({NO_ORIENTATION_HINT})" for v in vols if not v.oriented
     )
+    if nonzero > NOT_SKULL_STRIPPED:
+        warnings += (
+            f"{nonzero:.0%} of its voxels are non-zero: it does not look skull-stripped with a zero "
+            "background, as BraTS scans are, so the brain crop and intensity normalisation see the whole "
+            "image (skull-strip it first, e.g. with HD-BET or SynthStrip)",
+        )
     return Preprocessed(
         array=np.ascontiguousarray(array, dtype=np.float32), geometry=geometry, warnings=warnings
     )
