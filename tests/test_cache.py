@@ -187,6 +187,25 @@ def test_prepare_cohort_counts_and_reasons(tmp_path):
     assert report.to_dict()["cached"] == 2
 
 
+def test_prepare_cohort_reports_warnings_now_and_from_the_cache(tmp_path):
+    """A scan with noise in the air (not skull-stripped) is cached with a warning, which is reported when
+    it is preprocessed and again when it is found already cached."""
+    data = tmp_path / "data"
+    clean = make_subject(data / "A", ("t1ce", "flair"), seed=1)
+    noisy = make_subject(data / "B", ("t1ce", "flair"), seed=2)
+    head = phantom(seed=5)
+    head[head == 0] = 7.0  # a constant non-zero background: the air was not removed
+    save_nifti(noisy["t1ce"], head)
+    subjects = [Subj("A", clean), Subj("B", noisy)]
+    cache = PreprocessCache(tmp_path / "cache")
+    for _ in range(2):  # preprocessed now, then read back from the entries
+        report = prepare_cohort(subjects, CFG, cache)
+        assert [s for s, _ in report.warnings] == ["B"]
+        assert "does not look skull-stripped" in report.warnings[0][1]
+        assert report.to_dict()["warnings"][0]["subject_id"] == "B"
+    assert report.already_cached == ["A", "B"]
+
+
 # --- `medcli data prepare` ------------------------------------------------------------------------------
 
 
@@ -215,6 +234,7 @@ def test_prepare_fills_the_cache_then_finds_it(cli, cohort, tmp_path):
     summary = json.loads(first.stdout)  # stdout holds the JSON and nothing else
     assert summary["cached"] == 4 and summary["already_cached"] == 0 and summary["failed"] == []
     assert summary["config"]["modalities"] == ["t1ce", "flair"]
+    assert summary["warnings"] == []  # synthetic BraTS-like scans: skull-stripped, oriented
     again = json.loads(cli(*args, "--json").stdout)
     assert again["cached"] == 0 and again["already_cached"] == 4
     # What training will ask for is served from what prepare wrote.
@@ -226,6 +246,30 @@ def test_prepare_fills_the_cache_then_finds_it(cli, cohort, tmp_path):
         assert store.lookup(s.subject_id, s.paths, cfg) is not None
     table = cli(*args)
     assert table.exit_code == 0 and "already cached" in table.stdout
+
+
+def test_prepare_lists_subjects_cached_with_a_warning(cli, cohort, tmp_path):
+    flair = sorted(cohort.glob("*/*_flair.nii.gz"))[0]
+    img = nib.load(flair)
+    voxels = np.asarray(img.dataobj).astype(np.float32)
+    voxels[voxels == 0] = 2.0  # air not removed
+    nib.save(nib.Nifti1Image(voxels, img.affine), flair)
+    args = [
+        "data",
+        "prepare",
+        cohort,
+        "--cache",
+        tmp_path / "c",
+        "--input-size",
+        "16",
+        "--modalities",
+        "flair",
+    ]
+    summary = json.loads(cli(*args, "--json").stdout)
+    assert [w["subject_id"] for w in summary["warnings"]] == [flair.parent.name]
+    table = cli(*args)
+    assert table.exit_code == 0 and "Cached, with a warning" in table.stdout
+    assert "skull-stripped" in table.stdout and flair.parent.name in table.stdout
 
 
 def test_prepare_reports_a_broken_subject_and_exits_10(cli, cohort, tmp_path):

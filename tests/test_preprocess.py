@@ -145,7 +145,7 @@ def test_warnings_for_inputs_unlike_brats(tmp_path):
     head[head == 0] = 1 + np.abs(np.random.default_rng(0).normal(0, 3, head.shape))[head == 0]  # air: noise
     noisy = save_nifti(tmp_path / "head" / "head_t1ce.nii.gz", head)
     (warning,) = preprocess({"t1ce": noisy}, cfg).warnings
-    assert "100% of its voxels are non-zero" in warning and "skull-strip it first" in warning
+    assert "100% of the voxels are non-zero" in warning and "skull-strip it first" in warning
 
     bare = tmp_path / "bare" / "bare_t1ce.nii.gz"
     bare.parent.mkdir()

@@ -123,18 +123,29 @@ def test_a_scan_that_fails_preprocessing_stops_training_and_names_the_command_th
 
 
 def test_subjects_left_out_of_training_are_named(cli, train_env, tmp_path):
-    """A subject discover sets aside (a truncated scan) is not trained on, and the log says so."""
+    """A subject discover sets aside (a truncated scan) is not trained on, and the log says so; one that
+    does not look skull-stripped is trained on, with a warning."""
     import shutil
 
     data = tmp_path / "cut_cohort"
     shutil.copytree(train_env["data"], data)
     scan = sorted(data.glob("*/*_t1ce.nii.gz"))[-1]
     scan.write_bytes(scan.read_bytes()[:2000])
+    import nibabel as nib
+    import numpy as np
+
+    noisy = sorted(data.glob("*/*_t1ce.nii.gz"))[0]  # and one whose air was not removed: kept, with a warning
+    img = nib.load(noisy)
+    voxels = np.asarray(img.dataobj).astype(np.float32)
+    voxels[voxels == 0] = 3.0
+    nib.save(nib.Nifti1Image(voxels, img.affine), noisy)
     result = cli("train", "--data", data, "--out", train_env["out"], *train_env["tiny"], "--max-steps", "1")
     assert result.exit_code == 0, result.output
     err = " ".join(result.stderr.split())
     assert f"1 of 10 subjects left out of training (first: {scan.parent.name}: t1ce: truncated" in err
     assert f"`medcli data index {data}` lists each" in err
+    assert f"1 subject(s) with scans unlike BraTS (first: {noisy.parent.name}: 100% of the voxels" in err
+    assert f"`medcli data prepare {data} --modalities t1ce --input-size 16,16,16` lists them" in err
 
 
 def test_config_file_unknown_key_and_override(cli, train_env, tmp_path):

@@ -127,6 +127,13 @@ def _render(summary: dict) -> None:
         table.add_row("set aside by discovery", str(len(summary["skipped"])))
     table.add_row("time", f"{summary['seconds']:.1f} s")
     console.out.print(table)
+    if summary["warnings"]:
+        warned = console.table("Cached, with a warning")
+        for column in ("subject", "warning"):
+            warned.add_column(column, overflow="fold")
+        for item in summary["warnings"]:
+            warned.add_row(item["subject_id"], item["warning"])
+        console.out.print(warned)
     rows = [("failed", f) for f in summary["failed"]] + [("set aside", s) for s in summary["skipped"]]
     if rows:
         problems = console.table("Not cached")

@@ -129,6 +129,15 @@ class PreprocessCache:
         self._create(entry, subject_id, paths, cfg)
         return True
 
+    def warnings(self, subject_id: str, paths: Mapping[str, str | Path], cfg: PreprocessConfig) -> list[str]:
+        """What preprocessing said about the subject's files (no orientation, not skull-stripped); [] when
+        the entry is absent or older than these notes."""
+        try:
+            meta = json.loads(self.entry(subject_id, paths, cfg).meta_path.read_text())
+        except (OSError, ValueError):
+            return []
+        return [str(w) for w in meta.get("warnings", [])]
+
     def geometry(self, subject_id: str, paths: Mapping[str, str | Path], cfg: PreprocessConfig) -> Geometry:
         """The subject's geometry (for mapping model-space outputs back onto the scan)."""
         self.get_or_create(subject_id, paths, cfg)
@@ -152,6 +161,7 @@ class PreprocessCache:
                 "shape": list(result.array.shape),
                 "dtype": "float32",
                 "geometry": result.geometry.to_dict(),
+                "warnings": list(result.warnings),  # e.g. not skull-stripped: for `prepare` and `train`
             }
             blob = json.dumps(meta, indent=1).encode()
             # JSON first, array last: a visible array always has its JSON beside it.
@@ -174,12 +184,14 @@ class PrepareReport:
     cached: list[str] = field(default_factory=list)
     already_cached: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (subject, warning) of usable subjects
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "cached": len(self.cached),
             "already_cached": len(self.already_cached),
             "failed": [{"subject_id": s, "reason": r} for s, r in self.failed],
+            "warnings": [{"subject_id": s, "warning": w} for s, w in self.warnings],
         }
 
 
@@ -209,6 +221,7 @@ def prepare_cohort(
     """
     report = PrepareReport()
     jobs = [(s.subject_id, {k: str(v) for k, v in s.paths.items()}) for s in subjects]
+    paths_of = dict(jobs)
 
     def record(sid: str, outcome: bool | BaseException) -> None:
         if isinstance(outcome, MedcliError):
@@ -219,6 +232,7 @@ def prepare_cohort(
             status = "failed"
         else:
             (report.cached if outcome else report.already_cached).append(sid)
+            report.warnings.extend((sid, w) for w in cache.warnings(sid, paths_of[sid], cfg))
             status = "cached" if outcome else "already"
         if on_progress is not None:
             on_progress(sid, status)
@@ -241,6 +255,7 @@ def prepare_cohort(
     report.cached.sort()
     report.already_cached.sort()
     report.failed.sort()
+    report.warnings.sort()
     return report
 
 

@@ -288,7 +288,7 @@ def preprocess(
     )
     if nonzero > NOT_SKULL_STRIPPED:
         warnings += (
-            f"{nonzero:.0%} of its voxels are non-zero: it does not look skull-stripped with a zero "
+            f"{nonzero:.0%} of the voxels are non-zero: the scan does not look skull-stripped with a zero "
             "background, as BraTS scans are, so the brain crop and intensity normalisation see the whole "
             "image (skull-strip it first, e.g. with HD-BET or SynthStrip)",
         )

@@ -387,13 +387,22 @@ def _warm_cache(cache, subjects: Sequence[Any], pcfg, emit: Callback, *, data_ro
             )
         )
     report = dist.broadcast_object(report)
+    # `data index` reads headers only; `data prepare` preprocesses, so it lists what preprocessing found.
+    prepare = (
+        f"`medcli data prepare {data_root} --modalities {','.join(pcfg.modalities)} --input-size "
+        f"{','.join(map(str, pcfg.input_size))}`"
+    )
     if report.failed:
         sid, reason = report.failed[0]
         raise DataError(
             f"{len(report.failed)} subject(s) could not be preprocessed; first: {sid}: {reason}",
-            # `data index` reads headers only; `data prepare` preprocesses, so it lists these failures.
-            hint=f"`medcli data prepare {data_root} --modalities {','.join(pcfg.modalities)} --input-size "
-            f"{','.join(map(str, pcfg.input_size))}` lists every subject that fails; fix or remove them",
+            hint=f"{prepare} lists every subject that fails; fix or remove them",
+        )
+    if report.warnings:
+        sid, warning = report.warnings[0]
+        n = len({s for s, _ in report.warnings})
+        emit(
+            Warning(f"{n} subject(s) with scans unlike BraTS (first: {sid}: {warning}); {prepare} lists them")
         )
 
 
