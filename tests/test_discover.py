@@ -292,6 +292,22 @@ def test_nothing_found_and_missing_path_are_errors(tmp_path):
         discover(single)
 
 
+def test_dicom_is_recognised_and_the_conversion_named(tmp_path):
+    series = tmp_path / "dicom" / "series1"
+    series.mkdir(parents=True)
+    for i in range(3):  # Part-10 files: 128-byte preamble, then "DICM"; no extension, as scanners write them
+        (series / f"IM{i:04d}").write_bytes(bytes(128) + b"DICM" + bytes(200))
+    with pytest.raises(DataError, match="holds DICOM files, not NIfTI") as e:
+        discover(tmp_path / "dicom")
+    assert "dcm2niix" in e.value.hint
+    with pytest.raises(DataError, match="is a DICOM file, not NIfTI"):
+        discover(series / "IM0000")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="no BraTS subjects"):  # not DICOM: the usual message
+        discover(tmp_path / "other")
+
+
 def test_subject_folder_itself_is_one_subject(tmp_path):
     folder = write_subject(tmp_path, "BraTS20_Training_042")
     cohort = discover(folder)

@@ -256,6 +256,14 @@ def test_a_scan_without_orientation_is_predicted_with_a_warning(cli, world, tmp_
     assert "no orientation" in rows[0]["warnings"] and rows[1]["warnings"] == ""
 
 
+def test_a_dicom_file_is_named_as_such(cli, world, tmp_path):
+    dcm = tmp_path / "IM0001.dcm"
+    dcm.write_bytes(bytes(128) + b"DICM" + bytes(64))
+    r = cli("predict", dcm, "--model", world["run"] / "fold0")
+    assert r.exit_code == 3, r.output
+    assert _has(r.stderr, "a DICOM file, not NIfTI") and _has(r.stderr, "dcm2niix")
+
+
 def test_bf16_close_to_fp32(world):
     """The fold ensemble with TTA on every synthetic subject: bf16 P(HGG) within 0.02 of fp32."""
     source = P.find_checkpoints(world["run"], world["root"])

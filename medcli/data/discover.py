@@ -31,6 +31,29 @@ from pathlib import Path
 from medcli.data import CLASS_NAMES, MODALITIES, canonical_modality, grade_to_label, parse_grade
 from medcli.errors import DataError
 
+DICOM_HINT = (
+    "convert it to NIfTI first, e.g. `dcm2niix -z y -o OUT_DIR DICOM_DIR`; BraTS-trained models also expect "
+    "scans skull-stripped and co-registered as BraTS's are"
+)
+
+
+def looks_like_dicom(path: Path, probe: int = 20) -> bool:
+    """Whether ``path`` is a DICOM file, or a folder (searched to two levels, ``probe`` files at most) holding
+    one: the ``DICM`` marker at byte 128 (Part 10 files) or a ``.dcm`` name."""
+    path = Path(path)
+    if path.is_dir():
+        files = [f for pattern in ("*", "*/*") for f in path.glob(pattern) if f.is_file()]
+        return any(looks_like_dicom(f) for f in files[:probe])
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 NAME_MAPPING = "name_mapping.csv"
 
 # `BraTS20_Training_001_t1ce.nii.gz`, `Brats18_2013_0_1_seg.nii`, `BraTS-GLI-00000-000-t1c.nii.gz`.
@@ -245,6 +268,8 @@ def discover(
             )
         sources = _scan(root, depth=0)
         if not sources:
+            if looks_like_dicom(root):
+                raise DataError(f"{root} holds DICOM files, not NIfTI", hint=DICOM_HINT)
             raise DataError(
                 f"no BraTS subjects or CSV manifest found under {root}",
                 hint="expected HGG/ and LGG/ folders (BraTS 2017-2019), subject folders with "
@@ -310,6 +335,8 @@ def _scan(root: Path, depth: int) -> list[_Source]:
                 f"{root} is a single NIfTI file, not a cohort",
                 hint="pass its subject folder, the dataset folder, or a CSV manifest",
             )
+        if looks_like_dicom(root):
+            raise DataError(f"{root} is a DICOM file, not NIfTI", hint=DICOM_HINT)
         raise DataError(f"{root} is neither a folder nor a CSV manifest", hint="pass a BraTS folder or a CSV")
 
     manifests = [m for m in _csv_files(root) if _looks_like_manifest(m)]

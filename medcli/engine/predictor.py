@@ -561,6 +561,10 @@ def collect_scans(
                 scans.append(ScanInput(_scan_id(path, modalities[0]), {modalities[0]: path}))
                 continue
             if path.is_file() and path.suffix.lower() not in (".csv", ".tsv"):
+                from medcli.data.discover import DICOM_HINT, looks_like_dicom
+
+                if looks_like_dicom(path):
+                    raise DataError(f"{path}: a DICOM file, not NIfTI", hint=DICOM_HINT)
                 raise DataError(
                     f"{path}: not a NIfTI image, folder or CSV manifest",
                     hint="pass .nii/.nii.gz scans, subject folders, a folder of subjects, or a .csv manifest",
