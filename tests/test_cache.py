@@ -217,18 +217,13 @@ def cohort(tmp_path):
     return tmp_path / "brats"
 
 
+def _prepare(cohort: Path, cache: Path, modalities: str) -> list:
+    """`medcli data prepare` of ``cohort`` into ``cache`` at 16³."""
+    return ["data", "prepare", cohort, "--cache", cache, "--input-size", "16", "--modalities", modalities]
+
+
 def test_prepare_fills_the_cache_then_finds_it(cli, cohort, tmp_path):
-    args = [
-        "data",
-        "prepare",
-        cohort,
-        "--cache",
-        tmp_path / "c",
-        "--input-size",
-        "16",
-        "--modalities",
-        "t1ce,flair",
-    ]
+    args = _prepare(cohort, tmp_path / "c", "t1ce,flair")
     first = cli(*args, "--json")
     assert first.exit_code == 0, first.output
     summary = json.loads(first.stdout)  # stdout holds the JSON and nothing else
@@ -254,17 +249,7 @@ def test_prepare_lists_subjects_cached_with_a_warning(cli, cohort, tmp_path):
     voxels = np.asarray(img.dataobj).astype(np.float32)
     voxels[voxels == 0] = 2.0  # air not removed
     nib.save(nib.Nifti1Image(voxels, img.affine), flair)
-    args = [
-        "data",
-        "prepare",
-        cohort,
-        "--cache",
-        tmp_path / "c",
-        "--input-size",
-        "16",
-        "--modalities",
-        "flair",
-    ]
+    args = _prepare(cohort, tmp_path / "c", "flair")
     summary = json.loads(cli(*args, "--json").stdout)
     assert [w["subject_id"] for w in summary["warnings"]] == [flair.parent.name]
     table = cli(*args)
