@@ -171,7 +171,8 @@ class Preprocessed:
 
     array: np.ndarray
     geometry: Geometry = field(repr=False)
-    warnings: tuple[str, ...] = ()  # about the input files (e.g. no orientation), for predict to show
+    warnings: tuple[str, ...] = ()  # about the input files (no orientation, not skull-stripped): shown by
+    # predict, kept with the cache entry for `data prepare` and `train`
 
 
 def _check_modalities(paths: Mapping[str, Path], cfg: PreprocessConfig, who: str) -> None:
