@@ -83,6 +83,16 @@ def test_empty_data_root_is_a_data_error(cli, train_env, tmp_path):
     assert "empty" in result.stderr
 
 
+def test_first_run_without_data_says_how_to_get_some(cli, train_env, tmp_path, monkeypatch):
+    monkeypatch.delenv("MEDCLI_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./data here
+    result = cli("train", *train_env["tiny"])
+    assert result.exit_code == 3, result.output
+    err = " ".join(result.stderr.split())
+    assert "--data was not given and its default (data: $MEDCLI_DATA or ./data) does not exist" in err
+    assert "`medcli data synth data/ --small`" in err
+
+
 def test_class_absent_from_training_fold(cli, train_env, tmp_path):
     from medcli.data.synth import synth_cohort
 

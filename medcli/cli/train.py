@@ -21,7 +21,7 @@ from rich.markup import escape
 
 from medcli.cli import console
 from medcli.engine.config import TrainConfig
-from medcli.errors import DeviceError, UsageError
+from medcli.errors import DataError, DeviceError, UsageError
 from medcli.paths import DEFAULT_WEIGHTS, default_data_root, default_runs_root
 
 _D = TrainConfig.__dataclass_fields__  # defaults shown in --help come from the one place they live
@@ -175,6 +175,13 @@ def train_command(
     settings.update({k: v for k, v in given.items() if k in explicit or k not in settings})
     if no_pretrained:
         settings["pretrained_path"] = None
+    if not settings.get("data") and not default_data_root().exists():  # the first run, most likely
+        raise DataError(
+            f"no data to train on: --data was not given and its default ({default_data_root()}: "
+            "$MEDCLI_DATA or ./data) does not exist",
+            hint="pass --data with a BraTS folder or a CSV manifest, or try medcli on a synthetic cohort: "
+            "`medcli data synth data/ --small`",
+        )
     settings["data"] = str(settings.get("data") or default_data_root())
     settings["out"] = str(settings.get("out") or default_runs_root())
     settings = {k: v for k, v in settings.items() if v is not None or k == "pretrained_path"}

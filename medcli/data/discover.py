@@ -263,9 +263,7 @@ def discover(
     found: list[_Source] = []
     for root in flat:
         if not root.exists():
-            raise DataError(
-                f"{root} does not exist", hint="check the path (a BraTS folder or a CSV manifest)"
-            )
+            raise DataError(f"{root} does not exist", hint="check the path: a BraTS folder or a CSV manifest")
         sources = _scan(root, depth=0)
         if not sources:
             if looks_like_dicom(root):
