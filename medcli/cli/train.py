@@ -22,7 +22,7 @@ from rich.markup import escape
 from medcli.cli import console
 from medcli.engine.config import TrainConfig
 from medcli.errors import DataError, DeviceError, UsageError
-from medcli.paths import DEFAULT_WEIGHTS, default_data_root, default_runs_root
+from medcli.paths import default_data_root, default_runs_root
 
 _D = TrainConfig.__dataclass_fields__  # defaults shown in --help come from the one place they live
 
@@ -50,8 +50,8 @@ def train_command(
         "auto",
         "--pretrained-path",
         "--pretrained_path",
-        help="MedicalNet weights file, or 'auto': the release for --depth, where `medcli weights list` "
-        f"shows it ({DEFAULT_WEIGHTS} for 50). A missing file means random init with a warning.",
+        help="MedicalNet weights file, or 'auto': the local copy of the release for --depth (`medcli "
+        "weights list` shows where). A missing file means random init with a warning.",
     ),
     no_pretrained: bool = typer.Option(False, "--no-pretrained", help="Train from random initialization."),
     require_pretrained: bool = typer.Option(

@@ -15,7 +15,6 @@ import typer
 
 from medcli.cli import console
 from medcli.errors import IncompleteLoadError, UsageError
-from medcli.paths import DEFAULT_WEIGHTS
 
 if TYPE_CHECKING:  # pragma: no cover
     from medcli.models.pretrained import LoadReport
@@ -51,8 +50,8 @@ def register(root: typer.Typer) -> None:
 def verify(
     path: Path | None = typer.Argument(
         None,
-        help="Weights file to check. (default: the release for --depth where `medcli weights list` shows it: "
-        f"{DEFAULT_WEIGHTS} for 50)",
+        help="Weights file to check. (default: the local copy of the release for --depth; `medcli weights "
+        "list` shows where)",
         show_default=False,
     ),
     depth: str = typer.Option("50", "--depth", help="ResNet depth: 10, 18, 34, 50, 101, 152, 200 or tiny."),
