@@ -128,16 +128,22 @@ def test_default_model_is_newest_run(cli, world, tmp_path):
 def test_a_partial_ensemble_says_which_folds_it_lacks(cli, world, tmp_path):
     """A run whose splits.json has 3 folds but only folds 0 and 1 trained: predicted, and said so."""
     import shutil
+    from types import SimpleNamespace
+
+    from medcli.data.splits import make_splits
 
     run = shutil.copytree(world["run"], tmp_path / "run")
-    (run / "splits.json").write_text(json.dumps({"format": "medcli-splits/1", "k": 3}))
+    subjects = [SimpleNamespace(subject_id=f"s{i}", label=i % 2, patient_id=None) for i in range(12)]
+    make_splits(subjects, k=3).save(run / "splits.json")
     r = cli("predict", _scan(world), "--model", run)
     assert r.exit_code == 0, r.stderr
     assert _has(r.stderr, f"Model: 2 of 3 folds of {run} (fold 2: no checkpoint yet)")
     source = P.find_checkpoints(run, tmp_path)
     assert source.untrained == [2] and len(source.checkpoints) == 2
-    (run / "splits.json").write_text(json.dumps({"format": "medcli-splits/1", "k": 2}))
+    make_splits(subjects, k=2).save(run / "splits.json")
     assert P.find_checkpoints(run, tmp_path).describe() == f"2 fold(s) of {run}"
+    (run / "splits.json").write_text("{not json")  # unreadable: nothing to compare with, still predicts
+    assert P.find_checkpoints(run, tmp_path).untrained == []
 
 
 def test_reoriented_scan_gets_same_probability(cli, world, tmp_path):

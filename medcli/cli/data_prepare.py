@@ -72,7 +72,7 @@ def prepare(
     store = PreprocessCache(cache)
     cohort = discover(root, modalities=cfg.modalities)
     subjects = cohort.require_usable()
-    skipped = {s.subject_id: _first_problem(cohort, s.subject_id) for s in cohort.excluded}
+    skipped = {s.subject_id: _reason(cohort, s.subject_id) for s in cohort.excluded}
 
     started = time.perf_counter()
     with _Progress(len(subjects)) as advance:
@@ -104,11 +104,9 @@ def prepare(
         )
 
 
-def _first_problem(cohort, subject_id: str) -> str:
-    for p in cohort.problems:
-        if p.subject == subject_id and p.severity == "error":
-            return p.what
-    return "set aside by discovery"
+def _reason(cohort, subject_id: str) -> str:
+    problem = cohort.reason(subject_id)
+    return problem.what if problem else "set aside by discovery"
 
 
 def _render(summary: dict) -> None:

@@ -180,12 +180,17 @@ class Cohort:
         counts["seg"] = sum(1 for s in self.subjects if s.seg is not None)
         return {m: counts[m] for m in (*MODALITIES, "seg") if counts[m]}
 
+    def reason(self, subject_id: str | None = None) -> Problem | None:
+        """The problem that says most about ``subject_id`` (any subject when None): its first error (why it
+        was set aside), else its first warning (e.g. no grade); None when it has none."""
+        theirs = [p for p in self.problems if subject_id is None or p.subject == subject_id]
+        return next((p for p in theirs if p.severity == "error"), theirs[0] if theirs else None)
+
     def require_usable(self) -> list[Subject]:
         """The usable subjects; ``DataError`` when every subject found had a problem."""
         if not self.subjects:
             where = ", ".join(str(r) for r in self.roots)
-            # The first error: a warning (kept subject) is not why none is usable.
-            first = next((p for p in self.problems if p.severity == "error"), None)
+            first = self.reason()
             raise DataError(
                 f"no usable subject under {where}: all {len(self.excluded)} found have problems "
                 f"(first: {first.subject}: {first.what})"

@@ -461,12 +461,12 @@ def find_checkpoints(model: Path | None, runs_root: Path, checkpoint_name: str =
 def _untrained_folds(run: Path, checkpoints: Sequence[Path]) -> list[int]:
     """The folds of ``run``'s split (``splits.json``) that have no checkpoint: an ensemble of fewer folds
     than the run has is legitimate (``train --fold 0`` first), but worth saying."""
-    import json
+    from medcli.data.splits import Splits
 
     try:
-        k = int(json.loads((run / "splits.json").read_text())["k"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return []  # no (readable) split: nothing to compare with
+        k = Splits.load(run / "splits.json").k
+    except DataError:
+        return []  # no (valid) split: nothing to compare with
     have = {_fold_number(p.parent.name) for p in checkpoints}
     return [i for i in range(k) if i not in have]
 

@@ -357,9 +357,8 @@ def _warn_left_out(cohort: Any, subjects: Sequence[Any], data_root: str, emit: C
     left = [s.subject_id for s in (*cohort.subjects, *cohort.excluded) if s.subject_id not in used]
     if not left:
         return
-    # Its error (why it was set aside), else its first warning (e.g. no grade).
-    theirs = sorted((p for p in cohort.problems if p.subject == left[0]), key=lambda p: p.severity != "error")
-    why = theirs[0].what if theirs else "no LGG/HGG grade"
+    problem = cohort.reason(left[0])
+    why = problem.what if problem else "no LGG/HGG grade"
     emit(
         Warning(
             f"{len(left)} of {len(left) + len(subjects)} subjects left out of training (first: {left[0]}: "
