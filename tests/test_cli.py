@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +105,40 @@ def test_reflow_joins_lines_within_paragraphs_only():
         Second paragraph
         also."""
     assert reflow(doc) == "First line goes on.\n\nSecond paragraph also."
+
+
+_HUGE_PAGES = """
+import sys
+from medcli.cli.app import use_huge_pages
+if sys.argv[1] == "on":
+    use_huge_pages()
+import torch
+x = torch.ones(64 << 20)  # 256 MB, written
+for line in open("/proc/self/smaps_rollup"):
+    if line.startswith("AnonHugePages"):
+        print(int(line.split()[1]))
+"""
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "absent"
+    return text.split("[")[1].split("]")[0]
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="the kernel has no THP to ask for")
+def test_medcli_backs_large_tensors_with_huge_pages():
+    """main() asks PyTorch for huge pages before torch is imported; without it, none under 'madvise'."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+
+    def huge_kb(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _HUGE_PAGES, mode], env=env, capture_output=True, text=True, check=True
+        )
+        return int(out.stdout.strip())
+
+    assert huge_kb("on") >= 128 * 1024  # at least half of the tensor
+    if _thp_mode() == "madvise":
+        assert huge_kb("off") < 64 * 1024

@@ -1,5 +1,5 @@
-"""CPU rewrites (tap-wise and phase-batched dilated convs, fp32 stem under bf16): same function, gradients
-and keys."""
+"""CPU rewrites (Winograd 3³ convs in fp32; tap-wise and phase-batched dilated convs and an fp32 stem under
+bf16): same function, gradients and keys."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from medcli.engine.cpu_kernels import Float32Conv3d, PhaseBatchedConv3d, describe, rewrite_for_cpu
 from medcli.engine.tap_conv import TapwiseConv3d
+from medcli.engine.winograd import WinogradConv3d
 from medcli.models import create_model
 
 
@@ -18,18 +19,21 @@ def _count(model, cls) -> int:
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32-rewrites", "bf16-rewrites"])
-@pytest.mark.parametrize("size", [16, 32])  # 16: layer3's grid is 2³, phase split falls back at dilation 4
+# 16: layer3's grid is 2³ (phase split and Winograd fall back); 64: layer3's convs run by Winograd.
+@pytest.mark.parametrize("size", [16, 32, 64])
 def test_rewritten_model_trains_identically_in_fp32(size, bf16):
     torch.manual_seed(0)
     model = create_model("tiny", in_channels=2, zero_init_last=False, dropout=0.0).train()
     fast = rewrite_for_cpu(copy.deepcopy(model), bf16=bf16)
-    # The tiny model has two 3³ convs at dilation 2 (layer3) and two at dilation 4 (layer4).
+    # The tiny model has seven stride-1 3³ convs: three undilated (layer1, layer2), two at dilation 2
+    # (layer3) and two at dilation 4 (layer4).
     if bf16:
         assert isinstance(fast.conv1, Float32Conv3d)
         assert _count(fast, PhaseBatchedConv3d) == 2 and _count(fast, TapwiseConv3d) == 2
+        assert _count(fast, WinogradConv3d) == 0
     else:
         assert type(fast.conv1) is torch.nn.Conv3d
-        assert _count(fast, PhaseBatchedConv3d) == 0 and _count(fast, TapwiseConv3d) == 4
+        assert _count(fast, WinogradConv3d) == 7 and _count(fast, TapwiseConv3d) == 0
     assert list(fast.state_dict()) == list(model.state_dict())  # checkpoints cannot tell them apart
 
     x = torch.randn(2, 2, size, size, size)
@@ -72,7 +76,7 @@ def test_bf16_autocast_keeps_the_stem_in_float32():
 
 def test_describe_reads_what_was_rewritten_from_the_model():
     assert describe(create_model("tiny")) is None  # nothing rewritten
-    assert describe(rewrite_for_cpu(create_model("tiny"), bf16=False)) == "dilation-2/4 convs tap by tap"
+    assert describe(rewrite_for_cpu(create_model("tiny"), bf16=False)) == "3³ convs by Winograd F(4,3)"
     assert describe(rewrite_for_cpu(create_model("tiny"), bf16=True)) == (
         "fp32 stem, dilation-4 convs tap by tap, dilation-2 convs phase-batched"
     )

@@ -442,14 +442,16 @@ def test_fast_path_rewrites_compute_the_same_function():
             m.bias.data.normal_()
     from medcli.engine.cpu_kernels import Float32Conv3d, PhaseBatchedConv3d, rewrite_for_cpu
     from medcli.engine.tap_conv import TapwiseConv3d
+    from medcli.engine.winograd import WinogradConv3d
 
     for bf16 in (False, True):  # the rewrites of either precision, run here in fp32
         fast = rewrite_for_cpu(P.fuse_conv_bn(copy.deepcopy(model)), bf16=bf16)
         assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fast.modules())
-        assert any(isinstance(m, TapwiseConv3d) for m in fast.modules())
+        assert any(isinstance(m, TapwiseConv3d) for m in fast.modules()) is bf16
+        assert any(isinstance(m, WinogradConv3d) for m in fast.modules()) is not bf16
         assert any(isinstance(m, PhaseBatchedConv3d) for m in fast.modules()) is bf16
         assert isinstance(fast.conv1, Float32Conv3d) is bf16
-        for size in (16, 32, 40):
+        for size in (16, 32, 40, 64):
             x = torch.randn(2, 1, size, size, size)
             with torch.no_grad():
                 want = model(x)

@@ -191,7 +191,7 @@ def test_seed_recipe_runs_and_writes_the_run_directory(cli, train_env):
     assert "Loading MedicalNet pretrained weights from: pretrained/medicalnet_resnet50_3d.pth" in err
     assert "random initialization" in err  # the file is absent here: warning, not failure
     assert "Model created: 0.23M total params, 0.23M trainable" in err
-    assert "CPU fp32: dilation-2/4 convs tap by tap" in err  # medcli's CPU kernels, in fp32 too
+    assert "CPU fp32: 3³ convs by Winograd F(4,3)" in err  # medcli's CPU kernels, in fp32 too
     run_dir = train_env["out"] / "resnettiny-t1ce-ldam"
     assert f"runresnettiny-t1ce-ldamin{run_dir}" in "".join(result.stdout.split())  # the summary's title
     assert f"Next: `medcli eval {run_dir}`" in " ".join(err.split())

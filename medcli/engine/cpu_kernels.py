@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medcli.engine.tap_conv import TapwiseConv3d
+from medcli.engine.winograd import WinogradConv3d
 
 
 def _like(cls: type[nn.Conv3d], conv: nn.Conv3d) -> nn.Conv3d:
@@ -96,10 +97,12 @@ def rewrite_for_cpu(model: nn.Module, *, bf16: bool) -> nn.Module:
         model.conv1 = _like(Float32Conv3d, model.conv1)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if not TapwiseConv3d.applies(child):
-                continue
-            use = PhaseBatchedConv3d if bf16 and child.dilation[0] < 4 else TapwiseConv3d
-            setattr(module, name, _like(use, child))
+            if not bf16:
+                if WinogradConv3d.applies(child):
+                    setattr(module, name, _like(WinogradConv3d, child))
+            elif TapwiseConv3d.applies(child):
+                use = PhaseBatchedConv3d if child.dilation[0] < 4 else TapwiseConv3d
+                setattr(module, name, _like(use, child))
     return model
 
 
@@ -107,6 +110,8 @@ def describe(model: nn.Module) -> str | None:
     """What :func:`rewrite_for_cpu` changed in ``model`` (read from its modules), for log lines and
     reports; None where it changed nothing."""
     parts = ["fp32 stem"] if isinstance(getattr(model, "conv1", None), Float32Conv3d) else []
+    if any(type(m) is WinogradConv3d for m in model.modules()):
+        parts.append("3³ convs by Winograd F(4,3)")
     for cls, how in ((TapwiseConv3d, "tap by tap"), (PhaseBatchedConv3d, "phase-batched")):
         dilations = sorted({m.dilation[0] for m in model.modules() if type(m) is cls})
         if dilations:

@@ -1,0 +1,214 @@
+"""Stride-1 3³ convolutions by Winograd's minimal filtering F(4³, 3³): 3.4 multiplications per output voxel
+and channel pair instead of 27.
+
+Lavin & Gray ("Fast algorithms for convolutional neural networks", 2016) compute a 4-output, 3-tap
+correlation from a 6-input tile as ``y = Aᵀ[(G g) ⊙ (Bᵀ d)]``.  Nested over three axes, a 6³ input tile
+``d`` and a 3³ kernel ``g`` give a 4³ output tile from 216 products; summed over input channels, those
+products are 216 independent GEMMs ``[tiles, C] @ [C, K]`` (:func:`torch.bmm`), which is where the time
+goes.  The transforms around them are small matrix products along one axis at a time.
+
+A dilated conv (MedicalNet's layer3 at r=2, layer4 at r=4) is first split into its r³ phase sub-grids,
+where it is an undilated conv (see :class:`medcli.engine.cpu_kernels.PhaseBatchedConv3d`): a 128³ input
+reaches layer4 as a 16³ grid, i.e. 4³ phases of 4³ voxels, one tile each.  There the GEMMs do 3.4
+multiply-adds per output and channel pair against the 15.7 of the tap-wise conv (which already skips the
+taps that read padding) and the 27 of oneDNN's.
+
+The phase split, the zero padding and the cutting into overlapping tiles are one row gather
+(:func:`torch.Tensor.index_select` over the volume's voxels as rows of C channels, plus a zero row), and
+putting the output tiles back is another.  The backward pass runs the same linear maps transposed (the
+tiles' overlap summed back by ``index_add_``), with one GEMM per transform point for each of the input and
+weight gradients, and keeps only the transformed input and weights.
+
+In float32 the result differs from a float64 reference by ~1e-5 relative (oneDNN's conv: ~1e-6): the
+transforms multiply by up to 8 and divide by 24.  Used in float32 only, never in bf16.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import nn
+
+from medcli.engine.tap_conv import tapwise_conv3d
+
+# F(4, 3) with interpolation points 0, ±1, ±2 and ∞ (Lavin & Gray, section 4.2).
+_BT = (
+    (4, 0, -5, 0, 1, 0),
+    (0, -4, -4, 1, 1, 0),
+    (0, 4, -4, -1, 1, 0),
+    (0, -2, -1, 2, 1, 0),
+    (0, 2, -1, -2, 1, 0),
+    (0, 4, 0, -5, 0, 1),
+)
+_G = (
+    (1 / 4, 0, 0),
+    (-1 / 6, -1 / 6, -1 / 6),
+    (-1 / 6, 1 / 6, -1 / 6),
+    (1 / 24, 1 / 12, 1 / 6),
+    (1 / 24, -1 / 12, 1 / 6),
+    (0, 0, 1),
+)
+_AT = (
+    (1, 1, 1, 1, 1, 0),
+    (0, 1, -1, 2, -2, 0),
+    (0, 1, 1, 4, 4, 0),
+    (0, 1, -1, 8, -8, 1),
+)
+M = 4  # outputs per tile and axis
+A = M + 2  # inputs per tile and axis
+
+
+def _matrix(rows: tuple, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64).to(like.dtype)
+
+
+def _along_three(mat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``mat`` ([o, p]) applied along each of ``x``'s first three axes ([p, p, p, ...] -> [o, o, o, ...]).
+
+    One matrix product per axis, each over a contiguous [p, rest] view, so no transposing copies."""
+    o, p = mat.shape
+    rest = x.shape[3:]
+    y = (mat @ x.reshape(p, -1)).view(o, p, -1)  # axis 0
+    y = torch.matmul(mat, y.view(o, p, -1))  # axis 1, batched over axis 0
+    y = torch.matmul(mat, y.view(o * o, p, -1))  # axis 2, batched over axes 0 and 1
+    return y.view(o, o, o, *rest)
+
+
+def transform_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``G g Gᵀ`` over three axes: ``[K, C, 3, 3, 3]`` -> ``[216, C, K]`` (a transposed view)."""
+    k, c = weight.shape[:2]
+    g = _matrix(_G, weight)
+    kron = torch.kron(torch.kron(g, g), g)  # [216, 27]: the three axes at once
+    return (kron @ weight.reshape(k * c, 27).t()).view(A**3, k, c).transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=64)
+def _indices(shape: tuple[int, ...], r: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Row indices that cut an ``[N, D, H, W, C]`` volume (as ``N·D·H·W`` rows of C) into tiles.
+
+    Phase (i, j, l) of the volume holds the voxels at ``(i + r·a, j + r·b, l + r·c)``; each phase grid,
+    zero-padded by one voxel and up to a multiple of 4, is cut into 6³ tiles at stride 4.  Offset x of tile
+    t in phase i reads voxel ``(4t + x - 1)·r + i``.  Returns ``(inputs, outputs, tiles)``: ``inputs``
+    [216·tiles] picks each tile point's voxel row (``N·D·H·W``, a zero row, where it reads padding);
+    ``outputs`` [N·D·H·W] names each voxel's row among the 64·tiles output points."""
+    n, *spatial = shape
+    counts = [math.ceil(s / (r * M)) for s in spatial]  # tiles per phase and axis
+    tiles = n * r**3 * math.prod(counts)
+
+    def axis(size: int, count: int, offsets: int, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Voxel coordinate and validity along one axis, as [offsets, phase, tile]."""
+        o = torch.arange(offsets).view(-1, 1, 1)
+        i = torch.arange(r).view(1, -1, 1)
+        t = torch.arange(count).view(1, 1, -1)
+        v = (M * t + o - shift) * r + i
+        return v, (v >= 0) & (v < size)
+
+    def rows(offsets: int, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Voxel row and validity as [x, y, z, n, i, j, l, td, th, tw] (one axis per dimension)."""
+        (d, vd), (h, vh), (w, vw) = (axis(s, c, offsets, shift) for s, c in zip(spatial, counts, strict=True))
+        # [x, i, t] per axis -> [x, y, z, n, i, j, l, td, th, tw] by broadcasting.
+        d = d.view(offsets, 1, 1, 1, r, 1, 1, counts[0], 1, 1)
+        h = h.view(1, offsets, 1, 1, 1, r, 1, 1, counts[1], 1)
+        w = w.view(1, 1, offsets, 1, 1, 1, r, 1, 1, counts[2])
+        b = torch.arange(n).view(1, 1, 1, n, 1, 1, 1, 1, 1, 1)
+        voxel = ((b * spatial[0] + d) * spatial[1] + h) * spatial[2] + w
+        ok = vd.view_as(d) & vh.view_as(h) & vw.view_as(w)
+        return voxel, ok.expand_as(voxel)
+
+    voxel, ok = rows(A, 1)
+    inputs = torch.where(ok, voxel, n * math.prod(spatial)).reshape(-1)
+    voxel, ok = rows(M, 0)
+    outputs = torch.empty(n * math.prod(spatial), dtype=torch.long)
+    outputs[voxel[ok]] = torch.arange(voxel.numel()).view_as(voxel)[ok]
+    return inputs, outputs, tiles
+
+
+class _WinogradConv(torch.autograd.Function):
+    """F(4³, 3³) conv on ``[N, D, H, W, C]`` tensors, stride 1, padding = dilation = r (module doc)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, r: int):
+        inputs, outputs, tiles = _indices(tuple(x.shape[:4]), r)
+        c = x.shape[-1]
+        rows = torch.cat([x.reshape(-1, c), x.new_zeros(1, c)])  # the last row: the padding
+        d = rows.index_select(0, inputs).view(A, A, A, -1)  # [6, 6, 6, tiles·C]
+        v = _along_three(_matrix(_BT, x), d).view(A**3, tiles, c)
+        u = transform_weight(weight)  # [216, C, K]
+        m = torch.bmm(v, u)  # [216, tiles, K]
+        k = m.shape[-1]
+        y = _along_three(_matrix(_AT, m), m.view(A, A, A, -1)).view(-1, k)  # [64·tiles, K]
+        y = y.index_select(0, outputs).view(*x.shape[:4], k)
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(v, u)
+        ctx.r, ctx.has_bias = r, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        v, u = ctx.saved_tensors
+        inputs, outputs, tiles = _indices(tuple(grad.shape[:4]), ctx.r)
+        k, c = grad.shape[-1], v.shape[-1]
+        # Transposes of the forward's maps, in reverse order; output points outside the volume get 0.
+        dy = grad.new_zeros(M**3 * tiles, k).index_copy_(0, outputs, grad.reshape(-1, k))
+        dm = _along_three(_matrix(_AT, grad).t(), dy.view(M, M, M, -1)).view(A**3, tiles, k)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            dv = torch.bmm(dm, u.transpose(1, 2))  # [216, tiles, C]
+            dd = _along_three(_matrix(_BT, dv).t(), dv.view(A, A, A, -1)).view(-1, c)
+            rows = grad.new_zeros(grad.shape[:4].numel() + 1, c)
+            rows.index_add_(0, inputs, dd)  # neighbouring tiles overlap: their gradients add
+            grad_x = rows[:-1].view(*grad.shape[:4], c)
+        if ctx.needs_input_grad[1]:
+            du = torch.bmm(dm.transpose(1, 2), v)  # [216, K, C]
+            g = _matrix(_G, du).t()
+            grad_w = _along_three(g, du.view(A, A, A, -1)).view(27, k * c).t().reshape(k, c, 3, 3, 3)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum(dim=(0, 1, 2, 3))
+        return grad_x, grad_w, grad_b, None
+
+
+def winograd_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, r: int) -> torch.Tensor:
+    """``F.conv3d(x, weight, bias, stride=1, padding=r, dilation=r)`` for a 3³ kernel, by F(4³, 3³).
+
+    ``x``: ``[N, C, D, H, W]``; returns ``[N, K, D, H, W]`` in ``x``'s memory format."""
+    cl = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    fmt = torch.channels_last_3d if cl else torch.contiguous_format
+    y = _WinogradConv.apply(x.permute(0, 2, 3, 4, 1), weight, bias, r)  # [N, D, H, W, K]
+    return y.permute(0, 4, 1, 2, 3).contiguous(memory_format=fmt)
+
+
+class WinogradConv3d(nn.Conv3d):
+    """A stride-1 3³ Conv3d (padding = dilation), computed by :func:`winograd_conv3d` in float32.
+
+    A volume with fewer than 4 voxels per phase along an axis (e.g. layer4 of a 64³ input: 8³ at r=4, two
+    per phase) would spend most of each 6³ tile on padding: there the dilated conv runs tap by tap and the
+    undilated one through oneDNN.  So do inputs in other dtypes or on other devices, under autocast, and
+    unbatched ones."""
+
+    @staticmethod
+    def applies(conv: nn.Module) -> bool:
+        return (
+            type(conv) is nn.Conv3d
+            and conv.kernel_size == (3, 3, 3)
+            and conv.stride == (1, 1, 1)
+            and conv.groups == 1
+            and conv.padding_mode == "zeros"
+            and len(set(conv.dilation)) == 1
+            and conv.padding == conv.dilation
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.dilation[0]
+        if (
+            x.dim() != 5
+            or x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or torch.is_autocast_enabled(x.device.type)
+        ):
+            return super().forward(x)
+        if min(x.shape[2:]) < M * r:
+            return tapwise_conv3d(x, self.weight, self.bias, r) if r > 1 else super().forward(x)
+        return winograd_conv3d(x, self.weight, self.bias, r)
