@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""MedicalNet's dilated 3³ convs computed five ways, timed on the machine at hand (CPU).
+"""MedicalNet's dilated 3³ convs computed six ways, timed on the machine at hand (CPU).
 
 layer3 convolves 256 channels at dilation 2 and layer4 512 channels at dilation 4, both on a 16³ grid for a
 128³ input.  oneDNN has no fast bf16 kernel for some of them, so medcli's CPU paths rewrite them
@@ -10,7 +10,8 @@ layer3 convolves 256 channels at dilation 2 and layer4 512 channels at dilation 
 * ``im2col``:  the 27 shifted copies side by side, one GEMM (``[voxels, 27·C] @ [27·C, K]``);
 * ``gemm27``:  27 GEMMs of a shifted view each (``[voxels, C] @ [C, K]``), summed;
 * ``tapwise``: medcli's tap-wise conv: the 27 GEMMs over in-volume voxels only, no padding, with its own
-  backward (``medcli.engine.tap_conv``).
+  backward (``medcli.engine.tap_conv``);
+* ``winograd``: medcli's fp32 default, F(4³, 3³) over the phase sub-grids (``medcli.engine.winograd``).
 
     taskset -c 0,1 python scripts/bench_dilated_conv.py --threads 2 --dtype bf16          # inference
     python scripts/bench_dilated_conv.py --dtype bf16 --train --batch 2                    # fwd + bwd
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from medcli.engine.bench import time_it
 from medcli.engine.cpu_kernels import PhaseBatchedConv3d
 from medcli.engine.tap_conv import tapwise_conv3d
+from medcli.engine.winograd import winograd_conv3d
 
 Conv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, int], torch.Tensor]
 
@@ -92,6 +94,7 @@ VARIANTS: dict[str, Conv] = {
     "im2col": im2col,
     "gemm27": gemm27,
     "tapwise": tapwise_conv3d,
+    "winograd": winograd_conv3d,  # float32 even under --dtype bf16 (medcli uses it in fp32 only)
 }
 
 

@@ -459,3 +459,22 @@ def test_fast_path_rewrites_compute_the_same_function():
                 torch.testing.assert_close(
                     fast(x.contiguous(memory_format=torch.channels_last_3d)), want, atol=1e-5, rtol=1e-5
                 )
+
+
+def test_cpu_members_keep_winograd_transforms_only_while_they_fit(monkeypatch):
+    """Kept transformed weights make repeated forward passes cheaper; an ensemble too large for the
+    budget transforms them per pass instead (memory over speed), with the same probabilities."""
+    from medcli.engine.winograd import WinogradConv3d
+
+    def kept(p):
+        convs = [m for model in p.models for m in model.modules() if type(m) is WinogradConv3d]
+        return {m.keep_transformed for m in convs}
+
+    x = torch.randn(1, 1, 32, 32, 32)
+    one = P.synthetic_predictor("tiny", members=2, input_size=32, device="cpu", precision="fp32")
+    assert kept(one) == {True}
+    monkeypatch.setattr(P, "KEPT_TRANSFORMS_BYTES", 0)
+    other = P.synthetic_predictor("tiny", members=2, input_size=32, device="cpu", precision="fp32")
+    assert kept(other) == {False}
+    np.testing.assert_allclose(other.probabilities(x), one.probabilities(x), atol=1e-6)
+    np.testing.assert_allclose(one.probabilities(x), one.probabilities(x))  # kept: same result again

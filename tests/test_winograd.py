@@ -100,3 +100,26 @@ def test_module_under_bf16_autocast_runs_the_plain_conv():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         y = conv(x)
     assert y.dtype is torch.bfloat16  # autocast's conv, not the float32 transforms
+
+
+def test_kept_transform_is_reused_and_follows_weight_updates():
+    """At inference the transformed weight is kept; an in-place weight update (e.g. load_state_dict)
+    invalidates it, and with gradients on it is never used (the weight must get its gradient)."""
+    from medcli.engine.winograd import keep_transformed_weights, transformed_weight_bytes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(WinogradConv3d(4, 6, 3, padding=2, dilation=2, bias=False))
+    conv = model[0]
+    assert transformed_weight_bytes(model) == conv.weight.nbytes * 8
+    keep_transformed_weights(model)
+    x = torch.randn(1, 4, 8, 8, 8)
+    with torch.no_grad():
+        first = model(x)
+        kept = conv._kept
+        torch.testing.assert_close(model(x), first)
+        assert conv._kept is kept  # reused, not recomputed
+        conv.weight.mul_(2)  # an in-place update
+        torch.testing.assert_close(model(x), 2 * first, atol=1e-5, rtol=1e-5)
+        assert conv._kept is not kept
+    model(x).sum().backward()  # with gradients: transformed afresh, and the weight gets its gradient
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0

@@ -1,15 +1,18 @@
 """Rewrites that make MedicalNet's ResNets faster on CPUs: same function, same state-dict keys, other
 kernels.  Used by the predictor's fast path and the trainer on CPU (:func:`rewrite_for_cpu`).
 
-* Dilated 3³ convs (layer3 dilation 2, layer4 dilation 4) run tap by tap without the taps that read zero
-  padding (:class:`medcli.engine.tap_conv.TapwiseConv3d`).  fp32 on a 2-core AVX2 EPYC, ResNet-50 train
-  step, medians of 5 interleaved: 1.44x at 32³, 1.42x at 64³, ~1.1-1.2x at 128³; inference 2.1x at 32³,
-  1.4x at 64³, on par at 128³ (where oneDNN's forward kernel already skips most of the padding).
+* In float32, every stride-1 3³ conv runs by Winograd's F(4³, 3³) (:mod:`medcli.engine.winograd`): 216
+  products per 4³ output tile instead of 1728, the dilated ones (layer3 dilation 2, layer4 dilation 4)
+  over their phase sub-grids.  Per conv, 2-core AVX2 EPYC, train step at 128³ (batch 2): layer4 573 ms
+  against 1311 tap by tap and 1610 in oneDNN, layer3 162 / 481 / 630, layer2 47 vs 124 (oneDNN), layer1
+  172 vs 254; one-scan inference: layer4 149 / 245 / 433, layer3 40 / 79 / 89.  Where a volume is too
+  small for a tile (e.g. layer4 of a 64³ input), the dilated convs run tap by tap
+  (:class:`medcli.engine.tap_conv.TapwiseConv3d`, the taps that read zero padding skipped).
 * Under bf16 autocast (CPUs with AMX / AVX512-BF16):
 
   - the 7³ stem conv over 1-4 input channels runs in float32: oneDNN has no fast bf16 kernel for it (4x
     slower than fp32 there), and it is a small share of the FLOPs;
-  - dilation-4 convs run tap by tap as well.  For layer4's conv on 2 Sapphire Rapids cores (batch 1)
+  - dilation-4 convs run tap by tap.  For layer4's conv on 2 Sapphire Rapids cores (batch 1)
     oneDNN's dilated bf16 kernel took 714 ms, the phase batching below 78 ms, and 27 GEMMs over the
     padded input 46 ms (training, batch 2: 3121 / 628 / 557 ms); the tap-wise conv is those GEMMs without
     the padding.  Per-conv evidence: the whole network on AMX was not re-timed since;
@@ -17,7 +20,8 @@ kernels.  Used by the predictor's fast path and the trainer on CPU (:func:`rewri
     there phase batching beat 27 GEMMs (10 vs 16 ms).
 
   Plain bf16 autocast without these rewrites made a ResNet-50 step slower than fp32 (0.94x); with the
-  stem and phase rewrites it ran 2.35x fp32 at 128³ on 2 Sapphire Rapids cores.
+  stem and phase rewrites it ran 2.35x fp32 at 128³ on 2 Sapphire Rapids cores.  Winograd is not used
+  in bf16: its transforms would round the tiles to 8 bits of mantissa.
 
 All replacements are ``nn.Conv3d`` subclasses that take over the original's parameter objects under the
 same attribute name, so checkpoints, EMA copies and optimisers see the model they would have seen.

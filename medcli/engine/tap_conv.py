@@ -16,6 +16,10 @@ The result equals the dilated convolution up to float rounding (the sums run in 
 on 2 AVX2 EPYC cores in fp32 (``scripts/bench_dilated_conv.py``): layer4's conv 1.6x faster than
 ``F.conv3d`` at inference, layer3's 1.1x.  FLOP counts (``medcli bench``) stay those of the declared model,
 so the skipped padding shows as a higher achieved FLOP/s, as it would for any padding-aware kernel.
+
+In float32 the Winograd conv (:mod:`medcli.engine.winograd`) does fewer multiplications still and takes
+over, except on volumes too small for its 4³ output tiles, where it calls this one; under bf16 autocast
+the dilation-4 convs run here (``medcli.engine.cpu_kernels``).
 """
 
 from __future__ import annotations

@@ -108,8 +108,9 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
     without the rewrites had been 0.94–1.07× at 128³: oneDNN has no fast bf16 kernel for dilated 3-D
     convs.  Elsewhere ``auto`` is fp32: bf16 is emulated there, many times slower, and ``--amp`` opts in
     with a warning.  channels_last_3d pays off in fp32 on large volumes only: 1.2× at 96³ and 1.2–2.0× at
-    128³ on a 2-core AVX2 EPYC, slower at 16³–32³.  (Those ratios predate the tap-wise dilated convs, which
-    every CPU path now uses; the AMX thresholds were not re-measured with them.)
+    128³ on a 2-core AVX2 EPYC, slower at 16³–32³.  (Those ratios predate medcli's CPU kernels: tap-wise
+    dilated convs, then Winograd 3³ convs in fp32; the AMX thresholds were not re-measured with them, and
+    neither was fp32 with Winograd against bf16 there.)
     """
     if device.type == "cuda":
         amp = True if cfg.amp is None else cfg.amp
