@@ -8,13 +8,13 @@ stderr and an exit code (the same path for the console script and for ``CliRunne
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 
 import typer
 from typer.core import TyperGroup
 
 from medcli import __version__
+from medcli.allocator import keep_freed_memory
 from medcli.cli import console
 from medcli.errors import EXIT_CODES, MedcliError
 
@@ -99,19 +99,8 @@ def _register_commands() -> None:
 _register_commands()
 
 
-def use_huge_pages() -> None:
-    """Ask PyTorch to back tensors of 2 MB and more with transparent huge pages (``madvise``).
-
-    A 3D ResNet step allocates and frees gigabytes in tensors of tens to hundreds of MB; glibc returns each
-    to the kernel, and the next one faults in afresh, 4 KB at a time (~0.3 ms per MB on the 2-core
-    machines medcli is benchmarked on, a tenth of a ResNet-50 train step at 128³).  PyTorch reads the
-    setting once, at its first allocation, so this runs before torch is imported; a user's own
-    ``THP_MEM_ALLOC_ENABLE`` wins.  Where the kernel has THP off, it changes nothing."""
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-
 def main() -> None:
-    use_huge_pages()
+    keep_freed_memory()  # before any tensor: see medcli.allocator
     app(prog_name="medcli")
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medcli.allocator import keep_freed_memory
 from medcli.engine.speed import cpu_has_fast_bf16
 
 SKIP_NO_BF16 = "skipped: no native bf16 on this CPU (oneDNN would emulate it, ~100x slower than fp32)"
@@ -922,6 +923,7 @@ def _error(figures: dict | None) -> str:
 
 # --------------------------------------------------------------------------------------------- runner
 def _child(name: str, opts: dict, queue) -> None:
+    keep_freed_memory()  # as `medcli` itself runs (a spawned process starts with glibc's defaults)
     if opts.get("threads"):
         torch.set_num_threads(int(opts["threads"]))
     try:
