@@ -478,3 +478,25 @@ def test_cpu_members_keep_winograd_transforms_only_while_they_fit(monkeypatch):
     assert kept(other) == {False}
     np.testing.assert_allclose(other.probabilities(x), one.probabilities(x), atol=1e-6)
     np.testing.assert_allclose(one.probabilities(x), one.probabilities(x))  # kept: same result again
+
+
+def test_one_forward_pass_does_not_keep_transforms_more_do(world):
+    """One scan without TTA is one pass per member: transforming each weight as it is used beats keeping
+    1 GB (for a ResNet-50) of fresh memory; two scans, or TTA, reuse what is kept."""
+    from medcli.engine.winograd import WinogradConv3d
+
+    source = P.find_checkpoints(world["run"], world["root"])
+    scans, _ = P.collect_scans([world["data"]], ("t1ce",))
+
+    def kept_after(predictor, items):
+        predictor.predict(items)
+        convs = [m for model in predictor.models for m in model.modules() if type(m) is WinogradConv3d]
+        assert convs
+        return {m.keep_transformed for m in convs}
+
+    p = P.load_predictor(source, device="cpu", precision="fp32")
+    assert p.keeps_transforms  # a tiny model's transforms fit the budget
+    assert kept_after(p, scans[:1]) == {False}
+    assert kept_after(p, scans[:2]) == {True}
+    tta = P.load_predictor(source, device="cpu", precision="fp32", tta=True)
+    assert kept_after(tta, scans[:1]) == {True}  # 8 flips in batches of 2: four passes
