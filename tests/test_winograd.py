@@ -123,3 +123,16 @@ def test_kept_transform_is_reused_and_follows_weight_updates():
         assert conv._kept is not kept
     model(x).sum().backward()  # with gradients: transformed afresh, and the weight gets its gradient
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+def test_weight_gradient_made_in_blocks_of_output_channels_is_exact():
+    """With 512 input channels the weight gradient is built 64 output channels at a time; 130 of them
+    leave a short last block."""
+    torch.manual_seed(1)
+    x = torch.randn(1, 512, 4, 5, 4, dtype=torch.double, requires_grad=True)
+    w = torch.randn(130, 512, 3, 3, 3, dtype=torch.double, requires_grad=True)
+    got, want = winograd_conv3d(x, w, None, 1), F.conv3d(x, w, None, 1, 1, 1)
+    g = torch.randn_like(want)
+    got_w = torch.autograd.grad((got * g).sum(), w)[0]
+    want_w = torch.autograd.grad((want * g).sum(), w)[0]
+    torch.testing.assert_close(got_w, want_w, rtol=1e-10, atol=1e-10)
