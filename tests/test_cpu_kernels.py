@@ -80,3 +80,43 @@ def test_describe_reads_what_was_rewritten_from_the_model():
     assert describe(rewrite_for_cpu(create_model("tiny"), bf16=True)) == (
         "fp32 stem, dilation-4 convs tap by tap, dilation-2 convs phase-batched"
     )
+
+
+@pytest.mark.parametrize("fmt", [torch.channels_last_3d, torch.contiguous_format])
+def test_pointwise_conv_as_gemm_equals_the_conv(fmt):
+    """Values, memory format and gradients of the GEMM path (channels_last_3d) and the fallback."""
+    from medcli.engine.cpu_kernels import PointwiseConv3d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(16, 24, 1)
+    fast = PointwiseConv3d(16, 24, 1)
+    fast.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 16, 5, 6, 7).contiguous(memory_format=fmt)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = fast(xa), conv(xb)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got.is_contiguous(memory_format=fmt)
+    g = torch.randn_like(want)
+    (got * g).sum().backward()
+    (want * g).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.weight.grad, conv.weight.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast.bias.grad, conv.bias.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_only_large_stride_one_pointwise_convs_become_gemms():
+    from medcli.engine.cpu_kernels import PointwiseConv3d
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(256, 512, 1),  # layer3-sized: a GEMM
+        torch.nn.Conv3d(64, 256, 1),  # layer1-sized: oneDNN was faster
+        torch.nn.Conv3d(256, 512, 1, stride=2),  # a strided downsample
+    )
+    keys = list(net.state_dict())
+    rewrite_for_cpu(net, bf16=False)
+    assert [type(m) for m in net] == [PointwiseConv3d, torch.nn.Conv3d, torch.nn.Conv3d]
+    assert list(net.state_dict()) == keys
+    assert describe(net) == "large 1³ convs as GEMMs"
+    assert rewrite_for_cpu(torch.nn.Sequential(torch.nn.Conv3d(256, 512, 1)), bf16=True)[0].__class__ is (
+        torch.nn.Conv3d
+    )  # bf16 keeps oneDNN's
