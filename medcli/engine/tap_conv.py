@@ -146,21 +146,26 @@ def tapwise_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y.permute(1, 4, 0, 2, 3).contiguous(memory_format=fmt)
 
 
+def is_same_padded_3x3x3(conv: nn.Module) -> bool:
+    """A plain stride-1 3³ Conv3d whose zero padding equals its (isotropic) dilation: output size = input
+    size, the convs MedicalNet's ResNets are made of and medcli's CPU kernels replace."""
+    return (
+        type(conv) is nn.Conv3d
+        and conv.kernel_size == (3, 3, 3)
+        and conv.stride == (1, 1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and len(set(conv.dilation)) == 1
+        and conv.padding == conv.dilation
+    )
+
+
 class TapwiseConv3d(nn.Conv3d):
     """A stride-1 3³ Conv3d with dilation r > 1 (padding r), computed by :func:`tapwise_conv3d`."""
 
     @staticmethod
     def applies(conv: nn.Module) -> bool:
-        return (
-            type(conv) is nn.Conv3d
-            and conv.kernel_size == (3, 3, 3)
-            and conv.stride == (1, 1, 1)
-            and conv.groups == 1
-            and conv.padding_mode == "zeros"
-            and len(set(conv.dilation)) == 1
-            and conv.dilation[0] > 1
-            and conv.padding == conv.dilation
-        )
+        return is_same_padded_3x3x3(conv) and conv.dilation[0] > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5:  # an unbatched [C, D, H, W] input

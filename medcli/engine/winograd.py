@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from medcli.engine.tap_conv import tapwise_conv3d
+from medcli.engine.tap_conv import is_same_padded_3x3x3, tapwise_conv3d
 
 # F(4, 3) with interpolation points 0, ±1, ±2 and ∞ (Lavin & Gray, section 4.2).
 _BT = (
@@ -230,15 +230,7 @@ class WinogradConv3d(nn.Conv3d):
 
     @staticmethod
     def applies(conv: nn.Module) -> bool:
-        return (
-            type(conv) is nn.Conv3d
-            and conv.kernel_size == (3, 3, 3)
-            and conv.stride == (1, 1, 1)
-            and conv.groups == 1
-            and conv.padding_mode == "zeros"
-            and len(set(conv.dilation)) == 1
-            and conv.padding == conv.dilation
-        )
+        return is_same_padded_3x3x3(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.dilation[0]
