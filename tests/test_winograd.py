@@ -91,7 +91,22 @@ def test_module_falls_back_where_the_volume_is_smaller_than_a_tile(r, size):
     fast.load_state_dict(conv.state_dict())
     for shape in ((2, 3, size, size, size), (3, size, size, size)):  # batched and unbatched
         x = torch.randn(*shape)
-        torch.testing.assert_close(fast(x), conv(x), atol=1e-5, rtol=1e-5)
+        y = fast(x)
+        torch.testing.assert_close(y, conv(x), atol=1e-5, rtol=1e-5)
+        assert "_WinogradConvBackward" not in _backward_ops(y)
+    big = torch.randn(1, 3, 4 * r, 4 * r, 4 * r)  # one full tile per phase: Winograd's own path
+    assert "_WinogradConvBackward" in _backward_ops(fast(big))
+
+
+def _backward_ops(y: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes that produced ``y``: which kernel ran."""
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in seen:
+            seen.add(type(node).__name__)
+            todo.extend(n for n, _ in node.next_functions)
+    return seen
 
 
 def test_module_under_bf16_autocast_runs_the_plain_conv():

@@ -8,8 +8,8 @@ kernels.  Used by the predictor's fast path and the trainer on CPU (:func:`rewri
   172 vs 254; one-scan inference: layer4 149 / 245 / 433, layer3 40 / 79 / 89.  Where a volume is too
   small for a tile (e.g. layer4 of a 64³ input), the dilated convs run tap by tap
   (:class:`medcli.engine.tap_conv.TapwiseConv3d`, the taps that read zero padding skipped).
-* In float32, the larger 1³ convs (layer2 on) run as plain GEMMs over channels_last voxels
-  (:class:`PointwiseConv3d`).
+* In float32, the larger 1³ convs (layer3 and layer4 of a ResNet-50) run as plain GEMMs over
+  channels_last voxels (:class:`PointwiseConv3d`).
 * Under bf16 autocast (CPUs with AMX / AVX512-BF16):
 
   - the 7³ stem conv over 1-4 input channels runs in float32: oneDNN has no fast bf16 kernel for it (4x
