@@ -461,6 +461,34 @@ def test_fast_path_rewrites_compute_the_same_function():
                 )
 
 
+def test_bn_folding_is_exact_and_writes_the_requested_memory_format():
+    """Folded in float64, conv+BN and the folded conv agree to rounding; the folded weights come out
+    channels_last_3d when asked (no second copy needed), with BN gone and the input untouched."""
+    import copy
+
+    from medcli.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny").double().eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    x = torch.randn(2, 1, 24, 24, 24, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+    for fmt in (torch.contiguous_format, torch.channels_last_3d):
+        fused = P.fuse_conv_bn(copy.deepcopy(model), memory_format=fmt)
+        assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fused.modules())
+        convs = [m for m in fused.modules() if isinstance(m, torch.nn.Conv3d)]
+        assert all(c.weight.is_contiguous(memory_format=fmt) and c.bias is not None for c in convs)
+        assert all(c.weight.dtype == torch.float64 for c in convs)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), want, atol=1e-10, rtol=1e-10)
+
+
 def test_cpu_members_keep_winograd_transforms_only_while_they_fit(monkeypatch):
     """Kept transformed weights make repeated forward passes cheaper; an ensemble too large for the
     budget transforms them per pass instead (memory over speed), with the same probabilities."""
