@@ -11,7 +11,7 @@ import inspect
 import sys
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from medcli import __version__
 from medcli.allocator import keep_freed_memory
@@ -34,6 +34,32 @@ class MedcliGroup(TyperGroup):
                 "same command again (a partial download resumes)"
             )
             raise typer.Exit(130) from None
+
+
+class MedcliCommand(TyperCommand):
+    """A command whose long options also take underscores: ``--batch_size`` is ``--batch-size``.
+
+    The seed's command line (``--batch_size 6 --grad_clip 0.5 --gradient_accumulation_steps 2 ...``) runs
+    unchanged.  The underscore spellings are not declared as aliases, which would list every such option
+    twice and squeeze ``--help`` until option names were cut off in an 80-column terminal."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        known = {opt for p in self.params for opt in (*p.opts, *p.secondary_opts)}
+        return super().parse_args(ctx, dashed_options(args, known))
+
+
+def dashed_options(args: list[str], known: set[str]) -> list[str]:
+    """``args`` with each unknown ``--a_b`` (or ``--a_b=v``) whose ``--a-b`` is known spelled that way;
+    values and everything after ``--`` unchanged."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        name, eq, value = arg.partition("=")
+        dashed = name.replace("_", "-")
+        if name.startswith("--") and name not in known and dashed in known:
+            out[i] = dashed + eq + value
+    return out
 
 
 _exit_codes = " · ".join(f"{code} {what.split(':')[0]}" for code, what in EXIT_CODES.items())
@@ -78,13 +104,15 @@ def reflow(text: str) -> str:
     return "\n\n".join(" ".join(p.split("\n")) for p in inspect.cleandoc(text).split("\n\n"))
 
 
-def _reflow_help(typer_app: typer.Typer) -> None:
+def _finish_commands(typer_app: typer.Typer) -> None:
+    """Every command: help reflowed (see ``reflow``), underscores accepted (``MedcliCommand``)."""
     for info in typer_app.registered_commands:
         text = info.help or (info.callback.__doc__ if info.callback else None)
         if text:
             info.help = reflow(text)
+        info.cls = MedcliCommand
     for group in typer_app.registered_groups:
-        _reflow_help(group.typer_instance)
+        _finish_commands(group.typer_instance)
 
 
 def _register_commands() -> None:
@@ -93,7 +121,7 @@ def _register_commands() -> None:
 
     for module in (weights, data, train, evaluate, predict, plugins, bench):
         module.register(app)
-    _reflow_help(app)
+    _finish_commands(app)
 
 
 _register_commands()

@@ -105,8 +105,8 @@ def bench(
     ),
     list_sections: bool = typer.Option(False, "--list", help="List the sections and exit."),
     depth: str = typer.Option("50", "--depth", help="ResNet depth for model sections (10..200, or tiny)."),
-    input_size: int = typer.Option(128, "--input-size", "--input_size", help="Cubic input size for models."),
-    batch_size: int = typer.Option(2, "--batch-size", "--batch_size", help="Batch size for the train step."),
+    input_size: int = typer.Option(128, "--input-size", help="Cubic input size for models."),
+    batch_size: int = typer.Option(2, "--batch-size", help="Batch size for the train step."),
     reps: int = typer.Option(3, "--reps", help="Timed repetitions per figure (median, min–max reported)."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed repetitions before timing."),
     device: str = typer.Option(

@@ -55,13 +55,12 @@ def synth(
     lgg_fraction: float = typer.Option(
         0.3,
         "--lgg-fraction",
-        "--lgg_fraction",
         min=0.0,
         max=1.0,
         help="Share of LGG subjects (BraTS: ~0.21).",
     ),
     label_noise: float = typer.Option(
-        0.0, "--label-noise", "--label_noise", min=0.0, max=0.5, help="Share of recorded grades flipped."
+        0.0, "--label-noise", min=0.0, max=0.5, help="Share of recorded grades flipped."
     ),
     workers: int = typer.Option(
         0, "--workers", "-j", min=0, help="Subjects made in parallel (0: one per CPU core, at most 8)."

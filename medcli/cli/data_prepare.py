@@ -50,7 +50,7 @@ def prepare(
     ),
     modalities: str = typer.Option("t1ce", "--modalities", help="Input channels, in order, e.g. t1ce,flair."),
     input_size: str = typer.Option(
-        "128", "--input-size", "--input_size", help="Model input size: 128 or D,H,W (as for train)."
+        "128", "--input-size", help="Model input size: 128 or D,H,W (as for train)."
     ),
     cache: Path | None = CACHE_OPTION,
     workers: int = typer.Option(1, "--workers", "-j", min=1, help="Subjects preprocessed in parallel."),

@@ -49,7 +49,6 @@ def train_command(
     pretrained_path: str = typer.Option(
         "auto",
         "--pretrained-path",
-        "--pretrained_path",
         help="MedicalNet weights file, or 'auto': the local copy of the release for --depth (`medcli "
         "weights list` shows where). A missing file means random init with a warning.",
     ),
@@ -65,13 +64,9 @@ def train_command(
     modalities: str = typer.Option(
         "t1ce", "--modalities", help="Comma-separated input sequences, e.g. t1ce,flair."
     ),
-    input_size: str = typer.Option(
-        "128", "--input-size", "--input_size", help="Model input edge (128) or D,H,W."
-    ),
+    input_size: str = typer.Option("128", "--input-size", help="Model input edge (128) or D,H,W."),
     lr: float = typer.Option(_default("lr"), "--lr", help="Backbone learning rate."),
-    batch_size: int = typer.Option(
-        _default("batch_size"), "--batch-size", "--batch_size", help="Micro-batch size."
-    ),
+    batch_size: int = typer.Option(_default("batch_size"), "--batch-size", help="Micro-batch size."),
     epochs: int = typer.Option(_default("epochs"), "--epochs"),
     optimizer: str = typer.Option(_default("optimizer"), "--optimizer", help="adam, adamw or sgd."),
     loss: str = typer.Option(
@@ -88,26 +83,22 @@ def train_command(
         "--zero-init-last/--no-zero-init-last",
         help="Random init: residual branches start at zero (helps deep nets train from scratch).",
     ),
-    grad_clip: float = typer.Option(
-        _default("grad_clip"), "--grad-clip", "--grad_clip", help="Max gradient norm (0: off)."
-    ),
+    grad_clip: float = typer.Option(_default("grad_clip"), "--grad-clip", help="Max gradient norm (0: off)."),
     gradient_accumulation_steps: int = typer.Option(
         _default("gradient_accumulation_steps"),
         "--gradient-accumulation-steps",
-        "--gradient_accumulation_steps",
         help="Micro-batches per optimiser step.",
     ),
     ema_decay: float = typer.Option(
         _default("ema_decay"),
         "--ema-decay",
-        "--ema_decay",
         help="EMA of weights (0: off); validated and saved.",
     ),
     select: str = typer.Option(
         _default("select"), "--select", help="Weights that pick best.pt: auto (EMA when on), ema or raw."
     ),
     weight_decay: float = typer.Option(
-        _default("weight_decay"), "--weight-decay", "--weight_decay", help="Not applied to norms and biases."
+        _default("weight_decay"), "--weight-decay", help="Not applied to norms and biases."
     ),
     head_lr_mult: float = typer.Option(
         _default("head_lr_mult"), "--head-lr-mult", help="The new head's lr = lr × this."
@@ -128,14 +119,12 @@ def train_command(
     loss_options: list[str] = typer.Option(
         [],
         "--loss-opt",
-        "--loss_opt",
         help="A loss option KEY=VALUE, repeatable (e.g. --loss-opt gamma=2 for focal, epsilon=2 for poly1).",
     ),
     gpu: bool = typer.Option(False, "--gpu", help="Require a CUDA GPU (exit 9 if there is none)."),
     multi_gpu: bool = typer.Option(
         False,
         "--multi-gpu",
-        "--multi_gpu",
         help="DistributedDataParallel over all visible GPUs via torchrun (1 GPU: warns, runs on it).",
     ),
     nproc: int | None = typer.Option(
@@ -301,11 +290,11 @@ def _launch_distributed(
         n = cfg.nproc or int(os.environ.get(distributed.NPROC_ENV, "2"))
         if cfg.device == "auto":
             raise DeviceError(
-                "--multi_gpu: no CUDA GPU is visible",
+                "--multi-gpu: no CUDA GPU is visible",
                 hint="drop --multi_gpu, or add --device cpu to run the same DDP path on CPU processes (gloo)",
             )
     if n < 2:
-        _warn(f"--multi_gpu: only {n} device(s); training in one process on {device}")
+        _warn(f"--multi-gpu: only {n} device(s); training in one process on {device}")
         from medcli.engine import trainer
 
         single = TrainConfig.from_dict({**cfg.to_dict(), "multi_gpu": False})

@@ -56,11 +56,9 @@ def verify(
     ),
     depth: str = typer.Option("50", "--depth", help="ResNet depth: 10, 18, 34, 50, 101, 152, 200 or tiny."),
     in_channels: int = typer.Option(
-        1, "--in-channels", "--in_channels", min=1, help="Input channels (MRI modalities) of the model."
+        1, "--in-channels", min=1, help="Input channels (MRI modalities) of the model."
     ),
-    num_classes: int = typer.Option(
-        2, "--num-classes", "--num_classes", min=1, help="Classes of the new head."
-    ),
+    num_classes: int = typer.Option(2, "--num-classes", min=1, help="Classes of the new head."),
     head: str = typer.Option("linear", "--head", help="Head type: linear, or cosine (LDAM)."),
     json_out: bool = typer.Option(False, "--json", help="Print the load report as JSON on stdout."),
 ) -> None:
