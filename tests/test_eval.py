@@ -321,3 +321,20 @@ def test_predict_uses_the_threshold_eval_tuned(cli, trained, tmp_path):
     os.utime(run / "fold0" / "best.pt", (later, later))  # retrained after the evaluation
     stale = cli(*predict)
     assert stale.exit_code == 2 and _has(stale.stderr, "older than the model's checkpoints")
+
+
+def test_few_scans_in_a_class_get_a_note_on_the_intervals(cli, tmp_path, run):
+    fd = FoldDir(tmp_path / "r", 0)
+    fd.path.mkdir(parents=True)
+    rows = _fold_rows(7, 16, only=1)
+    rows[0]["label"] = rows[1]["label"] = 0  # 2 LGG scans (one patient) among 16
+    fd.write_predictions(rows)
+    out = _json(cli("eval", fd.path, "--json", "--n-boot", "200", "--no-plots"))
+    note = [n for n in out["notes"] if n.startswith("only 2 LGG scans of 16")]
+    assert note, out["notes"]
+    n_valid = out["folds"][0]["metrics"]["ci"]["auc"]["n_valid"]
+    assert 0 < n_valid < 200 and f"the {n_valid} of 200 resamples" in note[0]
+    # A whole run pools 90 scans with dozens in each class: no such note.
+    pooled = _json(cli("eval", run[0], "--json", "--n-boot", "50", "--no-plots"))
+    assert min(pooled["pooled"]["n_lgg"], pooled["pooled"]["n_hgg"]) >= 10
+    assert not any(n.startswith("only ") for n in pooled["notes"])

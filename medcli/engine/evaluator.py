@@ -321,6 +321,25 @@ def _youden_or_default(labels: np.ndarray, p: np.ndarray, default: float = 0.5) 
         return default, f"{e}; kept {default}"
 
 
+# Below this many scans in a class, percentile-bootstrap intervals mostly show which few scans were drawn.
+FEW_IN_A_CLASS = 10
+
+
+def _few_in_a_class(m: M.BinaryMetrics, n_boot: int) -> str | None:
+    """A note when the smaller class is small enough to make the intervals unreliable (None otherwise;
+    a class with no scans at all is the metrics' ``undefined_reason``)."""
+    fewest, name = min((m.n_lgg, "LGG"), (m.n_hgg, "HGG"))
+    if not 0 < fewest < FEW_IN_A_CLASS:
+        return None
+    note = f"only {fewest} {name} scan{'s' if fewest > 1 else ''} of {m.n}: the 95% intervals are unreliable"
+    auc = m.ci.get("auc") or {}
+    if n_boot and auc.get("n_valid") is not None:
+        note += (
+            f" (AUC's interval comes from the {auc['n_valid']} of {n_boot} resamples that drew both classes)"
+        )
+    return note + "; more validation data, or a whole run's pooled predictions, give firmer ones"
+
+
 def evaluate(
     target_path: Path,
     *,
@@ -458,6 +477,8 @@ def evaluate(
         )
         for name in M.CI_METRICS:
             summary[name] = M.summarize_folds([getattr(r.metrics, name) for r in reports])
+    if pooled is not None and (note := _few_in_a_class(pooled, n_boot)):
+        notes.append(note)
 
     report = EvalReport(
         kind=target.kind,
