@@ -85,12 +85,17 @@ def _kron_g(like: torch.Tensor) -> torch.Tensor:
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:
     """``G g Gᵀ`` over three axes: ``[K, C, 3, 3, 3]`` -> ``[216, C, K]`` (a view of ``[K, 216, C]``).
 
-    One ``[216, 27] @ [27, C]`` product per output channel: 2x faster here than a single product with
-    K·C columns (which MKL runs poorly with an inner dimension of 27), and for channels_last_3d weights,
-    as the CPU paths keep them, ``[K, 27, C]`` is a view."""
+    Depth first (``G``: ``[6, 3] @ [3, 9·C]`` per output channel), then height and width at once
+    (``G ⊗ G``: ``[36, 9] @ [9, C]`` per output channel and depth point): 2.8x fewer multiplications than
+    ``G ⊗ G ⊗ G`` in one product, and 13-25% faster here at 128-512 channels.  Per output channel, not one
+    product over K·C columns, which MKL ran 2x slower with such short inner dimensions.  For channels_last_3d
+    weights, as the CPU paths keep them, ``[K, 3, 9·C]`` is a view."""
     k, c = weight.shape[:2]
-    taps = weight.permute(0, 2, 3, 4, 1).reshape(k, 27, c)
-    return torch.matmul(_kron_g(weight), taps).permute(1, 2, 0)
+    g = _matrix(_G, weight)
+    taps = weight.permute(0, 2, 3, 4, 1).reshape(k, 3, 9 * c)
+    depth = torch.matmul(g, taps)  # [K, 6, 9·C]
+    u = torch.matmul(torch.kron(g, g), depth.view(k * A, 9, c))  # [K·6, 36, C]
+    return u.view(k, A**3, c).permute(1, 2, 0)
 
 
 def _weight_grad(dm: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
