@@ -13,7 +13,15 @@ import pytest
 import torch
 
 from medcli.engine import bench
-from medcli.engine.bench import FULL_SHAPE, RELEASE_BYTES, Timing, evaluate_targets, flatten, time_it
+from medcli.engine.bench import (
+    FULL_SHAPE,
+    RELEASE_BYTES,
+    Timing,
+    evaluate_targets,
+    flatten,
+    time_interleaved,
+    time_it,
+)
 from tests.conftest import REPO, run_medcli
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -31,6 +39,25 @@ def test_time_it_counts_warmup_and_reports_median_min_max():
     assert len(calls) == 4 and t.reps == 3
     assert t.min < t.median < t.max
     assert 0.001 <= t.min < 0.01 and 0.015 <= t.median < 0.03 <= t.max
+
+
+def test_time_interleaved_alternates_variants_and_times_each_apart():
+    calls = []
+    sleeps = {"a": iter([0.0, 0.02, 0.02]), "b": iter([0.0, 0.001, 0.001])}
+
+    def variant(name):
+        def fn():
+            calls.append(name)
+            time.sleep(next(sleeps[name]))
+
+        return fn
+
+    t = time_interleaved({"a": variant("a"), "b": variant("b")}, warmup=1, reps=2)
+    assert calls == ["a", "b"] * 3  # warm-up round first, then A B A B
+    assert t["a"].reps == t["b"].reps == 2
+    assert t["a"].min >= 0.02 > 0.01 > t["b"].max
+    with pytest.raises(ValueError):
+        time_interleaved({"a": lambda: None}, reps=0)
 
 
 def test_time_it_stops_early_past_max_seconds_but_times_at_least_once():

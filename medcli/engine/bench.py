@@ -18,6 +18,7 @@ fp32, so every bf16 figure there is skipped with that reason instead of being me
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -85,6 +86,24 @@ def time_it(
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             break
     return Timing(statistics.median(times), min(times), max(times), len(times))
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], *, warmup: int = 1, reps: int = 5
+) -> dict[str, Timing]:
+    """:func:`time_it` for several variants in turn (A B A B ...), so a machine that slows down or speeds
+    up during the run (shared cores) moves every variant alike and their ratio stays fair."""
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(warmup + reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {n: Timing(statistics.median(t), min(t), max(t), len(t)) for n, t in times.items()}
 
 
 def peak_rss_mb() -> float:
@@ -498,35 +517,38 @@ def predict_end_to_end(opts: dict) -> dict:
         scan = write_phantom_subject(root / "Bench_001", ("t1ce",), shape)["t1ce"]
         ckpt = root / "run" / "fold0" / "best.pt"
         _write_checkpoint(ckpt, depth, size)
-        for name, options in pipelines.items():
-            parts: dict[str, list[float]] = {"load": [], "predict": [], "write": []}
-            used: dict[str, Any] = {}  # what the pipeline resolved to (precision, memory format)
+        parts = {name: {"load": [], "predict": [], "write": []} for name in pipelines}
+        used: dict[str, dict[str, Any]] = {name: {} for name in pipelines}  # what each resolved to
 
-            def run(options=options, parts=parts, used=used) -> None:
-                t0 = time.perf_counter()
-                predictor = load_predictor(find_checkpoints(ckpt, root), device=device, **options)
-                used.update(precision=predictor.precision, channels_last=predictor.channels_last)
-                t1 = time.perf_counter()
-                scans, failures = collect_scans([scan], predictor.preprocess_cfg.modalities)
-                result = predictor.predict(scans)
-                if failures or result.failures:
-                    raise RuntimeError(f"predict failed: {failures or result.failures}")
-                _sync()
-                t2 = time.perf_counter()
-                out = root / "predictions.json"
-                out.with_suffix(".tmp").write_text(json.dumps(result.to_dict()))
-                os.replace(out.with_suffix(".tmp"), out)
-                parts["load"].append(t1 - t0)
-                parts["predict"].append(t2 - t1)
-                parts["write"].append(time.perf_counter() - t2)
+        def run(name: str) -> None:
+            t0 = time.perf_counter()
+            predictor = load_predictor(find_checkpoints(ckpt, root), device=device, **pipelines[name])
+            used[name].update(precision=predictor.precision, channels_last=predictor.channels_last)
+            t1 = time.perf_counter()
+            scans, failures = collect_scans([scan], predictor.preprocess_cfg.modalities)
+            result = predictor.predict(scans)
+            if failures or result.failures:
+                raise RuntimeError(f"predict failed: {failures or result.failures}")
+            _sync()
+            t2 = time.perf_counter()
+            out = root / "predictions.json"
+            out.with_suffix(".tmp").write_text(json.dumps(result.to_dict()))
+            os.replace(out.with_suffix(".tmp"), out)
+            parts[name]["load"].append(t1 - t0)
+            parts[name]["predict"].append(t2 - t1)
+            parts[name]["write"].append(time.perf_counter() - t2)
 
-            t = time_it(run, warmup=_warmup(opts), reps=_reps(opts))
+        # Interleaved: one pipeline's run, then the other's, so drifting load on a shared machine hits both.
+        timings = time_interleaved(
+            {name: functools.partial(run, name) for name in pipelines}, warmup=_warmup(opts), reps=_reps(opts)
+        )
+        for name, t in timings.items():
             modes[name] = {
                 "seconds": t.to_dict(),
                 # Parts of the timed repetitions (the warm-up's are dropped): medians, in seconds.
-                "parts_median_s": {k: statistics.median(v[-t.reps :]) for k, v in parts.items()},
+                "parts_median_s": {k: statistics.median(v[-t.reps :]) for k, v in parts[name].items()},
+                "resolved": dict(used[name]),
             }
-            modes[name]["resolved"] = dict(used)
     _add_speedups(modes)
     return {
         "model": _model_name(depth),
