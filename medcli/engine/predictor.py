@@ -9,9 +9,10 @@ The fast path (``fuse=True``, the default) changes how, never what, the model co
 
 * BatchNorm folded into the preceding conv (one less pass over every activation);
 * channels-last-3d memory format on CPU (and with bf16 on CUDA);
-* on CPU, MedicalNet's dilated convs computed tap by tap without the taps that read zero padding, and
-  under bf16 a float32 stem conv (:mod:`medcli.engine.cpu_kernels`): oneDNN's bf16 kernels for those are
-  slower than fp32;
+* on CPU (:mod:`medcli.engine.cpu_kernels`), in fp32 every stride-1 3³ conv by Winograd F(4³, 3³) (the
+  dilated ones over their phase sub-grids) and the large 1³ convs as GEMMs; under bf16 the dilated convs
+  tap by tap without the taps that read zero padding, and a float32 stem conv (oneDNN's bf16 kernels for
+  those are slower than fp32);
 * ``precision="bf16"``: ``torch.autocast(bfloat16)``.
 * ``precision="auto"``: bf16 on CPUs that compute it natively (AMX / AVX512-BF16), else fp32 (emulated
   bf16 is slower than fp32; on CUDA a batch-1 forward is launch-bound and fp32/TF32 was fastest).
