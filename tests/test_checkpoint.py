@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -130,6 +131,26 @@ def test_bad_files_are_checkpoint_errors(tmp_path, content, match):
     with pytest.raises(CheckpointError, match=match) as info:
         ck.load_for_inference(path)
     assert info.value.exit_code == 8
+
+
+def test_a_plain_pickle_is_refused_without_running_or_warnings(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"format": ck.FORMAT, "x": _Touch(marker)}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match="not plain tensors"):
+            ck.load_for_inference(path)
+    assert not marker.exists(), "unpickling ran code"
+    assert not [w for w in caught if "pickle protocol" in str(w.message)], [str(w.message) for w in caught]
+
+
+class _Touch:
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
 
 
 def test_missing_file(tmp_path):

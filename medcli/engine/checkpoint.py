@@ -19,6 +19,7 @@ import contextlib
 import pickle
 import random
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -102,9 +103,13 @@ def read_checkpoint(
         )
     try:
         # mmap needs the zip format (torch >= 1.6 writes it); a legacy file is read as a whole.
-        obj = torch.load(
-            path, map_location=map_location, weights_only=True, mmap=mmap and head == b"PK\x03\x04"
-        )
+        with warnings.catch_warnings():
+            # A pickle not written by torch.save (protocol 4, say) makes torch warn before refusing or
+            # reading it; the outcome is reported below, the warning would only be noise on stderr.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(
+                path, map_location=map_location, weights_only=True, mmap=mmap and head == b"PK\x03\x04"
+            )
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         raise CheckpointError(
