@@ -187,6 +187,34 @@ def test_prepare_cohort_counts_and_reasons(tmp_path):
     assert report.to_dict()["cached"] == 2
 
 
+def test_prepare_cohort_in_worker_processes_and_none_started_when_warm(tmp_path):
+    """Worker processes fill the cache as the serial path does (failures included); a warm cache is
+    recognised in the parent, with no process started (the CPU time of reaped children stays put)."""
+    data = tmp_path / "data"
+    subjects = [Subj(f"S{i}", make_subject(data / f"S{i}", ("t1ce", "flair"), seed=i)) for i in range(3)]
+    broken = make_subject(data / "S3", ("t1ce", "flair"), seed=3)
+    broken["flair"].write_bytes(b"garbage")
+    subjects.append(Subj("S3", broken))
+    serial_cache, parallel_cache = PreprocessCache(tmp_path / "a"), PreprocessCache(tmp_path / "b")
+    serial = prepare_cohort(subjects, CFG, serial_cache, workers=1)
+
+    children = os.times().children_user
+    parallel = prepare_cohort(subjects, CFG, parallel_cache, workers=2)
+    assert os.times().children_user > children, "no worker process did any work"
+    assert parallel.cached == serial.cached == ["S0", "S1", "S2"]
+    assert [sid for sid, _ in parallel.failed] == ["S3"] and "S3_flair.nii.gz" in parallel.failed[0][1]
+    for s in subjects[:3]:
+        np.testing.assert_array_equal(
+            parallel_cache.lookup(s.subject_id, s.paths, CFG), serial_cache.lookup(s.subject_id, s.paths, CFG)
+        )
+
+    children = os.times().children_user
+    warm = prepare_cohort(subjects, CFG, parallel_cache, workers=2)
+    assert os.times().children_user == children, "worker processes started for a warm cache"
+    assert warm.already_cached == ["S0", "S1", "S2"] and warm.cached == []
+    assert [sid for sid, _ in warm.failed] == ["S3"]
+
+
 def test_prepare_cohort_reports_warnings_now_and_from_the_cache(tmp_path):
     """A scan with noise in the air (not skull-stripped) is cached with a warning, which is reported when
     it is preprocessed and again when it is found already cached."""
