@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -389,12 +390,15 @@ def test_compile_trains_like_eager_and_saves_plain_keys(cli, train_env):
     and the checkpoint evaluates."""
     losses = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
-        result = cli(
-            "train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
-            "--name", name, "--loss", "ce", "--epochs", "1", "--max-steps", "2", "--ema-decay", "0",
-            "--dropout", "0", "--json", *extra,
-        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = cli(
+                "train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+                "--name", name, "--loss", "ce", "--epochs", "1", "--max-steps", "2", "--ema-decay", "0",
+                "--dropout", "0", "--json", *extra,
+            )  # fmt: skip
         assert result.exit_code == 0, result.output
+        assert not [w for w in caught if "lru_cache" in str(w.message)], "Dynamo warned about a cached helper"
         fold = train_env["out"] / name / "fold0"
         losses[name] = json.loads((fold / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)

@@ -156,12 +156,19 @@ def _indices(shape: tuple[int, ...], r: int) -> tuple[torch.Tensor, torch.Tensor
     return inputs, outputs, tiles
 
 
+def _tile_indices(shape: tuple[int, ...], r: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`_indices`, cached in eager mode.  Under ``torch.compile`` the uncached function is traced
+    (the indices depend on static shapes only); calling the cached one made Dynamo warn users that it
+    ignores the cache."""
+    return _indices.__wrapped__(shape, r) if torch.compiler.is_compiling() else _indices(shape, r)
+
+
 class _WinogradConv(torch.autograd.Function):
     """F(4³, 3³) conv on ``[N, D, H, W, C]`` tensors, stride 1, padding = dilation = r (module doc)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, r: int, kept: torch.Tensor | None):
-        inputs, outputs, tiles = _indices(tuple(x.shape[:4]), r)
+        inputs, outputs, tiles = _tile_indices(tuple(x.shape[:4]), r)
         c = x.shape[-1]
         rows = torch.cat([x.reshape(-1, c), x.new_zeros(1, c)])  # the last row: the padding
         d = rows.index_select(0, inputs).view(A, A, A, -1)  # [6, 6, 6, tiles·C]
@@ -180,7 +187,7 @@ class _WinogradConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         v, u = ctx.saved_tensors
-        inputs, outputs, tiles = _indices(tuple(grad.shape[:4]), ctx.r)
+        inputs, outputs, tiles = _tile_indices(tuple(grad.shape[:4]), ctx.r)
         k, c = grad.shape[-1], v.shape[-1]
         # Transposes of the forward's maps, in reverse order; output points outside the volume get 0.
         dy = grad.new_zeros(M**3 * tiles, k).index_copy_(0, outputs, grad.reshape(-1, k))
