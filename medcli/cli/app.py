@@ -40,8 +40,8 @@ class MedcliCommand(TyperCommand):
     """A command whose long options also take underscores: ``--batch_size`` is ``--batch-size``.
 
     The seed's command line (``--batch_size 6 --grad_clip 0.5 --gradient_accumulation_steps 2 ...``) runs
-    unchanged.  The underscore spellings are not declared as aliases, which would list every such option
-    twice and squeeze ``--help`` until option names were cut off in an 80-column terminal."""
+    unchanged.  The underscore spellings are not declared as aliases: declared, every such option was listed
+    twice, and the names column grew until ``train --help`` cut option names even at 140 columns."""
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
         known = {opt for p in self.params for opt in (*p.opts, *p.secondary_opts)}

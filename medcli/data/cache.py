@@ -266,7 +266,11 @@ def prepare_cohort(
 
 
 def _prepare_in_processes(
-    todo: list, cfg: PreprocessConfig, cache: PreprocessCache, workers: int, record
+    todo: list[tuple[str, dict]],
+    cfg: PreprocessConfig,
+    cache: PreprocessCache,
+    workers: int,
+    record: Callable[[str, bool | BaseException], None],
 ) -> None:
     # spawn, not fork: the parent may hold torch/OpenMP threads, which do not survive a fork reliably.
     context = multiprocessing.get_context("spawn")
