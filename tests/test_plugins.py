@@ -153,7 +153,7 @@ def test_import_error_plugin(fake_site, cli):
     assert result.exit_code == 7
     assert _json_rows(result)[("broken", "medcli-broken")]["status"] == "error"  # JSON still complete
     errors = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(errors) == 1 and "broken (medcli-broken: error)" in errors[0]
+    assert len(errors) == 1 and "1 loss plugin broken: broken (medcli-broken: error)" in errors[0]
 
 
 @pytest.mark.parametrize(

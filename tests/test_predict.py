@@ -68,7 +68,7 @@ def test_table_output(cli, world, tmp_path):
     short.write_bytes(_scan(world).read_bytes())
     one = cli("predict", short, "--model", world["run"] / "fold0")  # a narrow table: one scan, short name
     assert one.exit_code == 0, one.stderr
-    assert "Predictions (1 model(s), threshold 0.5)" in one.stdout.splitlines()[0]  # its title on one line
+    assert "Predictions (1 model, threshold 0.5)" in one.stdout.splitlines()[0]  # its title on one line
 
 
 def test_ensemble_and_tta_equal_mean_of_members(world):
@@ -141,7 +141,7 @@ def test_a_partial_ensemble_says_which_folds_it_lacks(cli, world, tmp_path):
     source = P.find_checkpoints(run, tmp_path)
     assert source.untrained == [2] and len(source.checkpoints) == 2
     make_splits(subjects, k=2).save(run / "splits.json")
-    assert P.find_checkpoints(run, tmp_path).describe() == f"2 fold(s) of {run}"
+    assert P.find_checkpoints(run, tmp_path).describe() == f"2 folds of {run}"
     (run / "splits.json").write_text("{not json")  # unreadable: nothing to compare with, still predicts
     assert P.find_checkpoints(run, tmp_path).untrained == []
 

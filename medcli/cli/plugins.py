@@ -50,7 +50,7 @@ def list_plugins(
     if check and broken:
         names = ", ".join(f"{r.name} ({r.distribution}: {r.status})" for r in broken)
         raise PluginError(
-            f"{len(broken)} loss plugin(s) broken: {names}",
+            f"{len(broken)} loss plugin{'s' if len(broken) != 1 else ''} broken: {names}",
             hint="see the table for each error; reinstall, upgrade or uninstall the distribution",
         )
 

@@ -175,7 +175,8 @@ def _run(predictor, scans, saliency):
 
 
 def _print_table(result) -> None:
-    members = f"{result.n_members} model(s)" + (" x 8 flips" if result.tta else "")
+    n = result.n_members
+    members = f"{n} model{'s' if n != 1 else ''}" + (" x 8 flips" if result.tta else "")
     show_label = any(p.label is not None for p in result.predictions)
     title = f"Predictions ({members}, threshold {result.threshold:g})"
     table = console.table(title)

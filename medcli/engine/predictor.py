@@ -448,7 +448,7 @@ class ModelSource:
             return str(self.checkpoints[0] if self.kind == "checkpoint" else self.root)
         n = len(self.checkpoints)
         if not self.untrained:
-            return f"{n} fold(s) of {self.root}"
+            return f"{n} fold{'s' if n != 1 else ''} of {self.root}"
         missing = ("fold " if len(self.untrained) == 1 else "folds ") + ", ".join(map(str, self.untrained))
         return f"{n} of {n + len(self.untrained)} folds of {self.root} ({missing}: no checkpoint yet)"
 
