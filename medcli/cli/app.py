@@ -47,6 +47,39 @@ class MedcliCommand(TyperCommand):
         known = {opt for p in self.params for opt in (*p.opts, *p.secondary_opts)}
         return super().parse_args(ctx, dashed_options(args, known))
 
+    def format_help(self, ctx, formatter) -> None:
+        # Typer's rich help sets long names, their --no- forms, types and help side by side; in a terminal
+        # too narrow for all of them rich cuts option names ("--gradient-accumu…" in an 80-column `train
+        # --help`).  There the plain layout is used, which gives a long name a line of its own.
+        if self.rich_markup_mode is None or _help_width() >= rich_help_width(self):
+            return super().format_help(ctx, formatter)
+        mode, self.rich_markup_mode = self.rich_markup_mode, None
+        try:
+            return super().format_help(ctx, formatter)
+        finally:
+            self.rich_markup_mode = mode
+
+
+def rich_help_width(command) -> int:
+    """Columns that typer's rich help needs to show every option name of ``command`` whole: the widest
+    names of each column, ~9 for the type, ~30 for the help text, 14 for the panel's borders and padding."""
+
+    def widest(names) -> int:
+        return max((len(n) for n in names), default=0)
+
+    params = command.params
+    longs = widest(",".join(o for o in p.opts if o.startswith("--")) for p in params)
+    shorts = widest(",".join(o for o in p.opts if not o.startswith("--")) for p in params)
+    negatives = widest(",".join(p.secondary_opts) for p in params)
+    return longs + shorts + negatives + 9 + 30 + 14
+
+
+def _help_width() -> int:
+    from rich.console import Console
+    from typer import rich_utils
+
+    return Console(width=rich_utils.MAX_WIDTH).width
+
 
 def dashed_options(args: list[str], known: set[str]) -> list[str]:
     """``args`` with each unknown ``--a_b`` (or ``--a_b=v``) whose ``--a-b`` is known spelled that way;
