@@ -276,8 +276,9 @@ class Predictor:
             self.models.append(m.to(device=self.device, memory_format=fmt))
         check_members(self.models, self.member_names)
         # On CPU in fp32 the 3³ convs run by Winograd, whose weights are transformed on every call unless
-        # kept: a ResNet-50 keeps 1.07 GB, and its forward pass takes ~20% less time from the second call
-        # on; a 5-fold ensemble of them would keep 5.4 GB, so members keep theirs only while all fit.
+        # kept: a ResNet-50 keeps 1.07 GB, and its forward pass takes 3-9% less time from the second call
+        # on (2 AVX2 cores; ~20% before the transform went depth first); a 5-fold ensemble of them would
+        # keep 5.4 GB, so members keep theirs only while all fit.
         self.keeps_transforms = sum(map(transformed_weight_bytes, self.models)) <= KEPT_TRANSFORMS_BYTES
         self._keep_transforms(self.keeps_transforms)
 
