@@ -298,7 +298,8 @@ def _trainer_model(model: nn.Module, device: torch.device, input_size: int) -> t
 
 
 def train_step(opts: dict) -> dict:
-    """Train step (forward, loss, backward, Adam): samples/s and FLOP/s, fp32 eager vs medcli's default.
+    """Train step (forward, loss, backward, Adam): samples/s and FLOP/s, fp32 eager vs medcli's default,
+    the modes stepping in turn.
 
     Modes: ``fp32`` (plain eager, the baseline), ``fp32-cl`` (plain, channels_last_3d), ``bf16-cl`` (on CPU
     with the CPU bf16 kernels), ``fp16-cl`` (CUDA) and ``default``: exactly what the trainer runs by
@@ -332,25 +333,34 @@ def train_step(opts: dict) -> dict:
         candidates.append("default")
     modes: dict[str, dict] = {}
     resolved = default_mode
+    # Each mode its own copy: a step sets the model's memory format in place.
+    nets: dict[str, tuple[nn.Module, str]] = {}
     for name in candidates:
         mode = default_mode if name == "default" else name
         if mode.startswith("bf16") and not bf16:
-            modes[name] = {"skipped": SKIP_NO_BF16}
             continue
-        net = model
         if name == "default":
             net, resolved = _trainer_model(model, device, size)
         elif mode.startswith("bf16") and device.type == "cpu":
             net = rewrite_for_cpu(copy.deepcopy(model), bf16=True)  # the trainer's CPU bf16 path
-        # One call per repetition so each step is timed on its own (median, min–max); the first call
-        # also runs the warm-up.  The optimizer is created per call; its lazy state costs ~0.1 % of a step.
-        steps = []
-        for rep in range(_reps(opts)):
+        else:
+            net = copy.deepcopy(model)
+        nets[name] = (net, mode)
+    # One step per mode in turn (A B C A B C ...), so a shared machine's drifting load hits every mode alike;
+    # each step timed on its own (median, min–max), the first round after the warm-up.  The optimizer is
+    # created per call; its lazy state costs ~0.1 % of a step.
+    steps: dict[str, list[float]] = {name: [] for name in nets}
+    for rep in range(_reps(opts)):
+        for name, (net, mode) in nets.items():
             s = train_step_throughput(
                 net, (x, y), mode, steps=1, warmup=_warmup(opts) if rep == 0 else 0, flops=flops
             )
-            steps.append(s.step_s)
-        t = Timing(statistics.median(steps), min(steps), max(steps), len(steps))
+            steps[name].append(s.step_s)
+    for name in candidates:
+        if name not in steps:
+            modes[name] = {"skipped": SKIP_NO_BF16}
+            continue
+        t = Timing(statistics.median(steps[name]), min(steps[name]), max(steps[name]), len(steps[name]))
         modes[name] = _speed_figures(t, batch, flops, ceiling["ceiling_tflops"])
         if name == "default":
             modes[name]["resolved"] = resolved
