@@ -384,10 +384,6 @@ def train_step(opts: dict) -> dict:
     return result
 
 
-def _time_forward(fn: Callable[[], Any], opts: dict) -> Timing:
-    return time_it(fn, warmup=_warmup(opts), reps=_reps(opts))
-
-
 def inference(opts: dict) -> dict:
     """Single-scan forward pass (batch 1): fp32 eager vs medcli's predictor (BN folded, default precision)."""
     from medcli.data.preprocess import PreprocessConfig
@@ -417,31 +413,30 @@ def inference(opts: dict) -> dict:
         with torch.inference_mode():
             return torch.softmax(plain(xd).float(), 1)[0, 1].item()
 
-    modes["fp32"] = _speed_figures(_time_forward(forward_plain, opts), 1, flops, ceiling)
-    probs["fp32"] = forward_plain()
-    plain = None  # free it before the next variant
-
     variants = {
         "default": {},  # exactly what `medcli predict` builds
         "fp32-fused-cl": {"precision": "fp32", "channels_last": True},
         "bf16-fused-cl": {"precision": "bf16", "channels_last": True},
     }
+    forwards: dict[str, Callable[[], Any]] = {"fp32": forward_plain}
+    resolved: dict[str, Any] = {}
     for name, options in variants.items():
         if options.get("precision") == "bf16" and not bf16:
-            modes[name] = {"skipped": SKIP_NO_BF16}
             continue
         p = Predictor([copy.deepcopy(base)], cfg, device=device, **options)
         if name == "default":
-            modes[name] = {
-                "resolved": {"precision": p.precision, "channels_last": p.channels_last, "fused": True}
-            }
-        else:
-            modes[name] = {}
-        modes[name].update(
-            _speed_figures(_time_forward(lambda p=p: p.probabilities(x), opts), 1, flops, ceiling)
+            resolved = {"precision": p.precision, "channels_last": p.channels_last, "fused": True}
+        forwards[name] = functools.partial(lambda p: float(p.probabilities(x)[0, 0, 0]), p)
+    # All variants in turn (A B C A B C ...), so a shared machine's drifting load hits each alike.
+    timings = time_interleaved(forwards, warmup=_warmup(opts), reps=_reps(opts))
+    for name in ["fp32", *variants]:
+        if name not in forwards:
+            modes[name] = {"skipped": SKIP_NO_BF16}
+            continue
+        modes[name] = ({"resolved": resolved} if name == "default" else {}) | _speed_figures(
+            timings[name], 1, flops, ceiling
         )
-        probs[name] = float(p.probabilities(x)[0, 0, 0])
-        del p
+        probs[name] = forwards[name]()
     _add_speedups(modes)
     result = {
         "model": _model_name(depth),
