@@ -28,8 +28,9 @@ large dense Conv3d), the train step and the single-scan forward pass (fp32 eager
 default path; FLOPs counted with `torch.utils.flop_counter`), `predict` end to end, a 5-fold x 8-flip
 ensemble, preprocessing / cache reads / synth, `weights verify` and `weights fetch`, each section in its
 own process so that its peak RSS is its own. Each figure is the median of the timed repetitions after
-warm-up, min–max in brackets; ratios are taken within one run. A target measured under other conditions
-than its own (a smaller input, say) is `n/a`, with the verdict it got there in the notes. Regenerate:
+warm-up, min–max in brackets; ratios are taken within one run, the compared variants timed in turn. A
+target measured under other conditions than its own (a smaller input, say) is `n/a`, with the verdict it
+got there in the notes. Regenerate:
 `medcli bench --json > bench-out/cpu.json` (`make bench` prints the tables instead), then
 `python scripts/bench_table.py bench-out/*.json --write README.md`.
 """

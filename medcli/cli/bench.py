@@ -123,7 +123,8 @@ def bench(
     The ceiling is the best FLOP/s of a large dense Conv3d; then the train step, forward pass, predict,
     ensemble, data pipeline and weights, each target of the project beside what was reached.
 
-    Each section runs in a fresh process, so its peak memory is its own; ratios are taken within one run.
+    Each section runs in a fresh process, so its peak memory is its own; ratios are taken within one run,
+    the compared variants timed in turn (A B A B).
 
     The full run (ResNet-50 at 128³) takes minutes; `--depth 18 --input-size 64` is a quick look.
     """
