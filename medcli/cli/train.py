@@ -291,7 +291,7 @@ def _launch_distributed(
         if cfg.device == "auto":
             raise DeviceError(
                 "--multi-gpu: no CUDA GPU is visible",
-                hint="drop --multi_gpu, or add --device cpu to run the same DDP path on CPU processes (gloo)",
+                hint="drop --multi-gpu, or add --device cpu to run the same DDP path on CPU processes (gloo)",
             )
     if n < 2:
         _warn(f"--multi-gpu: only {n} device(s); training in one process on {device}")

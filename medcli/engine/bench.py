@@ -346,22 +346,18 @@ def train_step(opts: dict) -> dict:
         else:
             net = copy.deepcopy(model)
         nets[name] = (net, mode)
-    # One step per mode in turn (A B C A B C ...), so a shared machine's drifting load hits every mode alike;
-    # each step timed on its own (median, min–max), the first round after the warm-up.  The optimizer is
-    # created per call; its lazy state costs ~0.1 % of a step.
-    steps: dict[str, list[float]] = {name: [] for name in nets}
-    for rep in range(_reps(opts)):
-        for name, (net, mode) in nets.items():
-            s = train_step_throughput(
-                net, (x, y), mode, steps=1, warmup=_warmup(opts) if rep == 0 else 0, flops=flops
-            )
-            steps[name].append(s.step_s)
+    # One step per mode in turn (A B C A B C ...), so a shared machine's drifting load hits every mode alike.
+    # Each call builds its optimizer, whose lazy state costs ~0.1 % of a step.
+    steps = {
+        name: functools.partial(train_step_throughput, net, (x, y), mode, steps=1, warmup=0, flops=flops)
+        for name, (net, mode) in nets.items()
+    }
+    timings = time_interleaved(steps, warmup=_warmup(opts), reps=_reps(opts))
     for name in candidates:
-        if name not in steps:
+        if name not in timings:
             modes[name] = {"skipped": SKIP_NO_BF16}
             continue
-        t = Timing(statistics.median(steps[name]), min(steps[name]), max(steps[name]), len(steps[name]))
-        modes[name] = _speed_figures(t, batch, flops, ceiling["ceiling_tflops"])
+        modes[name] = _speed_figures(timings[name], batch, flops, ceiling["ceiling_tflops"])
         if name == "default":
             modes[name]["resolved"] = resolved
     _add_speedups(modes)

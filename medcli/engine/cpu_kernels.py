@@ -95,6 +95,10 @@ class PhaseBatchedConv3d(nn.Conv3d):
         return y.reshape(n, k, d, h, w).contiguous(memory_format=fmt)
 
 
+# in_channels x out_channels from which a 1³ conv runs as a GEMM (a ResNet-50: layer3 and layer4).
+POINTWISE_MIN_PRODUCT = 256 * 512
+
+
 class PointwiseConv3d(nn.Conv3d):
     """A 1³ stride-1 Conv3d computed as ``F.linear`` over a channels_last_3d input's voxels.
 
@@ -125,10 +129,6 @@ class PointwiseConv3d(nn.Conv3d):
             return super().forward(x)
         y = F.linear(x.permute(0, 2, 3, 4, 1), self.weight.reshape(self.out_channels, -1), self.bias)
         return y.permute(0, 4, 1, 2, 3)  # channels_last_3d, as the conv's output would be
-
-
-# in_channels x out_channels from which a 1³ conv runs as a GEMM (a ResNet-50: layer3 and layer4).
-POINTWISE_MIN_PRODUCT = 256 * 512
 
 
 def rewrite_for_cpu(model: nn.Module, *, bf16: bool) -> nn.Module:
