@@ -337,7 +337,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     cases["not nifti"] = (junk, "not a readable NIfTI")
     empty = tmp / "empty_dir"
     empty.mkdir()
-    cases["empty dir"] = (empty, "no BraTS subjects")
+    cases["empty dir"] = (empty, "no scans found (pass <id>_t1ce.nii.gz files")
     return cases
 
 

@@ -80,6 +80,11 @@ _PATIENT_COLUMNS = ("patient_id", "patient", "patientid", "group")
 _SEG_COLUMNS = ("seg", "segmentation", "mask")
 
 
+class NoSubjectsFound(DataError):
+    """A folder holding nothing :func:`discover` recognises; ``predict``, which needs no labels, words it
+    its own way."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """Something wrong with one subject (or the cohort, when ``subject`` is None).
@@ -273,7 +278,7 @@ def discover(
         if not sources:
             if looks_like_dicom(root):
                 raise DataError(f"{root} holds DICOM files, not NIfTI", hint=DICOM_HINT)
-            raise DataError(
+            raise NoSubjectsFound(
                 f"no BraTS subjects or CSV manifest found under {root}",
                 hint="expected HGG/ and LGG/ folders (BraTS 2017-2019), subject folders with "
                 "*_t1ce.nii.gz files and name_mapping.csv (BraTS 2020), or a CSV manifest",

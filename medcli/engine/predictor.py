@@ -630,9 +630,17 @@ def _unique(scans: list[ScanInput]) -> list[ScanInput]:
 def _discover_scans(path: Path, modalities: Sequence[str]) -> tuple[list[ScanInput], list[ScanFailure]]:
     """Subjects found by ``discover``; those it set aside (missing modality, corrupt header, grids that
     disagree) come back as failures carrying discover's own message."""
-    from medcli.data.discover import discover
+    from medcli.data.discover import NoSubjectsFound, discover
 
-    cohort = discover(path, modalities=tuple(modalities))
+    try:
+        cohort = discover(path, modalities=tuple(modalities))
+    except NoSubjectsFound:
+        # discover's message describes training layouts (grades, name_mapping.csv); predict needs no labels.
+        names = " + ".join(f"<id>_{m}.nii.gz" for m in modalities)
+        raise DataError(
+            f"{path}: no scans found",
+            hint=f"pass {names} files, folders of them (one per subject), or a CSV manifest",
+        ) from None
     scans = [
         ScanInput(
             s.subject_id, {m: Path(p) for m, p in s.paths.items()}, label=s.label, patient_id=s.patient_id
