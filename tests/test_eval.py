@@ -338,3 +338,32 @@ def test_few_scans_in_a_class_get_a_note_on_the_intervals(cli, tmp_path, run):
     pooled = _json(cli("eval", run[0], "--json", "--n-boot", "50", "--no-plots"))
     assert min(pooled["pooled"]["n_lgg"], pooled["pooled"]["n_hgg"]) >= 10
     assert not any(n.startswith("only ") for n in pooled["notes"])
+
+
+def test_a_run_with_untrained_folds_says_what_its_pooled_metrics_cover(cli, run):
+    """splits.json has 4 folds, three are trained: the pooled table and the notes say so (and the JSON);
+    the few-in-a-class note of a pooled run does not send users to the pooled predictions they have."""
+    from types import SimpleNamespace
+
+    from medcli.data.splits import make_splits
+
+    root, _ = run
+    subjects = [SimpleNamespace(subject_id=f"s{i}", label=i % 2, patient_id=None) for i in range(12)]
+    make_splits(subjects, k=4).save(root / "splits.json")
+    out = _json(cli("eval", root, "--json", "--n-boot", "50", "--no-plots"))
+    assert out["missing_folds"] == [3]
+    assert any(n.startswith("fold 3 of the run's 4 not trained yet") for n in out["notes"]), out["notes"]
+    shown = cli("eval", root, "--n-boot", "50", "--no-plots")
+    assert shown.exit_code == 0 and _has(shown.stdout, "Pooled out-of-fold (90 scans of 3/4 folds")
+    make_splits(subjects, k=3).save(root / "splits.json")  # all trained: nothing said
+    out = _json(cli("eval", root, "--json", "--n-boot", "50", "--no-plots"))
+    assert out["missing_folds"] == [] and not any("not trained yet" in n for n in out["notes"])
+    # Three folds of 5 scans, 2 LGG among the 15 pooled: more subjects, not "pooled predictions", help.
+    for k in range(3):
+        rows = _fold_rows(10 + k, 5, only=1)
+        if k < 2:
+            rows[0]["label"] = 0
+        FoldDir(root, k).write_predictions(rows)
+    out = _json(cli("eval", root, "--json", "--n-boot", "50", "--no-plots"))
+    note = [n for n in out["notes"] if n.startswith("only 2 LGG scans of 15")]
+    assert note and note[0].endswith("more subjects give firmer ones"), out["notes"]

@@ -199,7 +199,9 @@ def _render(report) -> None:
         if undefined:
             table.caption = "n/a: " + "; ".join(undefined)
         out.print(table)
-        title = f"Pooled out-of-fold ({report.pooled.n} scans · {_threshold_text(report)})"
+        n_folds = len(report.folds) + len(report.missing_folds)
+        of = f" of {len(report.folds)}/{n_folds} folds" if report.missing_folds else ""
+        title = f"Pooled out-of-fold ({report.pooled.n} scans{of} · {_threshold_text(report)})"
     else:
         r = report.folds[0]
         fold = f"fold {r.fold}" if r.fold is not None else "validation"

@@ -38,6 +38,7 @@ import numpy as np
 
 from medcli.atomic import atomic_write_text
 from medcli.engine import metrics as M
+from medcli.engine.runs import fold_number, missing_folds
 from medcli.errors import CheckpointError, DataError, UsageError
 
 PREDICTIONS_FILE = "val_predictions.csv"
@@ -87,12 +88,14 @@ class EvalReport:
     ece_bins: int
     plots: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    missing_folds: list[int] = field(default_factory=list)  # a run's folds (by splits.json) not evaluated
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "target": self.target,
             "folds": [f.to_dict() for f in self.folds],
+            "missing_folds": self.missing_folds,
             "pooled": self.pooled.to_dict() if self.pooled else None,
             "summary": self.summary,
             "threshold": self.threshold,
@@ -116,11 +119,6 @@ class Target:
     checkpoint: Path | None = None
 
 
-def _fold_number(name: str) -> int:
-    digits = "".join(ch for ch in name if ch.isdigit())
-    return int(digits) if digits else -1
-
-
 def _is_fold_dir(d: Path) -> bool:
     return (d / PREDICTIONS_FILE).is_file() or (d / CHECKPOINT_FILE).is_file()
 
@@ -138,7 +136,7 @@ def resolve_target(path: Path) -> Target:
     if _is_fold_dir(path):
         return Target("fold", path, [path])
     folds = sorted(
-        (d for d in path.glob("fold*") if d.is_dir() and _is_fold_dir(d)), key=lambda d: _fold_number(d.name)
+        (d for d in path.glob("fold*") if d.is_dir() and _is_fold_dir(d)), key=lambda d: fold_number(d.name)
     )
     if folds:
         return Target("run", path, folds)
@@ -197,7 +195,7 @@ def read_val_predictions(fold_dir: Path, weights: str = "ema") -> tuple[FoldPred
         ) from None
     return (
         FoldPredictions(
-            fold=_fold_number(path.parent.name) if path.parent.name.startswith("fold") else None,
+            fold=fold_number(path.parent.name) if path.parent.name.startswith("fold") else None,
             subject_ids=[r["subject_id"] for r in rows],
             patient_ids=[(r.get("patient_id") or r["subject_id"]) for r in rows],
             labels=labels,
@@ -325,9 +323,10 @@ def _youden_or_default(labels: np.ndarray, p: np.ndarray, default: float = 0.5) 
 FEW_IN_A_CLASS = 10
 
 
-def _few_in_a_class(m: M.BinaryMetrics, n_boot: int) -> str | None:
+def _few_in_a_class(m: M.BinaryMetrics, n_boot: int, *, pooled: bool = False) -> str | None:
     """A note when the smaller class is small enough to make the intervals unreliable (None otherwise;
-    a class with no scans at all is the metrics' ``undefined_reason``)."""
+    a class with no scans at all is the metrics' ``undefined_reason``).  ``pooled``: ``m`` already pools
+    a run's folds, so more subjects are the only remedy."""
     fewest, name = min((m.n_lgg, "LGG"), (m.n_hgg, "HGG"))
     if not 0 < fewest < FEW_IN_A_CLASS:
         return None
@@ -337,6 +336,8 @@ def _few_in_a_class(m: M.BinaryMetrics, n_boot: int) -> str | None:
         note += (
             f" (AUC's interval comes from the {auc['n_valid']} of {n_boot} resamples that drew both classes)"
         )
+    if pooled:
+        return note + "; more subjects give firmer ones"
     return note + "; more validation data, or a whole run's pooled predictions, give firmer ones"
 
 
@@ -372,7 +373,7 @@ def evaluate(
     notes: list[str] = []
 
     if target.kind == "run" and fold is not None:
-        wanted = [d for d in target.fold_dirs if _fold_number(d.name) == fold]
+        wanted = [d for d in target.fold_dirs if fold_number(d.name) == fold]
         if not wanted:
             raise UsageError(f"{target.path} has no fold{fold}/", hint="list the run directory for its folds")
         target = Target("fold", wanted[0], wanted)
@@ -477,7 +478,15 @@ def evaluate(
         )
         for name in M.CI_METRICS:
             summary[name] = M.summarize_folds([getattr(r.metrics, name) for r in reports])
-    if pooled is not None and (note := _few_in_a_class(pooled, n_boot)):
+    missing = missing_folds(target.path, target.fold_dirs) if target.kind == "run" else []
+    if missing:
+        which = ("fold " if len(missing) == 1 else "folds ") + ", ".join(map(str, missing))
+        notes.append(
+            f"{which} of the run's {len(folds) + len(missing)} not trained yet: the metrics cover the "
+            f"validation scans of {len(folds)} fold{'s' if len(folds) > 1 else ''}, not the whole cohort "
+            f"(`medcli train --fold {missing[0]}`{' and so on' if len(missing) > 1 else ''} completes it)"
+        )
+    if pooled is not None and (note := _few_in_a_class(pooled, n_boot, pooled=len(folds) > 1)):
         notes.append(note)
 
     report = EvalReport(
@@ -491,6 +500,7 @@ def evaluate(
         seed=seed,
         ece_bins=n_bins,
         notes=notes,
+        missing_folds=missing,
     )
     out = Path(out_dir) if out_dir is not None else _default_out(target)
     if plots:

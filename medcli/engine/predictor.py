@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from medcli.engine.cpu_kernels import rewrite_for_cpu
+from medcli.engine.runs import fold_number, missing_folds
 from medcli.engine.winograd import keep_transformed_weights, transformed_weight_bytes
 from medcli.errors import CheckpointError, DataError, MedcliError, UsageError
 
@@ -474,31 +475,13 @@ def find_checkpoints(model: Path | None, runs_root: Path, checkpoint_name: str =
         )
     if (model / checkpoint_name).is_file():
         return ModelSource([model / checkpoint_name], "fold", model)
-    folds = sorted(model.glob(f"fold*/{checkpoint_name}"), key=lambda p: _fold_number(p.parent.name))
+    folds = sorted(model.glob(f"fold*/{checkpoint_name}"), key=lambda p: fold_number(p.parent.name))
     if folds:
-        return ModelSource(folds, "run", model, _untrained_folds(model, folds))
+        return ModelSource(folds, "run", model, missing_folds(model, [p.parent for p in folds]))
     raise CheckpointError(
         f"{model}: no {checkpoint_name} in it or in fold*/ below it",
         hint="finish training a fold first, or pass a .pt checkpoint",
     )
-
-
-def _untrained_folds(run: Path, checkpoints: Sequence[Path]) -> list[int]:
-    """The folds of ``run``'s split (``splits.json``) that have no checkpoint: an ensemble of fewer folds
-    than the run has is legitimate (``train --fold 0`` first), but worth saying."""
-    from medcli.data.splits import Splits
-
-    try:
-        k = Splits.load(run / "splits.json").k
-    except DataError:
-        return []  # no (valid) split: nothing to compare with
-    have = {_fold_number(p.parent.name) for p in checkpoints}
-    return [i for i in range(k) if i not in have]
-
-
-def _fold_number(name: str) -> int:
-    digits = "".join(ch for ch in name if ch.isdigit())
-    return int(digits) if digits else 0
 
 
 def load_predictor(

@@ -43,6 +43,26 @@ METRIC_FIELDS = (
 PREDICTION_FIELDS = ("subject_id", "patient_id", "label", "p_hgg", "p_hgg_ema")
 
 
+def fold_number(name: str) -> int:
+    """k of a ``fold<k>`` directory's name (-1 when it has no digits)."""
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return int(digits) if digits else -1
+
+
+def missing_folds(run_root: Path, fold_dirs: Iterable[Path]) -> list[int]:
+    """The folds of the run's split (``splits.json``) absent from ``fold_dirs``: using fewer folds than the
+    run has is legitimate (``train --fold 0`` first), but worth saying.  No valid split: nothing missing."""
+    from medcli.data.splits import Splits
+    from medcli.errors import DataError
+
+    try:
+        k = Splits.load(Path(run_root) / "splits.json").k
+    except DataError:
+        return []
+    have = {fold_number(Path(d).name) for d in fold_dirs}
+    return [i for i in range(k) if i not in have]
+
+
 class FoldDir:
     """Paths and writers of ``runs/<name>/fold<k>/``."""
 
