@@ -1,11 +1,13 @@
-"""Grad-CAM: the exact Grad-CAM formula on a real tiny model, normalisation, and ensemble averaging."""
+"""Grad-CAM: the exact Grad-CAM formula on a real tiny model, normalisation, ensemble averaging, and the
+PNG's views reoriented to RAS."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from medcli.engine.saliency import ensemble_grad_cam, grad_cam
+from medcli.engine.saliency import ensemble_grad_cam, grad_cam, ras_views
 from medcli.models import create_model
 
 
@@ -82,3 +84,32 @@ def test_tta_cam_over_all_flips_is_flip_equivariant(model):
         torch.testing.assert_close(mirrored, cam.flip([d - 1 for d in dims]), atol=1e-5, rtol=1e-4)
     plain = ensemble_grad_cam([model], x.flip((2,)), 1)
     assert not torch.allclose(plain, grad_cam(model, x, 1).flip([1]), atol=1e-3)  # without TTA it is not
+
+
+def test_ras_views_draw_a_scan_the_same_however_it_is_stored():
+    """One volume stored RAS and stored with its axes permuted and two of them flipped (the same voxels at
+    the same world points): both come back as the same RAS arrays, with affines that agree."""
+    rng = np.random.default_rng(0)
+    ras = rng.random((6, 7, 5)).astype(np.float32)
+    sal = rng.random((6, 7, 5)).astype(np.float32)
+    affine = np.diag([1.0, 1.2, 2.5, 1.0])
+    affine[:3, 3] = (-3.0, 4.0, 10.0)
+    # Stored as [z, x, y] with x and z reversed: voxel (a, b, c) holds RAS voxel (5 - b, c, 4 - a).
+    stored = ras.transpose(2, 0, 1)[::-1, ::-1, :].copy()
+    stored_sal = sal.transpose(2, 0, 1)[::-1, ::-1, :].copy()
+    to_ras = np.zeros((4, 4))
+    to_ras[0, 1], to_ras[0, 3] = -1, 5  # RAS i = 5 - b
+    to_ras[1, 2] = 1  # RAS j = c
+    to_ras[2, 0], to_ras[2, 3] = -1, 4  # RAS k = 4 - a
+    to_ras[3, 3] = 1
+    stored_affine = affine @ to_ras
+    assert stored[1, 2, 3] == ras[3, 3, 3]
+    np.testing.assert_allclose(stored_affine @ [1, 2, 3, 1], affine @ [3, 3, 3, 1])  # same world point
+
+    img, s, aff = ras_views(stored, stored_sal, stored_affine)
+    np.testing.assert_array_equal(img, ras)
+    np.testing.assert_array_equal(s, sal)
+    np.testing.assert_allclose(aff, affine)
+    img, s, aff = ras_views(ras, sal, affine)  # already RAS: unchanged
+    np.testing.assert_array_equal(img, ras)
+    np.testing.assert_allclose(aff, affine)

@@ -117,28 +117,47 @@ def plot_confusion(
 
 
 def plot_saliency_slices(
-    image: np.ndarray, saliency: np.ndarray, peak: Sequence[int], path: Path, title: str = "Grad-CAM"
+    image: np.ndarray,
+    saliency: np.ndarray,
+    peak: Sequence[int],
+    path: Path,
+    title: str = "Grad-CAM",
+    affine: np.ndarray | None = None,
 ) -> Path:
-    """Three orthogonal slices of ``image`` through ``peak`` (voxel index) with ``saliency`` overlaid.
+    """Sagittal, coronal and axial slices of ``image`` through ``peak`` (voxel index) with ``saliency``
+    overlaid.
 
-    Both arrays are on the same 3-D voxel grid (the scan's original grid, as saved in the NIfTI).
+    Both arrays are on one voxel grid in RAS+ order (:func:`medcli.engine.saliency.ras_views`); ``affine``
+    (that grid's) gives each slice's position in mm and the voxels' aspect ratio (identity: 1 mm voxels).
+    Axial and coronal views follow the radiological convention (the patient's right on the left); letters
+    on the sides say so.
     """
     img = np.asarray(image, dtype=np.float32)
     sal = np.asarray(saliency, dtype=np.float32)
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # mm per voxel along each axis
+    mm = affine[:3, :3] @ np.asarray(peak, dtype=np.float64) + affine[:3, 3]
     lo, hi = np.percentile(img[img != 0], [1, 99]) if (img != 0).any() else (0.0, 1.0)
     i, j, k = (int(v) for v in peak)
+    # (name, position, 2-D slice as [horizontal, vertical], their spacings, letters on the left and right).
+    # Axial and coronal slices are mirrored left-right: radiological convention.
     views = [
-        ("axis 0", img[i], sal[i]),
-        ("axis 1", img[:, j], sal[:, j]),
-        ("axis 2", img[:, :, k], sal[:, :, k]),
+        ("sagittal", f"x = {mm[0]:.0f} mm", img[i], sal[i], (1, 2), ("P", "A")),
+        ("coronal", f"y = {mm[1]:.0f} mm", img[::-1, j], sal[::-1, j], (0, 2), ("R", "L")),
+        ("axial", f"z = {mm[2]:.0f} mm", img[::-1, :, k], sal[::-1, :, k], (0, 1), ("R", "L")),
     ]
     fig = Figure(figsize=(10, 3.6))
     axes = fig.subplots(1, 3)
-    for axis, (ax, (name, a, s)) in enumerate(zip(axes, views, strict=True)):
-        # Transpose + origin="lower" shows the second voxel axis vertically, the usual radiology-ish view.
-        ax.imshow(a.T, cmap="gray", origin="lower", vmin=lo, vmax=hi if hi > lo else lo + 1)
-        ax.imshow(np.ma.masked_less_equal(s.T, 0.2), cmap="jet", origin="lower", alpha=0.4, vmin=0, vmax=1)
-        ax.set_title(f"{name} slice {peak[axis]}", fontsize=9)
+    for ax, (name, where, a, s, (h, v), (left, right)) in zip(axes, views, strict=True):
+        # Transposed with origin="lower": the second axis (superior, or anterior in axial) points up.
+        aspect = spacing[v] / spacing[h]
+        ax.imshow(a.T, cmap="gray", origin="lower", vmin=lo, vmax=hi if hi > lo else lo + 1, aspect=aspect)
+        overlay = np.ma.masked_less_equal(s.T, 0.2)
+        ax.imshow(overlay, cmap="jet", origin="lower", alpha=0.4, vmin=0, vmax=1, aspect=aspect)
+        ax.set_title(f"{name} · {where}", fontsize=9)
+        for x, letter in ((0.02, left), (0.98, right)):
+            ha = "left" if x < 0.5 else "right"
+            ax.text(x, 0.5, letter, transform=ax.transAxes, color="white", fontsize=9, ha=ha, va="center")
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)

@@ -7,7 +7,8 @@ normalised to [0, 1] and the maps are averaged.  The model-space map then goes b
 preprocessing (resize, crop, reorientation; ``medcli.data.preprocess.to_original_grid``) so the NIfTI we
 write has the input file's shape and affine and overlays the scan in any viewer (ITK-SNAP, 3D Slicer,
 FSLeyes).  The map is zeroed outside the brain (voxels that are 0 in every modality) and renormalised.
-A PNG shows three orthogonal slices through the saliency peak.
+A PNG shows sagittal, coronal and axial slices through the saliency peak, reoriented to RAS for display
+(radiological convention: the patient's right on the left of axial and coronal views, letters on the sides).
 
 Only the head needs gradients: the backbone runs once without autograd and the feature map is the leaf.
 """
@@ -114,13 +115,34 @@ def write_saliency(
     with atomic_path(nii_path, suffix=".nii.gz") as tmp:
         nib.save(img, tmp)
 
-    peak = np.unravel_index(int(np.argmax(volume)), volume.shape)
+    image_ras, volume_ras, affine_ras = ras_views(image, volume, affine)
+    peak = np.unravel_index(int(np.argmax(volume_ras)), volume_ras.shape)
     grade = ("LGG", "HGG")[target]
     png_path = plot_saliency_slices(
-        image,
-        volume,
+        image_ras,
+        volume_ras,
         peak,
         out_dir / f"{scan.scan_id}_gradcam.png",
         title=f"{scan.scan_id}: Grad-CAM for {grade} ({reference_path.name})",
+        affine=affine_ras,
     )
     return nii_path, png_path
+
+
+def ras_views(
+    image: np.ndarray, saliency: np.ndarray, affine: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``image`` and ``saliency`` (one voxel grid, ``affine``) with their axes permuted and flipped to the
+    closest RAS+ order (axis 0 from the patient's left to right, axis 1 posterior to anterior, axis 2
+    inferior to superior), and that grid's affine: a scan is drawn the same way however it is stored."""
+    import nibabel as nib
+
+    transform = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt("RAS")
+    )
+    inverse = nib.orientations.inv_ornt_aff(transform, image.shape)
+    return (
+        nib.orientations.apply_orientation(image, transform),
+        nib.orientations.apply_orientation(saliency, transform),
+        np.asarray(affine, dtype=np.float64) @ inverse,
+    )
