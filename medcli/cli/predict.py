@@ -71,7 +71,8 @@ def predict_command(
     saliency: Path | None = typer.Option(
         None,
         "--saliency",
-        help="Write Grad-CAM maps here: <scan>_gradcam.nii.gz on the scan's own grid, and a PNG of sagittal, coronal and axial slices.",
+        help="Write Grad-CAM maps here: <scan>_gradcam.nii.gz on the scan's own grid, and a PNG of "
+        "sagittal, coronal and axial slices.",
     ),
     csv_path: Path | None = typer.Option(None, "--csv", help="Also write the predictions to this CSV file."),
     json_out: bool = typer.Option(False, "--json", help="Print only JSON on stdout."),
