@@ -270,6 +270,24 @@ def test_a_dicom_file_is_named_as_such(cli, world, tmp_path):
     assert _has(r.stderr, "a DICOM file, not NIfTI") and _has(r.stderr, "dcm2niix")
 
 
+def test_a_file_named_as_another_sequence_is_refused(cli, world, tmp_path):
+    """A t1ce model given X_flair.nii.gz or X_seg.nii.gz would grade it as a t1ce scan without a word: each
+    is refused by name (the rest still predicted, exit 10); an alias of the model's own sequence (BraTS
+    2023's ``-t1c``) is accepted and loses its suffix in the scan id."""
+    import shutil
+
+    flair = shutil.copy(_scan(world), tmp_path / "X_flair.nii.gz")
+    seg = shutil.copy(_scan(world), tmp_path / "X_seg.nii.gz")
+    t1c = shutil.copy(_scan(world), tmp_path / "BraTS-GLI-00001-000-t1c.nii.gz")
+    r = cli("predict", flair, seg, t1c, "--model", world["run"], "--json")
+    assert r.exit_code == 10, r.stderr
+    out = _json(r)
+    assert [p["scan_id"] for p in out["predictions"]] == ["BraTS-GLI-00001-000"]
+    assert _has(r.stderr, "X_flair.nii.gz: named as a flair scan, but the model reads t1ce")
+    assert _has(r.stderr, "X_seg.nii.gz: named as a segmentation (label map), not a t1ce image")
+    assert len(out["failures"]) == 2
+
+
 def test_bf16_close_to_fp32(world):
     """The fold ensemble with TTA on every synthetic subject: bf16 P(HGG) within 0.02 of fp32."""
     source = P.find_checkpoints(world["run"], world["root"])

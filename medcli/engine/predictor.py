@@ -531,12 +531,34 @@ def _strip_nii(name: str) -> str:
 
 
 def _scan_id(path: Path, modality: str) -> str:
-    """``BraTS20_Training_001_t1ce.nii.gz`` → ``BraTS20_Training_001``; other names lose only the suffix."""
-    stem = _strip_nii(path.name)
-    for sep in ("_", "-"):
-        if stem.lower().endswith(f"{sep}{modality}"):
-            return stem[: -len(modality) - 1]
-    return stem
+    """``BraTS20_Training_001_t1ce.nii.gz`` (or ``..._t1c``) → ``BraTS20_Training_001``; other names lose
+    only the suffix."""
+    from medcli.data import canonical_modality
+    from medcli.data.discover import MODALITY_FILE
+
+    named = MODALITY_FILE.search(path.name)
+    if named and canonical_modality(named.group(1)) == modality:
+        return path.name[: named.start()]
+    return _strip_nii(path.name)
+
+
+def _check_named_modality(path: Path, modality: str) -> None:
+    """A single file whose name says it is another sequence (``X_flair.nii.gz``) or a segmentation
+    (``X_seg.nii.gz``) is refused: the model would grade it as its own modality without a word."""
+    from medcli.data import canonical_modality
+    from medcli.data.discover import MODALITY_FILE, ODD_SEG_FILE
+
+    named = MODALITY_FILE.search(path.name)
+    if ODD_SEG_FILE.search(path.name) or (named and named.group(1).lower() == "seg"):
+        raise DataError(
+            f"{path}: named as a segmentation (label map), not a {modality} image",
+            hint=f"pass the subject's {modality} scan (<id>_{modality}.nii.gz)",
+        )
+    if named and (other := canonical_modality(named.group(1))) != modality:
+        raise DataError(
+            f"{path}: named as a {other} scan, but the model reads {modality}",
+            hint=f"pass the subject's {modality} scan, or rename the file if its name is wrong",
+        )
 
 
 def is_nifti(path: Path) -> bool:
@@ -566,6 +588,7 @@ def collect_scans(
                         f"({', '.join(modalities)})",
                         hint="pass the subject folder (<id>_<modality>.nii.gz files) or a CSV manifest",
                     )
+                _check_named_modality(path, modalities[0])
                 scans.append(ScanInput(_scan_id(path, modalities[0]), {modalities[0]: path}))
                 continue
             if path.is_file() and path.suffix.lower() not in (".csv", ".tsv"):
