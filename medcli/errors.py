@@ -69,7 +69,7 @@ class CheckpointError(MedcliError):
 
 
 class DeviceError(MedcliError):
-    """The requested device (``--gpu``, ``--amp`` mode, ``--multi_gpu``) is not available here."""
+    """The requested device (``--gpu``, ``--amp`` mode, ``--multi-gpu``) is not available here."""
 
     exit_code = 9
 

@@ -1,4 +1,4 @@
-"""--multi_gpu's DDP path with two real CPU processes (gloo) under torchrun."""
+"""--multi-gpu's DDP path with two real CPU processes (gloo) under torchrun."""
 
 from __future__ import annotations
 

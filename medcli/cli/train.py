@@ -128,7 +128,7 @@ def train_command(
         help="DistributedDataParallel over all visible GPUs via torchrun (1 GPU: warns, runs on it).",
     ),
     nproc: int | None = typer.Option(
-        None, "--nproc", help="Processes for --multi_gpu (default: visible GPUs; with --device cpu: 2)."
+        None, "--nproc", help="Processes for --multi-gpu (default: visible GPUs; with --device cpu: 2)."
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     amp: bool | None = typer.Option(

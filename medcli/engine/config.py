@@ -69,7 +69,7 @@ def parse_modalities(value: str | list | tuple) -> tuple[str, ...]:
 
 @dataclass
 class TrainConfig:
-    """The resolved recipe.  Defaults are the seed's command (minus --gpu/--multi_gpu)."""
+    """The resolved recipe.  Defaults are the seed's command (minus --gpu/--multi-gpu)."""
 
     # data and run layout
     data: str = "data"
@@ -112,7 +112,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     gpu: bool = False  # the seed's --gpu: demand CUDA
     multi_gpu: bool = False
-    nproc: int | None = None  # processes for --multi_gpu (default: visible GPUs)
+    nproc: int | None = None  # processes for --multi-gpu (default: visible GPUs)
     amp: bool | None = None  # None: auto (on where it is faster, see medcli.engine.speed)
     amp_dtype: str = "auto"
     channels_last: bool | None = None  # None: auto

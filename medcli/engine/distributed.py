@@ -1,6 +1,6 @@
 """Multi-process training with DistributedDataParallel, launched by torchrun.
 
-``medcli train --multi_gpu`` outside torchrun re-launches itself as
+``medcli train --multi-gpu`` outside torchrun re-launches itself as
 ``python -m torch.distributed.run --standalone --nproc_per_node=N -m medcli train ...`` (N = visible GPUs,
 or ``--nproc``); inside torchrun (``LOCAL_RANK`` set) each process joins the group here.  NCCL on CUDA,
 gloo on CPU: the CPU path is the same code, which is how the tests exercise it with two processes.

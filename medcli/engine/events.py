@@ -26,7 +26,7 @@ class Info(Event):
 
 @dataclass(frozen=True)
 class Warning(Event):  # noqa: A001 - the name the CLI matches on; never raised
-    """Something the user should know but that does not stop training (random init, --multi_gpu on 1 GPU)."""
+    """Something the user should know but that does not stop training (random init, --multi-gpu on 1 GPU)."""
 
     message: str
 

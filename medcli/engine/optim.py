@@ -6,7 +6,7 @@ hurts).  Both registries below resolve names the same way losses do (``--optimiz
 gets "did you mean").
 
 Schedules are stepped once per *optimiser* step (after gradient accumulation), not per micro-batch, so
-``--gradient_accumulation_steps`` does not stretch the warm-up; ``plateau`` is the exception and steps
+``--gradient-accumulation-steps`` does not stretch the warm-up; ``plateau`` is the exception and steps
 per epoch on the validation AUC.
 """
 
