@@ -139,7 +139,7 @@ def plot_saliency_slices(
     mm = affine[:3, :3] @ np.asarray(peak, dtype=np.float64) + affine[:3, 3]
     lo, hi = np.percentile(img[img != 0], [1, 99]) if (img != 0).any() else (0.0, 1.0)
     i, j, k = (int(v) for v in peak)
-    # (name, position, 2-D slice as [horizontal, vertical], their spacings, letters on the left and right).
+    # (name, position, 2-D slice as [horizontal, vertical], the RAS axes those are, letters left and right).
     # Axial and coronal slices are mirrored left-right: radiological convention.
     views = [
         ("sagittal", f"x = {mm[0]:.0f} mm", img[i], sal[i], (1, 2), ("P", "A")),
