@@ -88,6 +88,31 @@ def test_run_per_fold_mean_sd_and_pooled_equal_sklearn(cli, run):
     assert json.loads((root / "eval" / "eval.json").read_text())["pooled"]["auc"] == pooled["auc"]
 
 
+def test_a_row_per_scan_says_which_the_model_got_wrong(cli, run):
+    """predictions.csv: every pooled scan once, with its fold, true grade, P(HGG) of the weights scored and
+    the grade its fold's threshold gives; its counts are the pooled confusion matrix (--no-plots too)."""
+    import csv
+
+    root, rows = run
+    out = _json(cli("eval", root, "--json", "--n-boot", "0", "--no-plots", "--tune-threshold", "youden"))
+    table = list(csv.DictReader((root / "eval" / "predictions.csv").open()))
+    assert out["plots"]["predictions"] == str(root / "eval" / "predictions.csv")
+    expected = {r["subject_id"]: (k, r) for k in range(3) for r in rows[k]}
+    assert sorted(t["subject_id"] for t in table) == sorted(expected) and len(table) == 90
+    per_fold = out["threshold"]["per_fold"]
+    for t in table:
+        k, r = expected[t["subject_id"]]
+        assert int(t["fold"]) == k and t["patient_id"] == r["patient_id"] and int(t["label"]) == r["label"]
+        assert float(t["p_hgg"]) == pytest.approx(r["p_hgg_ema"], abs=1e-6)
+        assert float(t["threshold"]) == pytest.approx(per_fold[str(k)], rel=1e-5)
+        assert t["predicted"] == ("HGG" if r["p_hgg_ema"] >= per_fold[str(k)] else "LGG")
+        assert t["grade"] == ("LGG", "HGG")[r["label"]]
+        assert int(t["correct"]) == (t["predicted"] == t["grade"])
+    confusion = [[sum(t["grade"] == g and t["predicted"] == q for t in table) for q in ("LGG", "HGG")]
+                 for g in ("LGG", "HGG")]  # fmt: skip
+    assert confusion == out["pooled"]["confusion"]
+
+
 def test_run_table_and_plot_paths(cli, run):
     root, _ = run
     r = cli("eval", root, "--n-boot", "100")

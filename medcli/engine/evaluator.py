@@ -28,6 +28,7 @@ bootstrap CIs.  The library returns data; ``medcli.cli.evaluate`` renders it.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -505,6 +506,7 @@ def evaluate(
     out = Path(out_dir) if out_dir is not None else _default_out(target)
     if plots:
         report.plots = write_plots(report, folds, out)
+    report.plots["predictions"] = str(write_scan_predictions(folds, thresholds, out / SCANS_FILE))
     write_json(report, out / "eval.json")
     report.plots["json"] = str(out / "eval.json")
     return report
@@ -541,6 +543,46 @@ def write_plots(report: EvalReport, folds: list[FoldPredictions], out: Path) -> 
             plot_confusion(report.pooled.confusion, out / "confusion.png", title=f"Confusion ({what})")
         ),
     }
+
+
+SCANS_FILE = "predictions.csv"
+SCAN_FIELDS = (
+    "subject_id",
+    "patient_id",
+    "fold",
+    "label",
+    "grade",
+    "p_hgg",
+    "threshold",
+    "predicted",
+    "correct",
+)
+
+
+def write_scan_predictions(folds: list[FoldPredictions], thresholds: list[float], path: Path) -> Path:
+    """One row per scan scored (every fold's, i.e. the pooled out-of-fold set of a run): its true and
+    predicted grade under the threshold its fold used, for finding which scans the model gets wrong."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SCAN_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for f, t in zip(folds, thresholds, strict=True):
+        for sid, pid, label, p in zip(f.subject_ids, f.patient_ids, f.labels, f.p, strict=True):
+            predicted = int(p >= t)
+            writer.writerow(
+                {
+                    "subject_id": sid,
+                    "patient_id": pid,
+                    "fold": "" if f.fold is None else f.fold,
+                    "label": int(label),
+                    "grade": M.CLASS_NAMES[int(label)],
+                    "p_hgg": f"{float(p):.6f}",
+                    "threshold": f"{t:.6g}",
+                    "predicted": M.CLASS_NAMES[predicted],
+                    "correct": int(predicted == int(label)),
+                }
+            )
+    atomic_write_text(path, buf.getvalue())
+    return path
 
 
 def write_json(report: EvalReport, path: Path) -> Path:
