@@ -76,7 +76,7 @@ def eval_command(
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     bins: int = typer.Option(10, "--bins", help="Equal-width bins for ECE and the reliability diagram."),
     out: Path | None = typer.Option(
-        None, "--out", help="Where plots and eval.json go. \\[default: <target>/eval]"
+        None, "--out", help="Where plots, eval.json and predictions.csv go. \\[default: <target>/eval]"
     ),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
     precision: str = typer.Option("auto", "--precision", help="For --recompute: auto, fp32 or bf16."),
