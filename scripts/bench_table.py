@@ -137,7 +137,9 @@ def _predict_rows(report: dict) -> dict[str, str]:
                 f"(load {parts['load']:.2f}, preprocess+forward {parts['predict']:.2f})"
                 f" · {fig['speedup_vs_fp32']:.2f}x"
             )
-        rows["predict: peak RSS"] = f"{p['peak_rss_mb']:.0f} MB"
+        # Each pipeline's own process (reports before that held them all in one: the section's).
+        rss = p["modes"].get("default", {}).get("peak_rss_mb", p["peak_rss_mb"])
+        rows["predict: peak RSS"] = f"{rss:.0f} MB"
     e = figure(report, "ensemble")
     if e and "error" not in e:
         rows[f"ensemble {e['members']} folds x {e['flips']} flips, s"] = (

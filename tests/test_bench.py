@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -216,10 +217,22 @@ def test_predict_and_ensemble_sections_on_a_tiny_model():
         "members": 2,
     }
     pred = bench.predict_end_to_end(opts)
-    assert set(pred["modes"]) == {"fp32", "default"}
-    assert pred["modes"]["fp32"]["resolved"] == {"precision": "fp32", "channels_last": False}
-    for fig in pred["modes"].values():
+    modes = pred["modes"]
+    assert set(modes) == {"fp32", "fp32+keep", "default"}
+    assert (
+        modes["fp32"]["resolved"]
+        == modes["fp32+keep"]["resolved"]
+        == {"precision": "fp32", "channels_last": False}
+    )
+    # Each pipeline ran in its own process: the plain one with glibc's malloc as it comes, the others with
+    # medcli's setting (applied in that process: mallopt said yes), each with its own peak RSS.
+    assert not modes["fp32"]["keeps_freed_memory"]
+    if sys.platform.startswith("linux"):  # glibc's mallopt; elsewhere nothing is changed
+        assert modes["fp32+keep"]["keeps_freed_memory"] and modes["default"]["keeps_freed_memory"]
+    for fig in modes.values():
         assert fig["seconds"]["median"] >= sum(fig["parts_median_s"].values()) * 0.99
+        assert fig["peak_rss_mb"] > 100  # torch and a model: each worker's own, not this process's
+    assert modes["fp32"]["speedup_vs_fp32"] == 1.0
     ens = bench.ensemble_tta(opts)
     assert ens["forward_passes"] == 2 * 8 and ens["ratio_vs_passes"] > 0
 
