@@ -233,6 +233,7 @@ def test_predict_and_ensemble_sections_on_a_tiny_model():
         assert fig["seconds"]["median"] >= sum(fig["parts_median_s"].values()) * 0.99
         assert fig["peak_rss_mb"] > 100  # torch and a model: each worker's own, not this process's
     assert modes["fp32"]["speedup_vs_fp32"] == 1.0
+    assert pred["peak_rss_mb"] == modes["default"]["peak_rss_mb"]  # medcli's process, not the bench's
     ens = bench.ensemble_tta(opts)
     assert ens["forward_passes"] == 2 * 8 and ens["ratio_vs_passes"] > 0
 

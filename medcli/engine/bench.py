@@ -620,6 +620,8 @@ def predict_end_to_end(opts: dict) -> dict:
         "scan_shape": list(shape),
         "device": str(device),
         "modes": modes,
+        # medcli's pipeline process (this one only wrote the scan and checkpoint).
+        "peak_rss_mb": modes["default"]["peak_rss_mb"],
     }
 
 
@@ -1029,7 +1031,9 @@ def _child(name: str, opts: dict, queue) -> None:
         t0 = time.perf_counter()
         figures = SECTIONS[name](opts)
         figures["section_s"] = time.perf_counter() - t0
-        figures["peak_rss_mb"] = peak_rss_mb()
+        figures.setdefault(
+            "peak_rss_mb", peak_rss_mb()
+        )  # a section whose work ran in its own processes sets it
         queue.put(("ok", figures))
     except Exception as e:  # reported, not raised: one failing section must not hide the others
         queue.put(("error", f"{type(e).__name__}: {e}"))
