@@ -392,3 +392,69 @@ def test_a_run_with_untrained_folds_says_what_its_pooled_metrics_cover(cli, run)
     out = _json(cli("eval", root, "--json", "--n-boot", "50", "--no-plots"))
     note = [n for n in out["notes"] if n.startswith("only 2 LGG scans of 15")]
     assert note and note[0].endswith("more subjects give firmer ones"), out["notes"]
+
+
+def _held_out_set(root, n=4):
+    """Labelled subjects outside any training split, as a CSV manifest (subject_id, t1ce, grade)."""
+    from helpers_predict import write_subject
+
+    rows = ["subject_id,t1ce,grade"]
+    for i in range(n):
+        sid, hgg = f"Held_{i:03d}", i % 2 == 1
+        path = write_subject(root, sid, ("t1ce",), seed=100 + i, hgg=hgg)["t1ce"]
+        rows.append(f"{sid},{path},{'HGG' if hgg else 'LGG'}")
+    manifest = root / "held.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    return manifest
+
+
+def test_a_held_out_set_is_scored_by_the_fold_ensemble(cli, trained, tmp_path):
+    """`eval RUN --test DATA`: each scan's P(HGG) is predict's ensemble mean, the metrics are scikit-learn's
+    on them, and the output goes beside (not over) the run's own evaluation."""
+    import csv
+    import shutil
+
+    run = shutil.copytree(trained["run"], tmp_path / "run", ignore=shutil.ignore_patterns("eval"))
+    held = _held_out_set(tmp_path / "held")
+    r = cli("eval", run, "--test", held, "--json", "--n-boot", "100", "--no-plots")
+    assert r.exit_code == 0, r.stderr
+    out = _json(r)
+    assert out["kind"] == "test" and out["test"]["members"] == 2 and out["pooled"]["n"] == 4
+    table = list(csv.DictReader((run / "eval" / "test-held" / "predictions.csv").open()))
+    p = {t["subject_id"]: float(t["p_hgg"]) for t in table}
+    pr = _json(cli("predict", held, "--model", run, "--json"))
+    assert {q["scan_id"]: q["p_hgg"] for q in pr["predictions"]} == pytest.approx(p, abs=1e-6)
+    y = [int(t["label"]) for t in table]
+    assert out["pooled"]["auc"] == pytest.approx(skm.roc_auc_score(y, [float(t["p_hgg"]) for t in table]))
+    assert out["pooled"]["ci"]["auc"]["low"] <= out["pooled"]["auc"] <= out["pooled"]["ci"]["auc"]["high"]
+    assert not (run / "eval" / "eval.json").exists()  # the run's own (validation) evaluation untouched
+    shown = cli("eval", run / "fold0", "--test", held, "--n-boot", "0", "--no-plots")
+    assert shown.exit_code == 0 and _has(
+        shown.stdout, f"held-out test set {held} (1 model of {run / 'fold0'}"
+    )
+
+
+def test_a_test_set_is_held_out_and_its_threshold_chosen_on_validation(cli, trained, tmp_path):
+    import shutil
+
+    run = shutil.copytree(trained["run"], tmp_path / "run", ignore=shutil.ignore_patterns("eval"))
+    # The training cohort itself: every fold trained on some of it.
+    r = cli("eval", run, "--test", trained["data"], "--n-boot", "0", "--no-plots")
+    assert r.exit_code == 3 and _has(r.stderr, "are in the split the model was trained with")
+    held = _held_out_set(tmp_path / "held")
+    r = cli("eval", run, "--test", held, "--tune-threshold", "youden")
+    assert r.exit_code == 2 and _has(r.stderr, "would choose the threshold on the test set")
+    r = cli("eval", run, "--test", held, "--threshold", "tuned")
+    assert r.exit_code == 2 and _has(r.stderr, "eval.json does not exist")
+    r = cli("eval", run, "--threshold", "tuned")
+    assert r.exit_code == 2 and _has(r.stderr, "--threshold tuned applies to --test")
+    for bad in ("--recompute", "--fold"):
+        args = [bad] if bad == "--recompute" else [bad, "0"]
+        r = cli("eval", run, "--test", held, *args)
+        assert r.exit_code == 2 and _has(r.stderr, "are for validation data")
+    tuned = _json(cli("eval", run, "--recompute", "--tune-threshold", "youden", "--json", "--n-boot", "0"))
+    r = cli("eval", run, "--test", held, "--threshold", "tuned", "--json", "--n-boot", "0", "--no-plots")
+    assert r.exit_code == 0, r.stderr
+    out = _json(r)
+    assert out["threshold"]["value"] == pytest.approx(tuned["threshold"]["deploy"])
+    assert out["pooled"]["threshold"] == pytest.approx(tuned["threshold"]["deploy"])

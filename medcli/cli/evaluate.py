@@ -48,6 +48,12 @@ def eval_command(
     data: Path | None = typer.Option(
         None, "--data", help="Data folder for --recompute or a checkpoint. \\[default: the one training used]"
     ),
+    test: Path | None = typer.Option(
+        None,
+        "--test",
+        help="A labelled held-out folder or CSV manifest to score instead of the validation data: a run's "
+        "folds ensembled as predict does; refused if it shares subjects or patients with the training split.",
+    ),
     fold: int | None = typer.Option(
         None,
         "--fold",
@@ -69,7 +75,12 @@ def eval_command(
         "--tune-threshold",
         help="youden: choose the threshold on validation data (cross-fitted across folds); else --threshold.",
     ),
-    threshold: float = typer.Option(0.5, "--threshold", help="Fixed decision threshold on P(HGG)."),
+    threshold: str = typer.Option(
+        "0.5",
+        "--threshold",
+        help="Decision threshold on P(HGG); with --test also `tuned`: the Youden threshold a validation "
+        "evaluation (--tune-threshold youden) saved.",
+    ),
     n_boot: int = typer.Option(
         1000, "--n-boot", help="Bootstrap resamples over patients for 95% CIs (0: none)."
     ),
@@ -83,14 +94,46 @@ def eval_command(
     device: str = typer.Option("auto", "--device", help="For --recompute: auto, cpu, cuda or cuda:N."),
     json_out: bool = typer.Option(False, "--json", help="Print only JSON on stdout."),
 ) -> None:
-    """Evaluate a fold, a checkpoint or a whole CV run: AUC, balanced accuracy, sensitivity/specificity,
-    F1, MCC, Brier, ECE and the confusion matrix, with 95% bootstrap CIs over patients, and plots."""
+    """Evaluate a fold, a checkpoint or a whole CV run on its validation data, or on a held-out set with
+    --test: AUC, balanced accuracy, sensitivity/specificity, F1, MCC, Brier, ECE and the confusion matrix,
+    with 95% bootstrap CIs over patients, and plots."""
     if n_boot < 0:
         raise UsageError(f"--n-boot {n_boot} is negative", hint="use 0 to skip CIs, or e.g. 1000")
     if bins < 1:
         raise UsageError(f"--bins {bins} must be at least 1", hint="e.g. --bins 10")
-    if not 0.0 <= threshold <= 1.0:
-        raise UsageError(f"--threshold {threshold} is outside [0, 1]", hint="e.g. --threshold 0.5")
+    cut = _threshold(threshold, test is not None)
+    if test is not None:
+        if tune_threshold not in (None, "none"):
+            raise UsageError(
+                "--tune-threshold with --test would choose the threshold on the test set",
+                hint=f"tune on validation data (`medcli eval {target} --tune-threshold youden`), then "
+                "`--test ... --threshold tuned`",
+            )
+        if recompute or fold is not None or data is not None:
+            raise UsageError(
+                "--test scores the held-out set with the model as trained: --data, --fold and --recompute "
+                "are for validation data",
+                hint="pass a fold directory or checkpoint as RUN_OR_CHECKPOINT to score one fold's model",
+            )
+        from medcli.engine.evaluator import evaluate_test
+
+        with _Progress() as progress:
+            report = evaluate_test(
+                target,
+                test,
+                weights=weights,
+                threshold=cut,
+                n_boot=n_boot,
+                seed=seed,
+                n_bins=bins,
+                out_dir=out,
+                plots=not no_plots,
+                precision=precision,
+                device=device,
+                on_progress=progress.update,
+            )
+        _report(report, json_out)
+        return
 
     from medcli.engine.evaluator import evaluate
 
@@ -102,7 +145,7 @@ def eval_command(
             recompute=recompute,
             weights=weights,
             tune_threshold=tune_threshold,
-            threshold=threshold,
+            threshold=cut,
             n_boot=n_boot,
             seed=seed,
             n_bins=bins,
@@ -112,6 +155,28 @@ def eval_command(
             device=device,
             on_progress=progress.update,
         )
+    _report(report, json_out)
+
+
+def _threshold(value: str, test: bool) -> float | str:
+    """``--threshold``: a number in [0, 1], or ``tuned`` (with ``--test`` only)."""
+    if value.strip().lower() == "tuned":
+        if not test:
+            raise UsageError(
+                "--threshold tuned applies to --test (a threshold tuned on validation data)",
+                hint="tune one here with --tune-threshold youden",
+            )
+        return "tuned"
+    try:
+        cut = float(value)
+    except ValueError:
+        cut = float("nan")
+    if not 0.0 <= cut <= 1.0:
+        raise UsageError(f"--threshold {value} is not a number in [0, 1]", hint="e.g. --threshold 0.5")
+    return cut
+
+
+def _report(report, json_out: bool) -> None:
     if json_out:
         console.print_json(report.to_dict())
     else:
@@ -204,8 +269,17 @@ def _render(report) -> None:
         title = f"Pooled out-of-fold ({report.pooled.n} scans{of} · {_threshold_text(report)})"
     else:
         r = report.folds[0]
-        fold = f"fold {r.fold}" if r.fold is not None else "validation"
-        title = f"{fold} of {report.target} ({r.source} · {r.weights} weights · {_threshold_text(report)})"
+        if report.kind == "test":
+            t = report.test
+            models = f"{t['members']} model{'s' if t['members'] > 1 else ''} of {report.target}"
+            title = (
+                f"held-out test set {t['data']} ({models} · {r.weights} weights · {_threshold_text(report)})"
+            )
+        else:
+            fold = f"fold {r.fold}" if r.fold is not None else "validation"
+            title = (
+                f"{fold} of {report.target} ({r.source} · {r.weights} weights · {_threshold_text(report)})"
+            )
     _metrics_table(report.pooled, title, report.n_boot)
     _per_class_and_confusion(report.pooled)
 

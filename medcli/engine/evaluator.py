@@ -22,7 +22,9 @@ predictions.  For a single fold there is nothing else to tune on: the threshold 
 and the report says its threshold-dependent metrics are optimistic.
 
 A run report has per-fold metrics, their mean ± sd, and pooled out-of-fold metrics with patient-level
-bootstrap CIs.  The library returns data; ``medcli.cli.evaluate`` renders it.
+bootstrap CIs.  :func:`evaluate_test` scores a labelled held-out set instead (a run's folds ensembled),
+refusing one that shares subjects or patients with the split.  The library returns data;
+``medcli.cli.evaluate`` renders it.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class FoldReport:
 
 @dataclass
 class EvalReport:
-    kind: str  # "run" | "fold" | "checkpoint"
+    kind: str  # "run" | "fold" | "checkpoint" | "test" (a held-out set, see evaluate_test)
     target: str
     folds: list[FoldReport]
     pooled: M.BinaryMetrics | None  # run: out-of-fold metrics with CIs; single fold: same as folds[0]
@@ -90,11 +92,13 @@ class EvalReport:
     plots: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     missing_folds: list[int] = field(default_factory=list)  # a run's folds (by splits.json) not evaluated
+    test: dict[str, Any] | None = None  # kind "test": the data and the models that scored it
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "target": self.target,
+            "test": self.test,
             "folds": [f.to_dict() for f in self.folds],
             "missing_folds": self.missing_folds,
             "pooled": self.pooled.to_dict() if self.pooled else None,
@@ -412,7 +416,7 @@ def evaluate(
             notes += n
     notes.append(
         "best.pt was selected on these validation predictions, so the estimates are somewhat optimistic; "
-        "confirm on a held-out test set"
+        f"confirm on a held-out test set (`medcli eval {target.path} --test DATA`)"
     )
 
     # Thresholds (validation data only, cross-fitted across folds for a run).
@@ -512,6 +516,150 @@ def evaluate(
     return report
 
 
+def evaluate_test(
+    target_path: Path,
+    test_data: Path,
+    *,
+    weights: str = "auto",
+    threshold: float | str = 0.5,
+    n_boot: int = 1000,
+    seed: int = 0,
+    n_bins: int = 10,
+    out_dir: Path | None = None,
+    plots: bool = True,
+    precision: str = "auto",
+    device: str = "auto",
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> EvalReport:
+    """Score a run (its folds ensembled, probabilities averaged, as `medcli predict` does), a fold or a
+    checkpoint on a labelled held-out set: the same metrics, CIs and plots as :func:`evaluate`.
+
+    The threshold is fixed or ``"tuned"``: the Youden threshold that `medcli eval --tune-threshold youden`
+    chose on the run's validation data, never one chosen on the test set.  A test subject or patient that is
+    in the run's split (``splits.json``) was trained on by some fold, so the set is refused as not held out.
+    Output goes to ``<target>/eval/test-<data folder or manifest name>`` by default, beside the validation
+    evaluation.
+    """
+    from medcli.data.discover import discover
+    from medcli.data.splits import Splits
+    from medcli.engine.predictor import ScanInput, find_checkpoints, load_predictor
+
+    if weights not in ("auto", "ema", "raw"):
+        raise UsageError(
+            f"weights {weights!r} is not auto, ema or raw", hint="use --weights auto, ema or raw"
+        )
+    target_path, test_data = Path(target_path), Path(test_data)
+    source = find_checkpoints(target_path, target_path.parent)
+    if isinstance(threshold, str):
+        cut, origin = tuned_threshold(source.root, source.checkpoints)
+        threshold_info = {"method": "youden", "value": cut, "chosen_on": origin}
+    else:
+        cut = float(threshold)
+        threshold_info = {"method": "fixed", "value": cut}
+
+    predictor = load_predictor(source, weights=weights, precision=precision, device=device)
+    cohort = discover(test_data, modalities=tuple(predictor.preprocess_cfg.modalities))
+    subjects = cohort.require_labels()
+    notes: list[str] = []
+    set_aside = len(cohort.subjects) - len(subjects) + len(cohort.excluded)
+    if set_aside:
+        notes.append(
+            f"{set_aside} subject{'s' if set_aside > 1 else ''} under {test_data} not scored (unlabelled or "
+            f"unusable: `medcli data index {test_data}` lists why)"
+        )
+    split_file = next(
+        (p for p in (source.root / "splits.json", source.root.parent / "splits.json") if p.is_file()), None
+    )
+    if split_file is not None:
+        split = Splits.load(split_file)
+        seen_patients = set(split.patients.values())
+        shared = [
+            s.subject_id
+            for s in subjects
+            if s.subject_id in split.labels or (s.patient_id or s.subject_id) in seen_patients
+        ]
+        if shared:
+            raise DataError(
+                f"{len(shared)} of the {len(subjects)} test subjects (e.g. {shared[0]}) are in the split the "
+                f"model was trained with ({split_file}): a fold trained on them, so the set is not held out",
+                hint="evaluate on subjects (and patients) outside the training cohort; `medcli eval "
+                f"{source.root}` gives the cross-validated estimate",
+            )
+    else:
+        notes.append(f"no splits.json beside {source.describe()}: could not check the test set is held out")
+
+    scans = [ScanInput(s.subject_id, dict(s.paths), s.label, s.patient_id) for s in subjects]
+    done = 0
+
+    def tick(scan, outcome) -> None:
+        nonlocal done
+        done += 1
+        if on_progress is not None:
+            on_progress("test", done, len(scans))
+
+    result = predictor.predict(scans, on_scan=tick)
+    if result.failures:
+        first = result.failures[0]
+        raise DataError(
+            f"{len(result.failures)} of {len(scans)} test scans could not be scored (e.g. {first.scan_id}: "
+            f"{first.error})",
+            hint="fix or remove them: metrics over the rest would not be over the set you named",
+        )
+    by_id = {s.subject_id: s for s in subjects}
+    ids = [p.scan_id for p in result.predictions]
+    fp = FoldPredictions(
+        fold=None,
+        subject_ids=ids,
+        patient_ids=[by_id[i].patient_id or i for i in ids],
+        labels=np.array([int(by_id[i].label) for i in ids]),
+        p=np.array([p.p_hgg for p in result.predictions]),
+        source="test",
+        weights=", ".join(sorted({w for w in predictor.member_weights if w})) or weights,
+        path=str(test_data),
+    )
+    m = M.evaluate_predictions(
+        fp.labels,
+        fp.p,
+        fp.patient_ids,
+        threshold=cut,
+        n_boot=n_boot,
+        seed=seed,
+        n_bins=n_bins,
+        what="test set",
+    )
+    if note := _few_in_a_class(m, n_boot, pooled=True):
+        notes.append(note)
+    if source.untrained:
+        notes.append(f"the ensemble is {source.describe()}")
+    report = EvalReport(
+        kind="test",
+        target=str(target_path),
+        folds=[FoldReport(None, "test", fp.weights, str(test_data), cut, m)],
+        pooled=m,
+        summary={},
+        threshold=threshold_info,
+        n_boot=n_boot,
+        seed=seed,
+        ece_bins=n_bins,
+        notes=notes,
+        test={
+            "data": str(test_data),
+            "models": [str(p) for p in source.checkpoints],
+            "members": len(source.checkpoints),
+            "precision": predictor.precision,
+        },
+    )
+    named = test_data.resolve()
+    name = named.stem if named.is_file() else named.name  # held.csv -> test-held
+    out = Path(out_dir) if out_dir is not None else source.root / "eval" / f"test-{name}"
+    if plots:
+        report.plots = write_plots(report, [fp], out)
+    report.plots["predictions"] = str(write_scan_predictions([fp], [cut], out / SCANS_FILE))
+    write_json(report, out / "eval.json")
+    report.plots["json"] = str(out / "eval.json")
+    return report
+
+
 def _progress(cb, label):
     if cb is None:
         return None
@@ -526,12 +674,13 @@ def _default_out(target: Target) -> Path:
 def write_plots(report: EvalReport, folds: list[FoldPredictions], out: Path) -> dict[str, str]:
     from medcli.engine.plots import plot_confusion, plot_reliability, plot_roc
 
-    curves = [(f"fold {f.fold}" if f.fold is not None else "validation", f.labels, f.p) for f in folds]
+    single = "test set" if report.kind == "test" else "validation"
+    curves = [(f"fold {f.fold}" if f.fold is not None else single, f.labels, f.p) for f in folds]
     labels = np.concatenate([f.labels for f in folds])
     p = np.concatenate([f.p for f in folds])
     if len(folds) > 1:
         curves.append(("pooled out-of-fold", labels, p))
-    what = "pooled out-of-fold" if len(folds) > 1 else "validation"
+    what = "pooled out-of-fold" if len(folds) > 1 else single
     return {
         "roc": str(plot_roc(curves, out / "roc.png", title=f"ROC, P(HGG) ({Path(report.target).name})")),
         "reliability": str(

@@ -232,6 +232,7 @@ class Predictor:
         max_batch: int | None = None,
         prefetch: int | None = None,
         member_names: Sequence[str] | None = None,
+        member_weights: Sequence[str | None] | None = None,
         logit_scales: Sequence[float] | None = None,
         fuse: bool = True,
     ):
@@ -264,6 +265,8 @@ class Predictor:
         self.prefetch = max(1, int(prefetch))
         self.preprocess_cfg = preprocess_cfg
         self.member_names = list(member_names or [f"model{i}" for i in range(len(models))])
+        # "ema" or "raw" per member as its checkpoint resolved --weights (None: not loaded from a checkpoint).
+        self.member_weights = list(member_weights or [None] * len(models))
         # Cosine-head (LDAM) logits are cosines; training applied softmax(s * cos), so predict does too.
         self.logit_scales = [float(s) for s in (logit_scales or [1.0] * len(models))]
         fmt = torch.channels_last_3d if self.channels_last else torch.contiguous_format
@@ -493,10 +496,11 @@ def load_predictor(
     """Load every checkpoint once and build a :class:`Predictor`; members must share preprocessing."""
     from medcli.engine.checkpoint import load_for_inference
 
-    models, names, scales, cfg0 = [], [], [], None
+    models, names, scales, used, cfg0 = [], [], [], [], None
     for path in source.checkpoints:
         model, cfg, meta = load_for_inference(path, weights=weights)
         scales.append(meta.get("logit_scale", 1.0))
+        used.append(meta.get("weights", weights))
         name = f"fold{meta['fold']}" if meta.get("fold") is not None and source.kind == "run" else str(path)
         if cfg0 is None:
             cfg0 = cfg
@@ -513,7 +517,7 @@ def load_predictor(
             f"lists {len(cfg0.modalities)} modalities",
             hint="the checkpoint is inconsistent; retrain or pass another checkpoint",
         )
-    return Predictor(models, cfg0, member_names=names, logit_scales=scales, **options)
+    return Predictor(models, cfg0, member_names=names, member_weights=used, logit_scales=scales, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------
