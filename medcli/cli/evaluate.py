@@ -115,47 +115,40 @@ def eval_command(
                 "are for validation data",
                 hint="pass a fold directory or checkpoint as RUN_OR_CHECKPOINT to score one fold's model",
             )
-        from medcli.engine.evaluator import evaluate_test
+    from medcli.engine.evaluator import evaluate, evaluate_test
 
-        with _Progress() as progress:
-            report = evaluate_test(
-                target,
-                test,
-                weights=weights,
-                threshold=cut,
-                n_boot=n_boot,
-                seed=seed,
-                n_bins=bins,
-                out_dir=out,
-                plots=not no_plots,
-                precision=precision,
-                device=device,
-                on_progress=progress.update,
-            )
-        _report(report, json_out)
-        return
-
-    from medcli.engine.evaluator import evaluate
-
+    common = {
+        "weights": weights,
+        "threshold": cut,
+        "n_boot": n_boot,
+        "seed": seed,
+        "n_bins": bins,
+        "out_dir": out,
+        "plots": not no_plots,
+        "precision": precision,
+        "device": device,
+    }
     with _Progress() as progress:
-        report = evaluate(
-            target,
-            data=data,
-            fold=fold,
-            recompute=recompute,
-            weights=weights,
-            tune_threshold=tune_threshold,
-            threshold=cut,
-            n_boot=n_boot,
-            seed=seed,
-            n_bins=bins,
-            out_dir=out,
-            plots=not no_plots,
-            precision=precision,
-            device=device,
-            on_progress=progress.update,
-        )
-    _report(report, json_out)
+        if test is not None:
+            report = evaluate_test(target, test, on_progress=progress.update, **common)
+        else:
+            report = evaluate(
+                target,
+                data=data,
+                fold=fold,
+                recompute=recompute,
+                tune_threshold=tune_threshold,
+                on_progress=progress.update,
+                **common,
+            )
+    if json_out:
+        console.print_json(report.to_dict())
+    else:
+        _render(report)
+    for note in report.notes:
+        console.info(note)
+    for name, path in report.plots.items():
+        console.info(f"{name}: {path}")
 
 
 def _threshold(value: str, test: bool) -> float | str:
@@ -174,17 +167,6 @@ def _threshold(value: str, test: bool) -> float | str:
     if not 0.0 <= cut <= 1.0:
         raise UsageError(f"--threshold {value} is not a number in [0, 1]", hint="e.g. --threshold 0.5")
     return cut
-
-
-def _report(report, json_out: bool) -> None:
-    if json_out:
-        console.print_json(report.to_dict())
-    else:
-        _render(report)
-    for note in report.notes:
-        console.info(note)
-    for name, path in report.plots.items():
-        console.info(f"{name}: {path}")
 
 
 class _Progress:

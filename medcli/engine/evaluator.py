@@ -346,6 +346,13 @@ def _few_in_a_class(m: M.BinaryMetrics, n_boot: int, *, pooled: bool = False) ->
     return note + "; more validation data, or a whole run's pooled predictions, give firmer ones"
 
 
+def _check_weights(weights: str) -> None:
+    if weights not in ("auto", "ema", "raw"):
+        raise UsageError(
+            f"weights {weights!r} is not auto, ema or raw", hint="use --weights auto, ema or raw"
+        )
+
+
 def evaluate(
     target_path: Path,
     *,
@@ -365,10 +372,7 @@ def evaluate(
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> EvalReport:
     """Evaluate a run, a fold or a checkpoint; plots go to ``out_dir`` (default ``<target>/eval``)."""
-    if weights not in ("auto", "ema", "raw"):
-        raise UsageError(
-            f"weights {weights!r} is not auto, ema or raw", hint="use --weights auto, ema or raw"
-        )
+    _check_weights(weights)
     if tune_threshold not in (None, "none", "youden"):
         raise UsageError(
             f"--tune-threshold {tune_threshold!r} is unknown", hint="use youden (or leave it out)"
@@ -544,10 +548,7 @@ def evaluate_test(
     from medcli.data.splits import Splits
     from medcli.engine.predictor import ScanInput, find_checkpoints, load_predictor
 
-    if weights not in ("auto", "ema", "raw"):
-        raise UsageError(
-            f"weights {weights!r} is not auto, ema or raw", hint="use --weights auto, ema or raw"
-        )
+    _check_weights(weights)
     target_path, test_data = Path(target_path), Path(test_data)
     source = find_checkpoints(target_path, target_path.parent)
     if isinstance(threshold, str):
