@@ -512,12 +512,7 @@ def evaluate(
         missing_folds=missing,
     )
     out = Path(out_dir) if out_dir is not None else _default_out(target)
-    if plots:
-        report.plots = write_plots(report, folds, out)
-    report.plots["predictions"] = str(write_scan_predictions(folds, thresholds, out / SCANS_FILE))
-    write_json(report, out / "eval.json")
-    report.plots["json"] = str(out / "eval.json")
-    return report
+    return _write_outputs(report, folds, thresholds, out, plots)
 
 
 def evaluate_test(
@@ -653,9 +648,17 @@ def evaluate_test(
     named = test_data.resolve()
     name = named.stem if named.is_file() else named.name  # held.csv -> test-held
     out = Path(out_dir) if out_dir is not None else source.root / "eval" / f"test-{name}"
+    return _write_outputs(report, [fp], [cut], out, plots)
+
+
+def _write_outputs(
+    report: EvalReport, folds: list[FoldPredictions], thresholds: list[float], out: Path, plots: bool
+) -> EvalReport:
+    """Plots (unless ``plots`` is False), predictions.csv and eval.json into ``out``; their paths in
+    ``report.plots``."""
     if plots:
-        report.plots = write_plots(report, [fp], out)
-    report.plots["predictions"] = str(write_scan_predictions([fp], [cut], out / SCANS_FILE))
+        report.plots = write_plots(report, folds, out)
+    report.plots["predictions"] = str(write_scan_predictions(folds, thresholds, out / SCANS_FILE))
     write_json(report, out / "eval.json")
     report.plots["json"] = str(out / "eval.json")
     return report
