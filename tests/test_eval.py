@@ -428,6 +428,15 @@ def test_a_held_out_set_is_scored_by_the_fold_ensemble(cli, trained, tmp_path):
     assert out["pooled"]["auc"] == pytest.approx(skm.roc_auc_score(y, [float(t["p_hgg"]) for t in table]))
     assert out["pooled"]["ci"]["auc"]["low"] <= out["pooled"]["auc"] <= out["pooled"]["ci"]["auc"]["high"]
     assert not (run / "eval" / "eval.json").exists()  # the run's own (validation) evaluation untouched
+    # --tta: each scan's P(HGG) is predict --tta's (the members' 8 flips averaged).
+    flipped = _json(cli("eval", run, "--test", held, "--tta", "--json", "--n-boot", "0", "--no-plots"))
+    assert flipped["test"]["flips"] == 8 and out["test"]["flips"] == 1
+    table = list(csv.DictReader((run / "eval" / "test-held" / "predictions.csv").open()))
+    pr = _json(cli("predict", held, "--model", run, "--tta", "--json"))
+    p_tta = {t["subject_id"]: float(t["p_hgg"]) for t in table}
+    assert {q["scan_id"]: q["p_hgg"] for q in pr["predictions"]} == pytest.approx(p_tta, abs=1e-6)
+    assert p_tta != pytest.approx(p, abs=1e-6)
+    assert cli("eval", run, "--tta").exit_code == 2  # validation scores are training's, without flips
     shown = cli("eval", run / "fold0", "--test", held, "--n-boot", "0", "--no-plots")
     assert shown.exit_code == 0 and _has(
         shown.stdout, f"held-out test set {held} (1 model of {run / 'fold0'}"

@@ -89,6 +89,9 @@ def eval_command(
     out: Path | None = typer.Option(
         None, "--out", help="Where plots, eval.json and predictions.csv go. \\[default: <target>/eval]"
     ),
+    tta: bool = typer.Option(
+        False, "--tta", help="With --test: 8-flip test-time augmentation, as predict's."
+    ),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
     precision: str = typer.Option("auto", "--precision", help="For --recompute: auto, fp32 or bf16."),
     device: str = typer.Option("auto", "--device", help="For --recompute: auto, cpu, cuda or cuda:N."),
@@ -102,19 +105,20 @@ def eval_command(
     if bins < 1:
         raise UsageError(f"--bins {bins} must be at least 1", hint="e.g. --bins 10")
     cut = _threshold(threshold, test is not None)
-    if test is not None:
-        if tune_threshold not in (None, "none"):
-            raise UsageError(
-                "--tune-threshold with --test would choose the threshold on the test set",
-                hint=f"tune on validation data (`medcli eval {target} --tune-threshold youden`), then "
-                "`--test ... --threshold tuned`",
-            )
-        if recompute or fold is not None or data is not None:
-            raise UsageError(
-                "--test scores the held-out set with the model as trained: --data, --fold and --recompute "
-                "are for validation data",
-                hint="pass a fold directory or checkpoint as RUN_OR_CHECKPOINT to score one fold's model",
-            )
+    if test is None and tta:
+        raise UsageError("--tta applies to --test", hint="add --test DATA, or leave --tta out")
+    if test is not None and tune_threshold not in (None, "none"):
+        raise UsageError(
+            "--tune-threshold with --test would choose the threshold on the test set",
+            hint=f"tune on validation data (`medcli eval {target} --tune-threshold youden`), then "
+            "`--test ... --threshold tuned`",
+        )
+    if test is not None and (recompute or fold is not None or data is not None):
+        raise UsageError(
+            "--test scores the held-out set with the model as trained: --data, --fold and --recompute "
+            "are for validation data",
+            hint="pass a fold directory or checkpoint as RUN_OR_CHECKPOINT to score one fold's model",
+        )
     from medcli.engine.evaluator import evaluate, evaluate_test
 
     common = {
@@ -130,7 +134,7 @@ def eval_command(
     }
     with _Progress() as progress:
         if test is not None:
-            report = evaluate_test(target, test, on_progress=progress.update, **common)
+            report = evaluate_test(target, test, tta=tta, on_progress=progress.update, **common)
         else:
             report = evaluate(
                 target,

@@ -528,10 +528,12 @@ def evaluate_test(
     plots: bool = True,
     precision: str = "auto",
     device: str = "auto",
+    tta: bool = False,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> EvalReport:
     """Score a run (its folds ensembled, probabilities averaged, as `medcli predict` does), a fold or a
-    checkpoint on a labelled held-out set: the same metrics, CIs and plots as :func:`evaluate`.
+    checkpoint on a labelled held-out set: the same metrics, CIs and plots as :func:`evaluate`.  ``tta``:
+    predict's 8-flip test-time augmentation.
 
     The threshold is fixed or ``"tuned"``: the Youden threshold that `medcli eval --tune-threshold youden`
     chose on the run's validation data, never one chosen on the test set.  A test subject or patient that is
@@ -553,7 +555,7 @@ def evaluate_test(
         cut = float(threshold)
         threshold_info = {"method": "fixed", "value": cut}
 
-    predictor = load_predictor(source, weights=weights, precision=precision, device=device)
+    predictor = load_predictor(source, weights=weights, precision=precision, device=device, tta=tta)
     cohort = discover(test_data, modalities=tuple(predictor.preprocess_cfg.modalities))
     subjects = cohort.require_labels()
     notes: list[str] = []
@@ -642,6 +644,7 @@ def evaluate_test(
             "data": str(test_data),
             "models": [str(p) for p in source.checkpoints],
             "members": len(source.checkpoints),
+            "flips": len(predictor.flips),
             "precision": predictor.precision,
         },
     )
