@@ -258,6 +258,7 @@ def _render(report) -> None:
         if report.kind == "test":
             t = report.test
             models = f"{t['members']} model{'s' if t['members'] > 1 else ''} of {report.target}"
+            models += f" x {t['flips']} flips" if t.get("flips", 1) > 1 else ""
             title = (
                 f"held-out test set {t['data']} ({models} · {r.weights} weights · {_threshold_text(report)})"
             )
