@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end, offline, on 2 CPU cores in a few minutes:
-#   synthesise a BraTS-like cohort → train fold 0 → evaluate → predict one subject.
+#   synthesise a BraTS-like cohort → train fold 0 → evaluate it on its validation subjects, then on a
+#   held-out set → predict one subject.
 # Small on purpose, to finish in minutes on 2 cores: 32³ inputs (real runs use 128), 40 subjects, 16 epochs.
 # The ResNet-50 of the real recipe, from MedicalNet's weights where `medcli weights fetch` put them (train's
 # default --pretrained-path auto finds the release for --depth), else from random initialization (a warning
@@ -11,6 +12,7 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 DEMO=${DEMO_DIR:-demo}
 SUBJECTS=${DEMO_SUBJECTS:-40}
+HELDOUT=${DEMO_HELDOUT:-20}
 SIZE=${DEMO_SIZE:-32}
 EPOCHS=${DEMO_EPOCHS:-16}
 DEPTH=${DEMO_DEPTH:-50}
@@ -33,7 +35,11 @@ $BIN/medcli train --data "$DEMO/data" --out "$DEMO/runs" --name demo --fold 0 --
 echo "== 3. evaluate the fold (bootstrap CIs over patients, plots) =="
 $BIN/medcli eval "$DEMO/runs/demo/fold0"
 
-echo "== 4. predict one subject folder (its T1ce, T2 and FLAIR scans) with the fold's best checkpoint =="
+echo "== 4. a held-out set: $HELDOUT new subjects (BraTS 2019 layout, another seed), scored by the fold =="
+$BIN/medcli data synth "$DEMO/heldout" --subjects "$HELDOUT" --small --layout 2019 --seed 1
+$BIN/medcli eval "$DEMO/runs/demo/fold0" --test "$DEMO/heldout"
+
+echo "== 5. predict one subject folder (its T1ce, T2 and FLAIR scans) with the fold's best checkpoint =="
 subject=$(ls -d "$DEMO"/data/*/ | head -n 1)
 $BIN/medcli predict "$subject" --model "$DEMO/runs/demo/fold0"
 
