@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers_predict import LPS, brain_volume, tiny_checkpoint, write_nifti, write_subject
+from helpers_predict import LPS, brain_volume, tiny_checkpoint, write_cohort, write_nifti, write_subject
 
 from medcli.engine import predictor as P
 from medcli.errors import UsageError
@@ -268,6 +268,20 @@ def test_a_dicom_file_is_named_as_such(cli, world, tmp_path):
     r = cli("predict", dcm, "--model", world["run"] / "fold0")
     assert r.exit_code == 3, r.output
     assert _has(r.stderr, "a DICOM file, not NIfTI") and _has(r.stderr, "dcm2niix")
+
+
+def test_labelled_scans_point_to_the_held_out_evaluation(cli, world, tmp_path):
+    """A folder whose subjects carry grades: how many were graded as labelled, and `eval --test`."""
+    labels = write_cohort(tmp_path / "graded", n=3)
+    r = cli("predict", tmp_path / "graded", "--model", world["run"], "--json")
+    assert r.exit_code == 0, r.stderr
+    preds = _json(r)["predictions"]
+    agree = sum(p["grade"] == ("LGG", "HGG")[labels[p["scan_id"]]] for p in preds)
+    r = cli("predict", tmp_path / "graded", "--model", world["run"])
+    assert _has(r.stderr, f"{agree} of 3 labelled scans graded as labelled")
+    assert _has(r.stderr, f"`medcli eval {world['run']} --test {tmp_path / 'graded'}`")
+    single = cli("predict", _scan(world), "--model", world["run"])  # a bare file: no label, no such line
+    assert single.exit_code == 0 and "labelled scans" not in single.stderr
 
 
 def test_a_file_named_as_another_sequence_is_refused(cli, world, tmp_path):

@@ -130,6 +130,7 @@ def predict_command(
             console.info(f"Predictions written to {csv_path}")
         if saliency is not None:
             console.info(f"Grad-CAM maps (NIfTI on each scan's grid + PNG) written to {saliency}/")
+        _point_to_eval(result, source, inputs)
     for p in result.predictions:
         for w in p.warnings:
             console.warn(f"{p.scan_id}: {w}")
@@ -142,6 +143,19 @@ def predict_command(
             f"{', ...' if len(result.failures) > 5 else ''}); the others were predicted",
             hint="see the warnings above for what is wrong with each and what to do",
         )
+
+
+def _point_to_eval(result, source, inputs) -> None:
+    """Labelled scans: how many were graded as labelled, and the command that measures it properly."""
+    labelled = [p for p in result.predictions if p.label is not None]
+    if not labelled:
+        return
+    agree = sum(p.grade == ("LGG", "HGG")[p.label] for p in labelled)
+    where = str(inputs[0]) if len(inputs) == 1 else "DATA"
+    console.info(
+        f"{agree} of {len(labelled)} labelled scans graded as labelled; for metrics with confidence "
+        f"intervals (and a check that the scans are held out): `medcli eval {source.root} --test {where}`"
+    )
 
 
 def _raise_all_failed(failures) -> None:
