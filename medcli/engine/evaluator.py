@@ -537,7 +537,8 @@ def evaluate_test(
 
     The threshold is fixed or ``"tuned"``: the Youden threshold that `medcli eval --tune-threshold youden`
     chose on the run's validation data, never one chosen on the test set.  A test subject or patient that is
-    in the run's split (``splits.json``) was trained on by some fold, so the set is refused as not held out.
+    in the run's split (``splits.json``) was trained on (or, for one fold's model, selected on), so the set
+    is refused as not held out.
     Output goes to ``<target>/eval/test-<data folder or manifest name>`` by default, beside the validation
     evaluation.
     """
@@ -579,7 +580,7 @@ def evaluate_test(
         if shared:
             raise DataError(
                 f"{len(shared)} of the {len(subjects)} test subjects (e.g. {shared[0]}) are in the split the "
-                f"model was trained with ({split_file}): a fold trained on them, so the set is not held out",
+                f"model was trained with ({split_file}): trained or validated on, so the set is not held out",
                 hint="evaluate on subjects (and patients) outside the training cohort; `medcli eval "
                 f"{source.root}` gives the cross-validated estimate",
             )
