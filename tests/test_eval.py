@@ -457,6 +457,9 @@ def test_a_test_set_is_held_out_and_its_threshold_chosen_on_validation(cli, trai
     assert r.exit_code == 2 and _has(r.stderr, "eval.json does not exist")
     r = cli("eval", run, "--threshold", "tuned")
     assert r.exit_code == 2 and _has(r.stderr, "--threshold tuned applies to --test")
+    for bad in ("2", "high"):  # parsed as predict parses it
+        r = cli("eval", run, "--test", held, "--threshold", bad)
+        assert r.exit_code == 2 and _has(r.stderr, f"--threshold {bad} is not in [0, 1] or `tuned`")
     for bad in ("--recompute", "--fold"):
         args = [bad] if bad == "--recompute" else [bad, "0"]
         r = cli("eval", run, "--test", held, *args)

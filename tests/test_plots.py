@@ -53,8 +53,9 @@ def test_saliency_slices_png(tmp_path):
     sal[8:12, 9:13, 7:10] = 1.0
     path = plots.plot_saliency_slices(img, sal, (10, 11, 8), tmp_path / "s.png")
     assert _is_png(path)
-    # 1 x 1 x 5 mm voxels: slices drawn at their true aspect, titled with their position in mm.
-    thick = plots.plot_saliency_slices(
-        img, sal, (10, 11, 8), tmp_path / "t.png", affine=np.diag([1.0, 1.0, 5.0, 1.0])
-    )
+    # 1 x 1 x 5 mm voxels, shifted so every slice keeps its position in mm (the titles are the same): the
+    # figure differs only because the slices are drawn at their true aspect.
+    affine = np.diag([1.0, 1.0, 5.0, 1.0])
+    affine[2, 3] = 8 - 5 * 8
+    thick = plots.plot_saliency_slices(img, sal, (10, 11, 8), tmp_path / "t.png", affine=affine)
     assert _is_png(thick) and thick.read_bytes() != path.read_bytes()

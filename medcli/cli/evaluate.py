@@ -156,20 +156,16 @@ def eval_command(
 
 
 def _threshold(value: str, test: bool) -> float | str:
-    """``--threshold``: a number in [0, 1], or ``tuned`` (with ``--test`` only)."""
-    if value.strip().lower() == "tuned":
-        if not test:
-            raise UsageError(
-                "--threshold tuned applies to --test (a threshold tuned on validation data)",
-                hint="tune one here with --tune-threshold youden",
-            )
-        return "tuned"
-    try:
-        cut = float(value)
-    except ValueError:
-        cut = float("nan")
-    if not 0.0 <= cut <= 1.0:
-        raise UsageError(f"--threshold {value} is not a number in [0, 1]", hint="e.g. --threshold 0.5")
+    """``--threshold``: as predict's, with ``tuned`` for ``--test`` only (validation data get a threshold
+    tuned on them with --tune-threshold, not a tuned one to apply)."""
+    from medcli.cli.predict import parse_threshold
+
+    cut = parse_threshold(value)
+    if cut == "tuned" and not test:
+        raise UsageError(
+            "--threshold tuned applies to --test (a threshold tuned on validation data)",
+            hint="tune one here with --tune-threshold youden",
+        )
     return cut
 
 

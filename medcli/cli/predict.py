@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from medcli.cli import console
+from medcli.data import label_to_grade
 from medcli.errors import MedcliError, PartialFailure, UsageError
 from medcli.paths import default_runs_root
 
@@ -80,16 +81,8 @@ def predict_command(
     """Predict the grade (LGG/HGG) of new scans with a trained model or a fold ensemble."""
     if weights not in ("auto", "ema", "raw"):
         raise UsageError(f"--weights {weights!r} is not auto, ema or raw", hint="e.g. --weights auto")
-    tuned = threshold.strip().lower() == "tuned"
-    if not tuned:
-        try:
-            cut = float(threshold)
-        except ValueError:
-            cut = float("nan")
-        if not 0.0 <= cut <= 1.0:
-            raise UsageError(
-                f"--threshold {threshold} is not in [0, 1] or `tuned`", hint="e.g. --threshold 0.5"
-            )
+    cut = parse_threshold(threshold)
+    tuned = cut == "tuned"
 
     from medcli.engine import predictor as P
 
@@ -145,12 +138,26 @@ def predict_command(
         )
 
 
+def parse_threshold(value: str) -> float | str:
+    """``--threshold`` of predict and eval: a number in [0, 1], or ``"tuned"`` (the Youden threshold a
+    validation evaluation saved)."""
+    if value.strip().lower() == "tuned":
+        return "tuned"
+    try:
+        cut = float(value)
+    except ValueError:
+        cut = float("nan")
+    if not 0.0 <= cut <= 1.0:
+        raise UsageError(f"--threshold {value} is not in [0, 1] or `tuned`", hint="e.g. --threshold 0.5")
+    return cut
+
+
 def _point_to_eval(result, source, inputs) -> None:
     """Labelled scans: how many were graded as labelled, and the command that measures it properly."""
     labelled = [p for p in result.predictions if p.label is not None]
     if not labelled:
         return
-    agree = sum(p.grade == ("LGG", "HGG")[p.label] for p in labelled)
+    agree = sum(p.grade == label_to_grade(p.label) for p in labelled)
     where = str(inputs[0]) if len(inputs) == 1 else "DATA"
     console.info(
         f"{agree} of {len(labelled)} labelled scans graded as labelled; for metrics with confidence "
@@ -209,7 +216,7 @@ def _print_table(result) -> None:
         if spread:
             row += [f"{p.p_sd:.3f}", f"{p.p_min:.3f}–{p.p_max:.3f}"]
         if show_label:
-            row.append("" if p.label is None else ("LGG", "HGG")[p.label])
+            row.append("" if p.label is None else label_to_grade(p.label))
         table.add_row(*row)
     console.out.print(table)
 

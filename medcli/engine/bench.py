@@ -501,9 +501,10 @@ def _write_checkpoint(path: Path, depth: int | str, size: int) -> None:
 # "fp32" is a plain PyTorch process running the same pipeline: fp32 eager, BN unfused, contiguous, glibc's
 # default malloc (medcli's allocator setting is one of its own optimisations, so the baseline goes without
 # it); "fp32+keep" is that pipeline with the setting alone, to show its share of the speed-up.
+_PLAIN = {"precision": "fp32", "channels_last": False, "fuse": False}
 PREDICT_PIPELINES: dict[str, tuple[dict[str, Any], bool]] = {
-    "fp32": ({"precision": "fp32", "channels_last": False, "fuse": False}, False),
-    "fp32+keep": ({"precision": "fp32", "channels_last": False, "fuse": False}, True),
+    "fp32": (_PLAIN, False),
+    "fp32+keep": (_PLAIN, True),
     "default": ({}, True),
 }
 
@@ -1031,9 +1032,8 @@ def _child(name: str, opts: dict, queue) -> None:
         t0 = time.perf_counter()
         figures = SECTIONS[name](opts)
         figures["section_s"] = time.perf_counter() - t0
-        figures.setdefault(
-            "peak_rss_mb", peak_rss_mb()
-        )  # a section whose work ran in its own processes sets it
+        # A section whose work ran in processes of its own (predict) reports theirs.
+        figures.setdefault("peak_rss_mb", peak_rss_mb())
         queue.put(("ok", figures))
     except Exception as e:  # reported, not raised: one failing section must not hide the others
         queue.put(("error", f"{type(e).__name__}: {e}"))
