@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medcli.models.heads import make_head
+from medcli.models.maxpool import MaxPool3d
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,9 @@ class Bottleneck(nn.Module):
 class ZeroPadShortcut(nn.Module):
     """Shortcut type A: ``avg_pool3d(kernel 1, stride)`` (plain subsampling), then zero channels appended.
 
+    The subsampling is a strided slice, which is what a 1³ average pool computes; its backward is a plain
+    strided copy, where ``avg_pool3d``'s CUDA backward is not deterministic.
+
     Parameter-free, so it adds no state-dict keys (MedicalNet's ResNet-18/34 files have no ``downsample``).
     """
 
@@ -134,7 +138,7 @@ class ZeroPadShortcut(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride != 1:
-            x = F.avg_pool3d(x, kernel_size=1, stride=self.stride)
+            x = x[:, :, :: self.stride, :: self.stride, :: self.stride]
         extra = self.out_channels - x.shape[1]
         # F.pad's tuple runs from the last dim backwards: (W, H, D, C) pairs; pad channels at the end.
         return F.pad(x, (0, 0, 0, 0, 0, 0, 0, extra)) if extra > 0 else x
@@ -175,7 +179,7 @@ class ResNet3D(nn.Module):
         self.conv1 = nn.Conv3d(in_channels, spec.stem_width, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm3d(spec.stem_width)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = MaxPool3d(kernel_size=3, stride=2, padding=1)  # reproducible on CUDA too
         self._inplanes = spec.stem_width
         stages = zip(spec.widths, spec.layers, STAGE_STRIDES, STAGE_DILATIONS, strict=True)
         for i, (planes, blocks, stride, dilation) in enumerate(stages, start=1):
