@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from medcli.engine.ema import create_ema, effective_decay
+from medcli.engine.ema import create_ema, effective_decay, ema_checkpoint, restore_ema
 from medcli.engine.optim import create_optimizer, create_schedule, param_groups, warmup_cosine
 from medcli.engine.trainer import Precision, TrainState, optimizer_step, train_one_epoch
 from medcli.errors import UnknownNameError
@@ -242,3 +242,34 @@ def test_steps_skipped_by_the_grad_scaler_do_not_advance_schedule_or_ema(recwarn
     train_one_epoch(model, _batches(x, y, 2), nn.CrossEntropyLoss(), opt, scaler, **kwargs)
     assert sched.scheduler.last_epoch == 2 and int(ema.n_averaged) == 2
     assert not torch.equal(model.fc.weight, before["fc.weight"])
+
+
+def test_a_resumed_ema_keeps_its_own_update_count_when_steps_were_skipped():
+    """After skipped fp16 steps the EMA has fewer updates than the run has steps; the checkpoint keeps the
+    EMA's count, so a resumed EMA continues with the same decay and equals the uninterrupted one."""
+    x, y = _data(4)
+    torch.manual_seed(0)
+    model = Toy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = create_ema(model, decay=0.99)
+    state = TrainState()
+    kwargs = dict(device=CPU, precision=FP32, ema=ema, state=state)
+    # The first step overflows (gradients ~1e3 at a 1e38 scale) and is skipped; the scale backs off to
+    # 100 and the second step is taken.
+    scaler = torch.amp.GradScaler("cpu", init_scale=1e38, backoff_factor=1e-36, growth_interval=10**6)
+    loss = lambda logits, target: nn.functional.cross_entropy(logits, target) * 1e3  # noqa: E731
+    train_one_epoch(model, _batches(x, y, 2), loss, opt, scaler, **kwargs)
+    assert state.global_step == 2 and int(ema.n_averaged) == 1
+
+    saved = {**ema_checkpoint(ema), "global_step": state.global_step}
+    resumed = create_ema(copy.deepcopy(model), decay=0.99)
+    restore_ema(resumed, saved)
+    assert int(resumed.n_averaged) == 1
+    for target in (ema, resumed):  # one more update of each from the same weights
+        target.update_parameters(model)
+    for a, b in zip(ema.module.state_dict().values(), resumed.module.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # A file from before "ema_updates" existed: the step count stands in for it.
+    legacy = {"ema": saved["ema"], "global_step": 5}
+    restore_ema(resumed, legacy)
+    assert int(resumed.n_averaged) == 5

@@ -2,7 +2,9 @@
 
 Format ``medcli-checkpoint/1`` (others depend on it; keep the keys exactly)::
 
-    format, model, ema, optimizer, scheduler, scaler, epoch (last completed, 0-based), global_step,
+    format, model, ema, ema_updates (the EMA's update count: steps the fp16 GradScaler skipped are not
+    updates; older files lack it and global_step stands in), optimizer, scheduler, scaler, epoch
+    (last completed, 0-based), global_step,
     rng {torch, numpy, python, cuda} (rank 0's), rng_ranks (under DDP: every rank's rng, by rank; else
     absent), best_metric, config (TrainConfig.to_dict(), incl. "model"),
     preprocess (PreprocessConfig.to_dict()), class_names, fold, split_hash,

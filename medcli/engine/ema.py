@@ -30,7 +30,18 @@ def create_ema(model: nn.Module, decay: float) -> AveragedModel:
     return ema
 
 
-def restore_ema(ema: AveragedModel, module_state: dict, num_updates: int) -> None:
-    """Load a checkpoint's ``"ema"`` (the averaged module's state_dict) and its update count."""
-    ema.module.load_state_dict(module_state)
-    ema.n_averaged.fill_(num_updates)
+def ema_checkpoint(ema: AveragedModel | None) -> dict:
+    """The checkpoint's EMA entries: ``"ema"`` (the averaged module's state_dict, loadable as a plain
+    model) and ``"ema_updates"``, the EMA's own update count.  That count is not ``global_step``: fp16
+    steps the GradScaler skipped advance the step count but not the EMA, and the decay warm-up depends
+    on the count, so a resume must restore the count itself to continue exactly."""
+    if ema is None:
+        return {"ema": None, "ema_updates": 0}
+    return {"ema": ema.module.state_dict(), "ema_updates": int(ema.n_averaged)}
+
+
+def restore_ema(ema: AveragedModel, checkpoint: dict) -> None:
+    """Load :func:`ema_checkpoint`'s entries from ``checkpoint`` into ``ema``."""
+    ema.module.load_state_dict(checkpoint["ema"])
+    # Files written before "ema_updates" existed counted every step as an update.
+    ema.n_averaged.fill_(int(checkpoint.get("ema_updates", checkpoint["global_step"])))

@@ -30,7 +30,7 @@ from medcli.engine import distributed as dist
 from medcli.engine import speed
 from medcli.engine.config import TrainConfig
 from medcli.engine.cpu_kernels import describe, rewrite_for_cpu
-from medcli.engine.ema import create_ema, restore_ema
+from medcli.engine.ema import create_ema, ema_checkpoint, restore_ema
 from medcli.engine.events import (
     BatchEnded,
     Callback,
@@ -1007,7 +1007,7 @@ def _checkpoint_dict(cfg, model, ema, optimizer, schedule, scaler, state: TrainS
     return {
         "format": ckpt_io.FORMAT,
         "model": model.state_dict(),
-        "ema": ema.module.state_dict() if ema is not None else None,
+        **ema_checkpoint(ema),
         "optimizer": optimizer.state_dict(),
         "scheduler": schedule.state_dict(),
         "scaler": scaler.state_dict(),
@@ -1050,7 +1050,7 @@ def _restore(
         if ema is not None:
             if ck.get("ema") is None:
                 raise CheckpointError(f"{fold_dir.last} has no EMA weights but --ema-decay is set")
-            restore_ema(ema, ck["ema"], int(ck["global_step"]))
+            restore_ema(ema, ck)
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(
             f"cannot resume from {fold_dir.last}: {str(e).splitlines()[0][:200]}",
