@@ -185,11 +185,12 @@ def test_conv_seg_and_a_foreign_head_are_ignored_a_matching_head_loads(tmp_path)
 
 
 def test_a_data_parallel_wrapped_model_loads_into_its_module(tiny_file):
-    wrapped = torch.nn.DataParallel(create_model("tiny"))  # CPU-only: a plain wrapper with module.* keys
+    # module.* keys; with one CUDA GPU, DataParallel also moves the model onto it
+    wrapped = torch.nn.DataParallel(create_model("tiny"))
     report = load_pretrained(wrapped, tiny_file)
     assert report.ok and report.missing == ["fc.weight", "fc.bias"]
     expected = _file_state(tiny_file)["module.conv1.weight"]
-    assert torch.equal(wrapped.module.conv1.weight, expected)
+    assert torch.equal(wrapped.module.conv1.weight.cpu(), expected)
 
 
 def test_missing_num_batches_tracked_is_counted_but_harmless(tmp_path):
@@ -413,19 +414,23 @@ def test_inspect_file_without_a_model(r50_file):
 
 @pytest.mark.slow
 def test_verifying_resnet50_is_memory_lean(r50_file):
-    """Peak RSS of a process that builds ResNet-50 and loads the 185 MB legacy file (target < 1.5 GB)."""
+    """Peak RSS of a process that builds ResNet-50 and loads the 185 MB legacy file (target < 1.5 GB).
+
+    Counted above the process's RSS once torch is imported: a CUDA build of torch alone takes ~0.5 GB
+    more than the CPU build, which is not the loader's doing (on a CPU build the import is ~0.2 GB)."""
     import subprocess
     import sys
 
     code = (
         "import resource, sys\n"
         "from medcli.models import create_model, load_pretrained\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "report = load_pretrained(create_model(50), sys.argv[1])\n"
         "assert report.ok\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(r50_file)], capture_output=True, text=True, check=True
     )
-    peak_mib = int(done.stdout.strip()) / 1024
-    assert peak_mib < 1536, f"peak RSS {peak_mib:.0f} MiB"
+    base_mib, peak_mib = (int(v) / 1024 for v in done.stdout.split())
+    assert peak_mib - base_mib < 1536 - 256, f"peak RSS {peak_mib:.0f} MiB, {base_mib:.0f} of it the imports"
