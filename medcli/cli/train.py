@@ -143,7 +143,11 @@ def train_command(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (slow first epoch)."),
     num_workers: int | None = typer.Option(None, "--num-workers", help="DataLoader workers. (default: auto)"),
     seed: int = typer.Option(_default("seed"), "--seed"),
-    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic algorithms (slower)."),
+    deterministic: bool = typer.Option(
+        False,
+        "--deterministic",
+        help="Deterministic algorithms (slower): the same seed gives bit-identical runs, on CUDA too.",
+    ),
     patience: int | None = typer.Option(None, "--patience", help="Early stopping: epochs without AUC gain."),
     max_steps: int | None = typer.Option(
         None, "--max-steps", help="Stop after N optimiser steps (smoke runs)."
