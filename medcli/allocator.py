@@ -18,21 +18,22 @@ work; ``MEDCLI_KEEP_FREED_MEMORY=0`` opts out.  glibc only: elsewhere nothing ch
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
+
+from medcli import switches
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _TRIM_AT = 2**31 - 1  # bytes free at the heap's top before it is returned (mallopt takes an int)
 
-ENV = "MEDCLI_KEEP_FREED_MEMORY"
+ENV = switches.KEEP_FREED_MEMORY
 
 
 def keep_freed_memory() -> bool:
     """Serve every block from the heap and keep freed memory for reuse (module doc).  Returns whether the
     setting took effect (False off glibc, or when ``MEDCLI_KEEP_FREED_MEMORY=0``)."""
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if switches.switched_off(ENV):
         return False
     if not sys.platform.startswith("linux"):
         return False

@@ -85,6 +85,21 @@ def test_describe_reads_what_was_rewritten_from_the_model():
     )
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_medcli_cpu_kernels_0_keeps_onednns_convs_in_training_and_predict(monkeypatch, bf16):
+    from medcli.engine.predictor import synthetic_predictor
+
+    monkeypatch.setenv("MEDCLI_CPU_KERNELS", "0")
+    model = rewrite_for_cpu(create_model("tiny"), bf16=bf16)
+    assert describe(model) is None
+    assert all(type(m) is torch.nn.Conv3d for m in model.modules() if isinstance(m, torch.nn.Conv3d))
+    predictor = synthetic_predictor("tiny", members=1, input_size=32, device="cpu")
+    assert not any(isinstance(m, WinogradConv3d) for m in predictor.models[0].modules())
+    monkeypatch.setenv("MEDCLI_CPU_KERNELS", "1")
+    predictor = synthetic_predictor("tiny", members=1, input_size=32, device="cpu")
+    assert any(isinstance(m, WinogradConv3d) for m in predictor.models[0].modules())
+
+
 @pytest.mark.parametrize("fmt", [torch.channels_last_3d, torch.contiguous_format])
 def test_pointwise_conv_as_gemm_equals_the_conv(fmt):
     """Values, memory format and gradients of the GEMM path (channels_last_3d) and the fallback."""

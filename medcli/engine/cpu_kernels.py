@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medcli import switches
 from medcli.engine.tap_conv import TapwiseConv3d
 from medcli.engine.winograd import WinogradConv3d
 
@@ -134,7 +135,9 @@ class PointwiseConv3d(nn.Conv3d):
 def rewrite_for_cpu(model: nn.Module, *, bf16: bool) -> nn.Module:
     """In place: the CPU rewrites for fp32 (``bf16=False``) or bf16 autocast; same function and keys.
 
-    Returns the model."""
+    Returns the model.  ``MEDCLI_CPU_KERNELS=0`` leaves it as it is (oneDNN's convs throughout)."""
+    if switches.switched_off(switches.CPU_KERNELS):
+        return model
     if bf16 and type(getattr(model, "conv1", None)) is nn.Conv3d:
         model.conv1 = _like(Float32Conv3d, model.conv1)
     for module in list(model.modules()):

@@ -1,0 +1,13 @@
+"""``MEDCLI_*`` environment variables that turn one of medcli's defaults off (``0``, ``false``, ``no`` or
+``off``), for comparing with plain PyTorch or working around a machine where a default misbehaves."""
+
+from __future__ import annotations
+
+import os
+
+KEEP_FREED_MEMORY = "MEDCLI_KEEP_FREED_MEMORY"  # medcli.allocator
+CPU_KERNELS = "MEDCLI_CPU_KERNELS"  # medcli.engine.cpu_kernels
+
+
+def switched_off(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
