@@ -286,7 +286,7 @@ def list_weights(
     # were folded over three lines at 80 columns.
     home = weights_dir()
     table = console.table(f"MedicalNet releases (* = default); files in {home} unless a path is given")
-    table.add_column("name (aliases)")
+    table.add_column("name (aliases)", overflow="fold")  # an alias cut short by "…" could not be typed
     table.add_column("depth", justify="right")
     table.add_column("size", justify="right", no_wrap=True)
     table.add_column("local copy")
