@@ -174,6 +174,18 @@ def test_rng_roundtrip_is_weights_only_safe(tmp_path):
     assert got[2] == expected[2]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_rng_from_a_machine_with_more_gpus_restores_the_ones_here():
+    """A run saved where 8 GPUs were visible resumes where fewer are: each GPU here gets its saved state."""
+    torch.cuda.manual_seed_all(4)
+    state = ck.capture_rng()
+    expected = torch.rand(3, device="cuda")
+    state["cuda"] = state["cuda"] + [state["cuda"][0]] * 8  # states for GPUs this machine lacks
+    torch.rand(5, device="cuda")
+    ck.restore_rng(state)
+    assert torch.equal(torch.rand(3, device="cuda"), expected)
+
+
 def test_pickle_module_not_used_for_loading(tmp_path, monkeypatch):
     """weights_only=True: even a checkpoint-shaped file never runs pickle's arbitrary-code path."""
     path = tmp_path / "c.pt"
