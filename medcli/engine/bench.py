@@ -453,7 +453,9 @@ def inference(opts: dict) -> dict:
 
 
 def _write_checkpoint(path: Path, depth: int | str, size: int) -> None:
-    """A ``medcli-checkpoint/1`` file of a randomly initialised model, as `medcli train` writes it."""
+    """A ``medcli-checkpoint/1`` file of a randomly initialised model in `medcli train`'s format, without the
+    EMA copy and optimiser state a trained best.pt also holds (4x the model's size): every pipeline loads
+    checkpoints memory-mapped and reads only the weights it uses, so those would not be read."""
     from medcli import __version__
     from medcli.data.preprocess import PreprocessConfig
     from medcli.engine.checkpoint import CLASS_NAMES, FORMAT, atomic_save
