@@ -232,6 +232,11 @@ def test_predict_and_ensemble_sections_on_a_tiny_model():
     for fig in modes.values():
         assert fig["seconds"]["median"] >= sum(fig["parts_median_s"].values()) * 0.99
         assert fig["peak_rss_mb"] > 100  # torch and a model: each worker's own, not this process's
+    # The plain pipeline loads as a script would (torch.load of the whole file), the others memory-map;
+    # every pipeline graded the scan with the same weights (the EMA copy: "auto" in both).
+    assert [m["loads_plainly"] for m in modes.values()] == [True, False, False]
+    assert modes["fp32"]["p_hgg"] == modes["fp32+keep"]["p_hgg"]  # same fp32 eager forward
+    assert abs(modes["default"]["p_hgg"] - modes["fp32"]["p_hgg"]) < 1e-3
     assert modes["fp32"]["speedup_vs_fp32"] == 1.0
     assert pred["peak_rss_mb"] == modes["default"]["peak_rss_mb"]  # medcli's process, not the bench's
     ens = bench.ensemble_tta(opts)
