@@ -27,13 +27,11 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _TRIM_AT = 2**31 - 1  # bytes free at the heap's top before it is returned (mallopt takes an int)
 
-ENV = switches.KEEP_FREED_MEMORY
-
 
 def keep_freed_memory() -> bool:
     """Serve every block from the heap and keep freed memory for reuse (module doc).  Returns whether the
     setting took effect (False off glibc, or when ``MEDCLI_KEEP_FREED_MEMORY=0``)."""
-    if switches.switched_off(ENV):
+    if switches.switched_off(switches.KEEP_FREED_MEMORY):
         return False
     if not sys.platform.startswith("linux"):
         return False

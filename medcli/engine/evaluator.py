@@ -290,8 +290,7 @@ def recompute_predictions(
     )
     p = np.empty(len(val_ids))
     for i, sid in enumerate(val_ids):
-        s = by_id[sid]
-        pre = predictor.preprocess(ScanInput(sid, dict(s.paths), s.label, s.patient_id))
+        pre = predictor.preprocess(ScanInput.of_subject(by_id[sid]))
         import torch
 
         p[i] = predictor.probabilities(torch.from_numpy(pre.array)[None])[0, 0, 0]
@@ -587,7 +586,7 @@ def evaluate_test(
     else:
         notes.append(f"no splits.json beside {source.describe()}: could not check the test set is held out")
 
-    scans = [ScanInput(s.subject_id, dict(s.paths), s.label, s.patient_id) for s in subjects]
+    scans = [ScanInput.of_subject(s) for s in subjects]
     done = 0
 
     def tick(scan, outcome) -> None:

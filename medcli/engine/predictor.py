@@ -154,6 +154,12 @@ class ScanInput:
     label: int | None = None
     patient_id: str | None = None
 
+    @classmethod
+    def of_subject(cls, subject: Any) -> ScanInput:
+        """A subject that ``medcli.data.discover`` found (its id, files, grade and patient)."""
+        paths = {m: Path(p) for m, p in subject.paths.items()}
+        return cls(subject.subject_id, paths, subject.label, subject.patient_id)
+
 
 @dataclass
 class ScanPrediction:
@@ -651,12 +657,7 @@ def _discover_scans(path: Path, modalities: Sequence[str]) -> tuple[list[ScanInp
             f"{path}: no scans found",
             hint=f"pass {names} files, folders of them (one per subject), or a CSV manifest",
         ) from None
-    scans = [
-        ScanInput(
-            s.subject_id, {m: Path(p) for m, p in s.paths.items()}, label=s.label, patient_id=s.patient_id
-        )
-        for s in cohort.subjects
-    ]
+    scans = [ScanInput.of_subject(s) for s in cohort.subjects]
     failures = []
     for s in cohort.excluded:
         errors = [p for p in cohort.problems if p.subject == s.subject_id and p.severity == "error"]
