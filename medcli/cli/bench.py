@@ -110,7 +110,7 @@ def bench(
     reps: int = typer.Option(3, "--reps", help="Timed repetitions per figure (median, min–max reported)."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed repetitions before timing."),
     device: str = typer.Option(
-        "auto", "--device", help="Model sections on: auto (CUDA if present), cpu, cuda."
+        "auto", "--device", help="Model sections on: auto (CUDA if present), cpu, cuda or cuda:N."
     ),
     threads: int = typer.Option(0, "--threads", help="torch threads (default: torch's choice)."),
     ceiling_size: int = typer.Option(
@@ -157,14 +157,9 @@ def bench(
         from medcli.registry import unknown_name_error
 
         raise unknown_name_error("model depth", depth, ["10", "18", "34", "50", "101", "152", "200", "tiny"])
-    resolved = engine.resolve_device(device)
-    if resolved.startswith("cuda"):
-        import torch
+    from medcli.engine.devices import select_device
 
-        if not torch.cuda.is_available():
-            from medcli.errors import DeviceError
-
-            raise DeviceError(f"--device {device}: no CUDA GPU is visible", hint="use --device cpu or auto")
+    resolved = str(select_device(device))  # cuda:N where a GPU was asked for; unknown or absent: an error
     opts: dict[str, Any] = {
         "depth": depth,
         "input_size": input_size,

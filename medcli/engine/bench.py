@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from medcli.allocator import keep_freed_memory
+from medcli.engine.devices import select_device
 from medcli.engine.speed import cpu_has_fast_bf16
 
 SKIP_NO_BF16 = "skipped: no native bf16 on this CPU (oneDNN would emulate it, ~100x slower than fp32)"
@@ -143,14 +144,15 @@ def cpu_info() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": cpu_has_fast_bf16(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
 
 
 def _device(opts: dict) -> torch.device:
-    return torch.device(opts.get("device") or "cpu")
+    """The section's device, made current: CUDA memory statistics below are that GPU's."""
+    return select_device(opts.get("device") or "cpu")
 
 
 def _bf16_native(device: torch.device) -> bool:
@@ -376,7 +378,7 @@ def train_step(opts: dict) -> dict:
         "modes": modes,
     }
     if device.type == "cuda":
-        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
 
 
@@ -448,7 +450,7 @@ def inference(opts: dict) -> dict:
     if bf16_runs:
         result["max_abs_p_diff_bf16_vs_fp32"] = max(abs(probs[k] - probs["fp32"]) for k in bf16_runs)
     if device.type == "cuda":
-        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
 
 
@@ -708,7 +710,7 @@ def ensemble_tta(opts: dict) -> dict:
         "ratio_vs_passes": ens.median / (passes * one.median),
     }
     if device.type == "cuda":
-        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
 
 
@@ -1102,17 +1104,9 @@ def run_section(name: str, opts: dict) -> dict:
     return payload if status == "ok" else {"error": payload}
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``."""
-    d = (device or "auto").strip().lower()
-    if d == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return d
-
-
 def run_bench(opts: dict, sections: list[str] | None = None, on_section: Callable | None = None) -> dict:
     """Run ``sections`` (default: all, in order); the report holds machine, options, sections, targets."""
-    opts = {**opts, "device": resolve_device(opts.get("device", "auto"))}
+    opts = {**opts, "device": str(select_device(opts.get("device", "auto")))}
     started = time.time()
     report: dict[str, Any] = {
         "machine": cpu_info(),

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from medcli.engine.cpu_kernels import rewrite_for_cpu
+from medcli.engine.devices import select_device
 from medcli.engine.runs import fold_number, missing_folds
 from medcli.engine.winograd import keep_transformed_weights, transformed_weight_bytes
 from medcli.errors import CheckpointError, DataError, MedcliError, UsageError
@@ -124,20 +125,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if p == "auto":
         return "bf16" if device.type == "cpu" and native_bf16(device) else "fp32"
     return p
-
-
-def resolve_device(device: str) -> torch.device:
-    d = device.strip().lower()
-    if d == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if d.startswith("cuda") and not torch.cuda.is_available():
-        from medcli.errors import DeviceError
-
-        raise DeviceError(f"--device {device}: no CUDA GPU is visible", hint="use --device cpu or auto")
-    try:
-        return torch.device(d)
-    except RuntimeError as e:
-        raise UsageError(f"unknown device {device!r}", hint="use auto, cpu, cuda or cuda:N") from e
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,7 +233,7 @@ class Predictor:
             raise CheckpointError(
                 "no models to predict with", hint="pass --model with a checkpoint or run directory"
             )
-        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.device = device if isinstance(device, torch.device) else select_device(device)
         self.precision = resolve_precision(precision, self.device)
         # channels_last_3d: oneDNN prefers it (fp32 ResNet-50 at 128^3 on 16 Sapphire Rapids cores: 0.36 s
         # vs 0.42 s contiguous; bf16 needs it); on CUDA at batch 1 it was slower (see resolve_precision).

@@ -30,6 +30,7 @@ from medcli.engine import distributed as dist
 from medcli.engine import speed
 from medcli.engine.config import TrainConfig
 from medcli.engine.cpu_kernels import describe, rewrite_for_cpu
+from medcli.engine.devices import select_device
 from medcli.engine.ema import create_ema, ema_checkpoint, restore_ema
 from medcli.engine.events import (
     BatchEnded,
@@ -67,31 +68,15 @@ class Precision:
 def resolve_device(cfg: TrainConfig) -> torch.device:
     """--device/--gpu → a torch.device; asking for CUDA where there is none is a DeviceError (exit 9)."""
     want = cfg.device.strip().lower()
-    has_cuda = torch.cuda.is_available()
     if cfg.gpu and want == "cpu":
         raise UsageError("--gpu and --device cpu contradict each other", hint="drop one of them")
-    if (cfg.gpu or want.startswith("cuda")) and not has_cuda:
-        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise DeviceError(
-            f"{'--gpu' if cfg.gpu else '--device ' + cfg.device} needs a CUDA GPU, but none is visible "
-            f"(torch {torch.__version__}, {build})",
-            hint="drop --gpu/--device to train on the CPU, or install a CUDA build of PyTorch",
-        )
-    if dist.under_torchrun() and cfg.multi_gpu:
-        return (
-            torch.device("cuda", dist.local_rank()) if (has_cuda and want != "cpu") else torch.device("cpu")
-        )
-    if want.startswith("cuda:"):
-        index = int(want[5:])
-        if index >= torch.cuda.device_count():
-            raise DeviceError(
-                f"--device {cfg.device}: only {torch.cuda.device_count()} GPU(s) visible",
-                hint=f"use cuda:0..cuda:{torch.cuda.device_count() - 1}",
-            )
-        return torch.device("cuda", index)
-    if want == "cuda" or cfg.gpu or (want == "auto" and has_cuda):
-        return torch.device("cuda", 0)
-    return torch.device("cpu")
+    spec, asked = ("cuda", "--gpu") if cfg.gpu and want == "auto" else (cfg.device, None)
+    if not (dist.under_torchrun() and cfg.multi_gpu):
+        return select_device(spec, asked=asked)
+    # Under torchrun each process trains on the GPU of its LOCAL_RANK (dist.init makes it current).
+    if select_device(spec, asked=asked).type == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda", dist.local_rank())
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
