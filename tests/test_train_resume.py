@@ -77,6 +77,9 @@ def test_ctrl_c_says_which_epoch_last_pt_holds_and_how_to_resume(train_env):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell's background job (`make test &`) ignores SIGINT, and a child inherits that: Python then
+        # installs no KeyboardInterrupt handler.  Ctrl-C in a terminal reaches a process that handles it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 240
     while not (fold / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
