@@ -4,6 +4,7 @@ bf16): same function, gradients and keys."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -12,6 +13,17 @@ from medcli.engine.cpu_kernels import Float32Conv3d, PhaseBatchedConv3d, describ
 from medcli.engine.tap_conv import TapwiseConv3d
 from medcli.engine.winograd import WinogradConv3d
 from medcli.models import create_model
+
+
+def _gemm_settings() -> str:
+    """What decides the precision of fp32 matrix products on this CPU (for a failure message)."""
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    env = {k: v for k, v in os.environ.items() if k.startswith(("ONEDNN", "DNNL", "MKL", "OMP", "KMP"))}
+    return (
+        f"torch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}, "
+        f"float32_matmul_precision {torch.get_float32_matmul_precision()}, "
+        f"mkldnn matmul fp32_precision {getattr(mkldnn, 'fp32_precision', 'n/a')}, env {env}"
+    )
 
 
 def _count(model, cls) -> int:
@@ -47,9 +59,10 @@ def test_rewritten_model_trains_identically_in_fp32(size, bf16):
         got, want = fast.forward_features(x), model.forward_features(x)
     assert float((got - want).norm() / want.norm()) < 1e-4
     for (name, p), q in zip(model.named_parameters(), fast.parameters(), strict=True):
-        # The message keeps torch's mismatch figures (an AVX-512 Xeon with torch 2.11 failed at 64³ here).
+        # The message keeps torch's mismatch figures and the settings that could make fp32 GEMMs round to
+        # bf16 (an AVX-512 Xeon with torch 2.11 failed at 64³ here, ~4e-3 off: bf16's unit roundoff).
         torch.testing.assert_close(
-            q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+            q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}\n{_gemm_settings()}"
         )
     # BN running statistics moved the same way (same batches, same function).
     torch.testing.assert_close(fast.layer4[0].bn2.running_var, model.layer4[0].bn2.running_var)
