@@ -273,10 +273,18 @@ def test_a_dicom_file_is_named_as_such(cli, world, tmp_path):
 def test_labelled_scans_point_to_the_held_out_evaluation(cli, world, tmp_path):
     """A folder whose subjects carry grades: how many were graded as labelled, and `eval --test`."""
     labels = write_cohort(tmp_path / "graded", n=3)
-    r = cli("predict", tmp_path / "graded", "--model", world["run"], "--json")
+    assert set(labels.values()) == {0, 1}
+    csv_path = tmp_path / "graded.csv"
+    r = cli("predict", tmp_path / "graded", "--model", world["run"], "--json", "--csv", csv_path)
     assert r.exit_code == 0, r.stderr
     preds = _json(r)["predictions"]
-    agree = sum(p["grade"] == ("LGG", "HGG")[labels[p["scan_id"]]] for p in preds)
+    # The input's label by name in JSON and CSV alike, as in the table: no 0/1 to decode beside `grade`.
+    assert {p["scan_id"]: p["label"] for p in preds} == {s: ("LGG", "HGG")[y] for s, y in labels.items()}
+    with csv_path.open() as fh:
+        assert {row["scan_id"]: row["label"] for row in csv.DictReader(fh)} == {
+            p["scan_id"]: p["label"] for p in preds
+        }
+    agree = sum(p["grade"] == p["label"] for p in preds)
     r = cli("predict", tmp_path / "graded", "--model", world["run"])
     assert _has(r.stderr, f"{agree} of 3 labelled scans graded as labelled")
     assert _has(r.stderr, f"`medcli eval {world['run']} --test {tmp_path / 'graded'}`")

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medcli.data import label_to_grade
 from medcli.engine.cpu_kernels import rewrite_for_cpu
 from medcli.engine.devices import select_device
 from medcli.engine.runs import fold_number, missing_folds
@@ -159,13 +160,15 @@ class ScanPrediction:
     p_members: list[float]  # per ensemble member, averaged over flips
     n_members: int
     n_flips: int
-    label: int | None = None
+    label: int | None = None  # the grade the input carries (graded folder or manifest), 1 = HGG
     saliency_nifti: str | None = None
     saliency_png: str | None = None
     warnings: list[str] = field(default_factory=list)  # about the input files (e.g. no orientation)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """For --json and --csv: the input's label by name ("LGG"/"HGG", as the table shows it), since a
+        bare 0/1 beside the predicted ``grade`` leaves the reader to guess which class is 1."""
+        return {**asdict(self), "label": None if self.label is None else label_to_grade(self.label)}
 
 
 @dataclass
