@@ -286,18 +286,24 @@ def list_weights(
     # were folded over three lines at 80 columns.
     home = weights_dir()
     table = console.table(f"MedicalNet releases (* = default); files in {home} unless a path is given")
-    table.add_column("name (aliases)", overflow="fold")  # an alias cut short by "…" could not be typed
-    table.add_column("depth", justify="right")
+    # A name and each alias on a line of their own, in a column as wide as the longest line: folded
+    # mid-name ("medicalnet_resnet50_" / "3d") or cut short with "…", an alias could not be copied or typed.
+    # No depth column: every name says its depth (`--json` has it as a number).
+    labels = []
+    for e, _ in rows:
+        label = e.name + (" *" if e.is_default else "")
+        labels.append(label + ("\n(" + ",\n ".join(e.aliases) + ")" if e.aliases else ""))
+    widest = max(len(line) for label in labels for line in label.splitlines())
+    table.add_column("name (aliases)", min_width=widest, overflow="fold")
     table.add_column("size", justify="right", no_wrap=True)
     table.add_column("local copy")
     table.add_column("file", overflow="fold")
-    for e, c in rows:
+    for label, (e, c) in zip(labels, rows, strict=True):
         state = {"verified": "[green]verified[/]", "absent": "[dim]absent[/]"}.get(
             c.state, f"[red]corrupt: {c.reason}[/]"
         )
-        label = e.name + (" *" if e.is_default else "") + (f" ({', '.join(e.aliases)})" if e.aliases else "")
         path = c.path.name if c.path.parent == home else str(c.path)
-        table.add_row(label, str(e.depth), _mib(e.size), state, path)
+        table.add_row(label, _mib(e.size), state, path)
     console.out.print(table)
 
 
