@@ -80,6 +80,12 @@ class PartialFailure(MedcliError):
     exit_code = 10
 
 
+class Diverged(MedcliError):
+    """Training diverged: the loss or the model's outputs became NaN or infinite (nothing of it is saved)."""
+
+    exit_code = 11
+
+
 class Interrupted(MedcliError):
     """Ctrl-C (SIGINT), with what the interrupted command left behind and how to go on."""
 
@@ -98,5 +104,6 @@ EXIT_CODES: dict[int, str] = {
     8: "checkpoint error",
     9: "device error: requested GPU/AMP/multi-GPU setup not available",
     10: "partial failure: some items of a batch failed",
+    11: "training diverged: the loss or the outputs became NaN/Inf",
     130: "interrupted (Ctrl-C)",
 }

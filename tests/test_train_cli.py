@@ -6,6 +6,8 @@ import csv
 import json
 import os
 import warnings
+from datetime import datetime
+from pathlib import Path
 
 import pytest
 import torch
@@ -409,3 +411,88 @@ def test_compile_trains_like_eager_and_saves_plain_keys(cli, train_env):
     assert not [k for k in ckpt["model"] if k.startswith("_orig_mod.")]
     result = cli("eval", str(fold), "--json")
     assert result.exit_code == 0, result.output
+
+
+def _log(path: Path) -> list[tuple[datetime, str]]:
+    """train.log as (time, text) pairs; every line must carry an ISO time with its UTC offset."""
+    pairs = []
+    for line in path.read_text().splitlines():
+        stamp, text = line.split(" ", 1)
+        when = datetime.fromisoformat(stamp)
+        assert when.tzinfo is not None, line
+        pairs.append((when, text))
+    return pairs
+
+
+def test_train_log_keeps_every_session_of_a_fold_with_times(cli, train_env, tmp_path):
+    """What the terminal said (data, loss, model and weights, each epoch, the end) is in train.log with the
+    time; a resumed session appends under its own header, --force starts the file over."""
+    from medcli.models.synthetic import write_medicalnet_checkpoint
+
+    weights = write_medicalnet_checkpoint(tmp_path / "tiny.pth", depth="tiny")
+    base = ["train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+            "--name", "logged", "--loss", "ce", "--pretrained-path", weights]  # fmt: skip
+    log_path = train_env["out"] / "logged" / "fold0" / "train.log"
+    first = cli(*base, "--epochs", "2")
+    assert first.exit_code == 0, first.output
+    log = _log(log_path)
+    texts = [t for _, t in log]
+    assert texts[0].startswith("medcli ") and texts[0].endswith(" started")
+    assert [w for w, _ in log] == sorted(w for w, _ in log)
+    # Every INFO line the terminal showed is there, in the same order (the pretrained load report too).
+    said = [line.removeprefix("INFO: ") for line in first.stderr.splitlines() if line.startswith("INFO: ")]
+    logged = [t for t in said if t in texts]
+    assert any("keys loaded" in t for t in logged) and any(t.startswith("epoch 2/2 ·") for t in logged)
+    assert [t for t in texts if t in said] == logged and len(logged) >= len(said) - 1  # all but "Next: ..."
+    assert texts[-1].startswith("Fold 0 finished after 2 epochs: best epoch ")
+
+    resumed = cli(*base, "--epochs", "3", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    again = [t for _, t in _log(log_path)]
+    assert again[: len(texts)] == texts  # the first session is kept as it was
+    assert again[len(texts)].endswith(" resumed") and any(t.startswith("epoch 3/3 ·") for t in again)
+    assert any(t.startswith("Resuming from ") for t in again[len(texts) :])
+
+    fresh = cli(*base, "--epochs", "1", "--force")
+    assert fresh.exit_code == 0, fresh.output
+    texts = [t for _, t in _log(log_path)]
+    assert sum(t.endswith((" started", " resumed")) for t in texts) == 1 and texts[0].endswith(" started")
+    assert not any(t.startswith("epoch 2/") for t in texts)
+
+
+def test_a_diverging_training_stops_with_exit_11_and_saves_nothing_of_it(cli, train_env):
+    """An absurd learning rate: NaN/Inf outputs stop the run before the epoch is saved; the log says why."""
+    result = cli(
+        "train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+        "--name", "diverged", "--loss", "ce", "--lr", "1e6", "--epochs", "3",
+    )  # fmt: skip
+    assert result.exit_code == 11, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "training diverged" in errors[0] and "lower --lr" in errors[0]
+    fold = train_env["out"] / "diverged" / "fold0"
+    assert not (fold / "last.pt").exists() and not (fold / "best.pt").exists()
+    assert _log(fold / "train.log")[-1][1] == "error: " + errors[0].removeprefix("Error: ")
+
+
+def test_a_nan_loss_stops_the_epoch_at_that_step():
+    """Without fp16's GradScaler (which skips such steps) a non-finite loss ends training at once."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from medcli.engine.trainer import Precision, TrainState, train_one_epoch
+    from medcli.errors import Diverged
+    from medcli.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny")
+    x = torch.randn(4, 1, 16, 16, 16)
+    x[3, 0, 8, 8, 8] = float("nan")  # the second batch's loss is NaN
+    loader = DataLoader(TensorDataset(x, torch.tensor([0, 1, 0, 1])), batch_size=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    state, fp32 = TrainState(), Precision(amp_dtype=None, use_scaler=False, channels_last=False)
+    with pytest.raises(Diverged, match=r"the loss became nan at step 2 \(lr 1.00e-02\)"):
+        train_one_epoch(
+            model, loader, torch.nn.CrossEntropyLoss(), optimizer, torch.amp.GradScaler("cpu", enabled=False),
+            device=torch.device("cpu"), precision=fp32, state=state,
+        )  # fmt: skip
+    assert state.global_step == 1  # the first step ran; the NaN one stopped before updating any weight
+    assert all(torch.isfinite(p).all() for p in model.parameters())

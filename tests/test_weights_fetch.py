@@ -420,7 +420,7 @@ def test_cli_list_table(cli, site):
 
 
 def test_cli_list_shows_every_name_and_alias_whole_at_80_columns(cli, tmp_path):
-    """Names and aliases are typed and copied: each is whole on one line at 80 columns, never cut or folded."""
+    """Names and aliases are typed and copied: each whole on one line at 80 columns, never cut or folded."""
     from medcli.weights.manifest import load_manifest
 
     result = cli("weights", "list", env={"COLUMNS": "80", "MEDCLI_HOME": str(tmp_path)})

@@ -160,7 +160,8 @@ def train_command(
     """Fine-tune a MedicalNet-pretrained 3D ResNet on one fold (or all folds) of stratified k-fold CV.
 
     Writes runs/<name>/fold<k>/: config.json, metrics.csv/.jsonl, val_predictions.csv, last.pt,
-    best.pt (by validation AUC), curves.png, train.log.
+    best.pt (by validation AUC), curves.png, train.log (every session, timestamped).  A diverging training
+    (NaN/Inf loss or outputs) stops before that epoch is saved and exits 11.
     """
     given = {k: v for k, v in ctx.params.items() if k not in _NOT_CONFIG}
     explicit = {k for k in given if _from_command_line(ctx, k)}
@@ -410,11 +411,7 @@ class Renderer:
         elif isinstance(event, ev.Warning):
             _warn(event.message)
         elif isinstance(event, ev.FoldStarted):
-            _info(
-                f"Training fold {event.fold}: {event.num_train} train / {event.num_val} val subjects, "
-                f"epochs {event.start_epoch + 1}..{event.epochs}, {event.batches_per_epoch} batches/epoch "
-                f"on {event.device} ({event.precision}) → {event.run_dir}"
-            )
+            _info(event.describe())
             if console.progress_enabled():
                 self._start_progress(event)
         elif isinstance(event, ev.EpochStarted) and self.progress is not None:

@@ -43,6 +43,13 @@ class FoldStarted(Event):
     device: str
     precision: str
 
+    def describe(self) -> str:
+        return (
+            f"Training fold {self.fold}: {self.num_train} train / {self.num_val} val subjects, "
+            f"epochs {self.start_epoch + 1}..{self.epochs}, {self.batches_per_epoch} batches/epoch "
+            f"on {self.device} ({self.precision}) → {self.run_dir}"
+        )
+
 
 @dataclass(frozen=True)
 class EpochStarted(Event):
@@ -73,6 +80,31 @@ class EpochEnded(Event):
 @dataclass(frozen=True)
 class FoldFinished(Event):
     summary: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        s = self.summary
+        best = "no validation AUC yet"
+        if s.get("best_epoch") is not None:
+            metric = s.get("best_metric")
+            value = "n/a" if metric is None else f"{metric:.4f}"
+            metric_name = "val_auc_ema" if s.get("selection") == "ema" else "val_auc"
+            best = f"best epoch {s['best_epoch'] + 1} ({metric_name} {value}): best.pt"
+        stopped = " (stopped early)" if s.get("stopped_early") else ""
+        return f"Fold {s.get('fold')} finished after {s.get('epochs_run')} epochs{stopped}: {best}"
+
+
+def log_line(event: Event) -> str | None:
+    """The plain line ``event`` adds to a run's train.log, or None for progress that has no place there
+    (batches, epoch starts)."""
+    if isinstance(event, Info):
+        return event.message
+    if isinstance(event, Warning):
+        return f"warning: {event.message}"
+    if isinstance(event, EpochEnded):
+        return event.line
+    if isinstance(event, (FoldStarted, FoldFinished)):
+        return event.describe()
+    return None
 
 
 Callback = Callable[[Event], None]

@@ -9,7 +9,7 @@
                         val_predictions.csv  subject_id, patient_id, label, p_hgg, p_hgg_ema
                         last.pt, best.pt     checkpoints (medcli.engine.checkpoint)
                         curves.png           loss / AUC / lr per epoch
-                        train.log            the plain per-epoch lines
+                        train.log            every session's story, timestamped (RunLog)
 
 Small files are written whole through a temp file + ``os.replace`` so a killed run never leaves half a CSV.
 """
@@ -20,10 +20,12 @@ import csv
 import io
 import json
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from medcli.atomic import atomic_path, atomic_write_text
+from medcli.engine.events import Callback, Event, log_line
 from medcli.errors import UsageError
 
 METRIC_FIELDS = (
@@ -166,10 +168,6 @@ class FoldDir:
             writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in PREDICTION_FIELDS})
         atomic_write_text(self.path / "val_predictions.csv", buf.getvalue())
 
-    def append_log(self, line: str) -> None:
-        with open(self.log, "a", encoding="utf-8") as fh:
-            fh.write(line.rstrip("\n") + "\n")
-
     def plot_curves(self, rows: Sequence[dict[str, Any]]) -> Path:
         """curves.png: losses, AUC (raw and EMA) and lr per epoch."""
         import matplotlib
@@ -212,3 +210,52 @@ class FoldDir:
         finally:
             plt.close(fig)
         return out
+
+
+class RunLog:
+    """train.log: the lines that tell a training's story (:func:`events.log_line`: data, loss, the model and
+    its pretrained-weights load report, each epoch, warnings, the end or the error), each with the time.
+
+    Called with every event, it writes the line and passes the event on to ``callback``.  Lines from before
+    the fold folder is ready are held until :meth:`open`; a fresh start has replaced the old file by then, a
+    resumed one appends under a header of its own, so the file keeps every session of the fold.
+    """
+
+    def __init__(self, callback: Callback):
+        self.callback = callback
+        self.path: Path | None = None
+        self.held: list[str] = []
+        self.started = _now()  # the header's time: the session's start, before the lines it holds
+
+    def __call__(self, event: Event) -> None:
+        line = log_line(event)
+        if line is not None:
+            self.write(line)
+        self.callback(event)
+
+    def open(self, path: Path, *, resume: bool) -> None:
+        import torch
+
+        from medcli import __version__
+
+        self.path = path
+        header = f"medcli {__version__} (torch {torch.__version__}) {'resumed' if resume else 'started'}"
+        held, self.held = self.held, []
+        self._append([f"{self.started} {header}", *held])
+
+    def write(self, line: str) -> None:
+        stamped = f"{_now()} {line}"
+        if self.path is None:
+            self.held.append(stamped)
+        else:
+            self._append([stamped])
+
+    def _append(self, lines: list[str]) -> None:
+        assert self.path is not None
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write("".join(line.rstrip("\n") + "\n" for line in lines))
+
+
+def _now() -> str:
+    """Local time with its UTC offset, to the second (ISO 8601)."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")

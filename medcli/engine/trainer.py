@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
 import random
 import time
@@ -44,8 +45,17 @@ from medcli.engine.events import (
     ignore,
 )
 from medcli.engine.optim import create_optimizer, create_schedule, set_backbone_frozen
-from medcli.engine.runs import FoldDir
-from medcli.errors import CheckpointError, DataError, DeviceError, Interrupted, UsageError, WeightsError
+from medcli.engine.runs import FoldDir, RunLog
+from medcli.errors import (
+    CheckpointError,
+    DataError,
+    DeviceError,
+    Diverged,
+    Interrupted,
+    MedcliError,
+    UsageError,
+    WeightsError,
+)
 
 CLASS_NAMES = ("LGG", "HGG")
 
@@ -177,7 +187,8 @@ def train(
     precision = resolve_precision(cfg, device)
     if cfg.multi_gpu and dist.under_torchrun():
         dist.init(device.type)
-    emit: Callback = callback if dist.is_main() else ignore
+    log = RunLog(callback) if dist.is_main() else None  # rank 0 alone writes train.log
+    emit: Callback = log or ignore
     _set_determinism(cfg, device)
     fetch = resolve_pretrained(cfg)  # before the run folder compares configs: it stores the resolved path
 
@@ -203,11 +214,16 @@ def train(
 
     model, pretrained_sha = _build_model(cfg, emit, fetch)
     _warn_other_start(fold_dir, pretrained_sha, emit)
-    if dist.is_main():
+    if log is not None:
         fold_dir.start(cfg.to_dict(), fresh=not resume)
+        log.open(fold_dir.log, resume=resume)
     dist.barrier()
     try:
         return _fit(cfg, device, precision, model, loss_fn, data, fold_dir, pretrained_sha, emit, resume)
+    except BaseException as e:  # the log says how the session ended, then the error goes on to the CLI
+        if log is not None:
+            log.write(f"error: {e}" if isinstance(e, MedcliError) else f"error: {type(e).__name__}: {e}")
+        raise
     finally:
         dist.barrier()
 
@@ -668,6 +684,7 @@ def _fit(
                 if ema
                 else None
             )
+            _check_finite_outputs(epoch, val, val_ema)
             chosen = val_ema if (cfg.selection == "ema" and val_ema is not None) else val
             if schedule.interval == "plateau" and chosen["auc"] is not None:
                 schedule.scheduler.step(chosen["auc"])
@@ -710,8 +727,9 @@ def _fit(
                 state.saved_epoch = epoch
                 if is_best:
                     _link_or_copy(fold_dir.last, fold_dir.best)
-                fold_dir.append_log(line)
-            emit(EpochEnded(record=record, is_best=is_best, line=line))
+            emit(
+                EpochEnded(record=record, is_best=is_best, line=line)
+            )  # into train.log once last.pt holds it
 
             if (
                 cfg.patience is not None
@@ -735,6 +753,7 @@ def _fit(
             "val_predictions.csv",
             "last.pt",
             "best.pt",
+            "train.log",
         ):
             if (fold_dir.path / name).exists():
                 files[name] = str(fold_dir.path / name)
@@ -866,7 +885,11 @@ def train_one_epoch(
                 logits = model(x)
             loss = loss_fn(logits.float(), y)
             scaler.scale(loss / group_size).backward()
-        total_loss += float(loss.detach()) * len(y)
+        value = float(loss.detach())
+        if not math.isfinite(value) and not scaler.is_enabled():  # fp16's GradScaler skips such steps
+            lr = optimizer.param_groups[0]["lr"]
+            raise diverged(f"the loss became {value} at step {state.global_step + 1} (lr {lr:.2e})")
+        total_loss += value * len(y)
         total_seen += len(y)
         if final_micro:
             scale = scaler.get_scale() if scaler.is_enabled() else None
@@ -890,7 +913,7 @@ def train_one_epoch(
             on_batch(
                 i + 1,
                 num_batches,
-                float(loss.detach()),
+                value,
                 optimizer.param_groups[0]["lr"],
                 total_seen * dist.world_size() / elapsed,
             )
@@ -927,6 +950,25 @@ def predict_loader(
     return unique
 
 
+def _check_finite_outputs(epoch: int, val: dict[str, Any], val_ema: dict[str, Any] | None) -> None:
+    """Before anything of ``epoch`` is saved: NaN/Inf probabilities mean the model diverged (under fp16 the
+    GradScaler skips steps with non-finite losses, so this is where such a run is caught)."""
+    for which, v in (("", val), (" (EMA)", val_ema)):
+        if v is not None and not v["finite"]:
+            raise diverged(
+                f"the model's validation outputs{which} are NaN or infinite after epoch {epoch + 1}"
+            )
+
+
+def diverged(what: str) -> Diverged:
+    """The error for a training whose loss or outputs became NaN/Inf; it stops before saving the epoch, so
+    last.pt and best.pt still hold finite weights.  Another --lr makes another run: start over."""
+    return Diverged(
+        f"training diverged: {what}; nothing of this epoch was saved",
+        hint="lower --lr or add --grad-clip 1.0, and start over with --force (or --name for a new run)",
+    )
+
+
 def evaluate_loader(
     model: nn.Module,
     loader,
@@ -938,10 +980,7 @@ def evaluate_loader(
     """Validation loss, AUC and balanced accuracy (at p >= 0.5), plus per-subject P(HGG)."""
     from sklearn.metrics import balanced_accuracy_score
 
-    try:
-        from medcli.engine.metrics import roc_auc_or_none
-    except ImportError:  # pragma: no cover - metrics lands with the eval engineer's work
-        roc_auc_or_none = _auc_or_none
+    from medcli.engine.metrics import roc_auc_or_none
 
     rows = predict_loader(model, loader, device, precision)
     ids = [r[0] for r in rows]
@@ -950,22 +989,18 @@ def evaluate_loader(
     loss = float(loss_fn(logits.to(device), labels.to(device))) if len(rows) else None
     p = torch.softmax(logits * logit_scale, dim=1)[:, 1].numpy() if len(rows) else np.zeros(0)
     y = labels.numpy()
-    auc = roc_auc_or_none(y, p)
+    finite = bool(np.isfinite(p).all())  # else a diverged model: no metrics (_check_finite_outputs)
+    auc = roc_auc_or_none(y, p) if finite else None
     both = len(set(y.tolist())) == 2
-    bal = float(balanced_accuracy_score(y, (p >= 0.5).astype(int))) if both else None
+    bal = float(balanced_accuracy_score(y, (p >= 0.5).astype(int))) if both and finite else None
     return {
         "loss": loss,
         "auc": auc,
         "bal_acc": bal,
         "p_hgg": dict(zip(ids, p.tolist(), strict=True)),
         "y": y,
+        "finite": finite,
     }
-
-
-def _auc_or_none(y, p) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, p)) if len(set(np.asarray(y).tolist())) == 2 else None
 
 
 def _prediction_rows(subjects, val: dict[str, Any], val_ema: dict[str, Any] | None) -> list[dict[str, Any]]:
