@@ -727,9 +727,8 @@ def _fit(
                 state.saved_epoch = epoch
                 if is_best:
                     _link_or_copy(fold_dir.last, fold_dir.best)
-            emit(
-                EpochEnded(record=record, is_best=is_best, line=line)
-            )  # into train.log once last.pt holds it
+            # After the checkpoint: train.log never names an epoch that last.pt does not hold.
+            emit(EpochEnded(record=record, is_best=is_best, line=line))
 
             if (
                 cfg.patience is not None
