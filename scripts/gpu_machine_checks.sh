@@ -2,10 +2,12 @@
 # The checks CI cannot run (its machine has no GPU and an AVX2 CPU), as one short script for a lent GPU
 # machine: the CUDA-only tests, the CPU kernels' test on that machine's CPU (AVX-512/AMX: the fp32
 # gradient mismatch README's Development section describes) and the 2-core CPU bench whose bf16 ceiling
-# fraction the predict speed target asks for.  ~5 minutes on an H200 machine's Xeon.
+# fraction the predict speed target asks for, with a per-stage profile of the forward pass in bf16 and
+# fp32.  ~6 minutes on an H200 machine's Xeon.
 #
 # For a machine whose python3 has PyTorch and medcli's dependencies but not medcli: it runs from the
-# checkout (PYTHON names another interpreter).  Wheels in .whl/ (e.g. nibabel, where the image lacks it) are installed to /tmp/site first.
+# checkout (PYTHON names another interpreter).  Wheels in .whl/ (e.g. nibabel, where the image lacks it)
+# are installed to /tmp/site first.
 # Results (test logs, bench JSON) go to $OUT, else ./gpu-checks-out.  BENCH_ARGS replaces the bench's
 # options (a quick try: BENCH_ARGS='--sections ceiling --reps 1').
 #   bash scripts/gpu_machine_checks.sh
@@ -37,4 +39,9 @@ nproc >>"$out/machine.txt"
 timeout 300 taskset -c 0,1 "$py" -m medcli bench --device cpu --threads 2 \
     ${BENCH_ARGS:---sections ceiling,infer,predict --reps 3} --json >"$out/cpu2-bench.json" || status=1
 "$py" scripts/bench_table.py "$out/cpu2-bench.json" 2>&1 | tail -n 30 || true
+# Where a one-scan forward spends its time per stage, bf16 (the AMX default) against fp32 with Winograd.
+for precision in bf16 fp32; do
+    timeout 120 taskset -c 0,1 "$py" scripts/profile_forward.py --threads 2 --precision $precision \
+        2>&1 | tee "$out/profile-$precision-2cores.txt" || status=1
+done
 exit $status
