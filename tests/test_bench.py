@@ -23,6 +23,7 @@ from medcli.engine.bench import (
     time_interleaved,
     time_it,
 )
+from medcli.engine.speed import cpu_has_fast_bf16
 from tests.conftest import REPO, run_medcli
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -255,6 +256,25 @@ def test_train_default_row_is_the_trainers_own_setup():
     assert describe(net) is not None and resolved.endswith(describe(net))
     assert resolved.startswith("fp32") or resolved.startswith("bf16")
     assert list(net.state_dict()) == list(model.state_dict())
+
+
+def test_train_section_times_fp32_kernels_where_the_cpu_default_is_bf16(monkeypatch):
+    """On a native-bf16 CPU the trainer defaults to bf16; the section then also times fp32 with medcli's
+    fp32 kernels, the alternative that might beat it.  Elsewhere that row would only repeat the default."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert bench.train_candidates(cpu, "bf16-cl") == ["fp32", "fp32-cl", "bf16-cl", "default", "fp32-kernels"]
+    assert bench.train_candidates(cpu, "fp32-cl") == ["fp32", "fp32-cl", "bf16-cl", "default"]
+    assert bench.train_candidates(cuda, "fp16-cl") == ["fp32", "fp32-cl", "bf16-cl", "fp16-cl"]
+    here = bench.train_candidates(cpu, bench.train_default_mode(cpu, 128))
+    assert ("fp32-kernels" in here) == cpu_has_fast_bf16()
+
+    # The row itself: real steps of the tiny model, as where bf16 is the default (the bf16 rows are
+    # skipped on a CPU that would emulate it).
+    monkeypatch.setattr(bench, "train_default_mode", lambda device, size=128: "bf16-cl")
+    opts = {"depth": "tiny", "input_size": 16, "reps": 1, "warmup": 0, "ceiling_size": 8}
+    modes = bench.train_step(opts)["modes"]
+    assert modes["fp32-kernels"]["seconds"]["reps"] == 1 and modes["fp32-kernels"]["speedup_vs_fp32"] > 0
+    assert "Winograd" in modes["fp32-kernels"]["resolved"]
 
 
 # ------------------------------------------------------------------------------------------------ the CLI

@@ -299,14 +299,31 @@ def _trainer_model(model: nn.Module, device: torch.device, input_size: int) -> t
     return net, precision.name + (f"; {rewrites}" if rewrites else "")
 
 
+def train_candidates(device: torch.device, default_mode: str) -> list[str]:
+    """The train section's modes on ``device``, where the trainer's default mode is ``default_mode``.
+
+    On a CPU the trainer's default is its own row (``default``: the CPU kernels included), and where that
+    default is bf16 (native bf16: AMX, AVX512-BF16), ``fp32-kernels`` times fp32 + channels_last_3d with
+    the fp32 CPU kernels (Winograd 3³ convs, 1³ convs as GEMMs): the one setup that might beat it there.
+    """
+    candidates = ["fp32", "fp32-cl", "bf16-cl"]
+    if device.type == "cuda":
+        return [*candidates, "fp16-cl"]
+    candidates.append("default")
+    if default_mode.startswith("bf16"):
+        candidates.append("fp32-kernels")
+    return candidates
+
+
 def train_step(opts: dict) -> dict:
     """Train step (forward, loss, backward, Adam): samples/s and FLOP/s, fp32 eager vs medcli's default,
     the modes stepping in turn.
 
     Modes: ``fp32`` (plain eager, the baseline), ``fp32-cl`` (plain, channels_last_3d), ``bf16-cl`` (on CPU
     with the CPU bf16 kernels), ``fp16-cl`` (CUDA) and ``default``: exactly what the trainer runs by
-    default here (on CPU that includes medcli's CPU kernels, so it is its own row)."""
-    from medcli.engine.cpu_kernels import rewrite_for_cpu
+    default here (on CPU that includes medcli's CPU kernels, so it is its own row); ``fp32-kernels`` where
+    that default is bf16 (:func:`train_candidates`)."""
+    from medcli.engine.cpu_kernels import describe, rewrite_for_cpu
     from medcli.engine.speed import train_step_throughput
     from medcli.models import create_model
 
@@ -326,15 +343,11 @@ def train_step(opts: dict) -> dict:
     ceiling = section_ceiling(opts)
     default_mode = train_default_mode(device, size)
     bf16 = _bf16_native(device)
-    candidates = ["fp32", "fp32-cl", "bf16-cl"]
-    if device.type == "cuda":
-        candidates.append("fp16-cl")
+    candidates = train_candidates(device, default_mode)
     # On CUDA the trainer's default is one of the plain modes; on CPU it adds the CPU kernels.
-    default = default_mode if device.type == "cuda" else "default"
-    if default == "default":
-        candidates.append("default")
+    default = "default" if "default" in candidates else default_mode
     modes: dict[str, dict] = {}
-    resolved = default_mode
+    resolved, kernels = default_mode, ""
     # Each mode its own copy: a step sets the model's memory format in place.
     nets: dict[str, tuple[nn.Module, str]] = {}
     for name in candidates:
@@ -343,6 +356,9 @@ def train_step(opts: dict) -> dict:
             continue
         if name == "default":
             net, resolved = _trainer_model(model, device, size)
+        elif name == "fp32-kernels":
+            net, mode = rewrite_for_cpu(copy.deepcopy(model), bf16=False), "fp32-cl"
+            kernels = f"fp32 + channels_last_3d; {describe(net)}"
         elif mode.startswith("bf16") and device.type == "cpu":
             net = rewrite_for_cpu(copy.deepcopy(model), bf16=True)  # the trainer's CPU bf16 path
         else:
@@ -362,6 +378,8 @@ def train_step(opts: dict) -> dict:
         modes[name] = _speed_figures(timings[name], batch, flops, ceiling["ceiling_tflops"])
         if name == "default":
             modes[name]["resolved"] = resolved
+        elif name == "fp32-kernels":
+            modes[name]["resolved"] = kernels
     _add_speedups(modes)
     measured = {k: v for k, v in modes.items() if "seconds" in v}
     best = max(measured, key=lambda k: measured[k]["samples_per_s"]["median"])
