@@ -16,6 +16,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -206,26 +207,46 @@ def train(
             hint=f"run `{fetch}`, or pass the file with --pretrained-path",
         )
 
-    data = _prepare_data(cfg, fold_dir, precision, emit)
-    loss_fn = build_loss(cfg, data.class_counts)
-    cfg.head = "cosine" if getattr(loss_fn, "needs_cosine_head", False) else "linear"
-    if hasattr(loss_fn, "describe"):
-        emit(Info(f"Loss: {loss_fn.describe()}"))
+    with _warnings_as_events(emit):  # PyTorch's or a plugin's warnings: in medcli's voice and train.log
+        data = _prepare_data(cfg, fold_dir, precision, emit)
+        loss_fn = build_loss(cfg, data.class_counts)
+        cfg.head = "cosine" if getattr(loss_fn, "needs_cosine_head", False) else "linear"
+        if hasattr(loss_fn, "describe"):
+            emit(Info(f"Loss: {loss_fn.describe()}"))
 
-    model, pretrained_sha = _build_model(cfg, emit, fetch)
-    _warn_other_start(fold_dir, pretrained_sha, emit)
-    if log is not None:
-        fold_dir.start(cfg.to_dict(), fresh=not resume)
-        log.open(fold_dir.log, resume=resume)
-    dist.barrier()
-    try:
-        return _fit(cfg, device, precision, model, loss_fn, data, fold_dir, pretrained_sha, emit, resume)
-    except BaseException as e:  # the log says how the session ended, then the error goes on to the CLI
+        model, pretrained_sha = _build_model(cfg, emit, fetch)
+        _warn_other_start(fold_dir, pretrained_sha, emit)
         if log is not None:
-            log.write(f"error: {e}" if isinstance(e, MedcliError) else f"error: {type(e).__name__}: {e}")
-        raise
-    finally:
+            fold_dir.start(cfg.to_dict(), fresh=not resume)
+            log.open(fold_dir.log, resume=resume)
         dist.barrier()
+        try:
+            return _fit(cfg, device, precision, model, loss_fn, data, fold_dir, pretrained_sha, emit, resume)
+        except BaseException as e:  # the log says how the session ended, then the error goes on to the CLI
+            if log is not None:
+                log.write(f"error: {e}" if isinstance(e, MedcliError) else f"error: {type(e).__name__}: {e}")
+            raise
+        finally:
+            dist.barrier()
+
+
+@contextlib.contextmanager
+def _warnings_as_events(emit: Callback):
+    """Python warnings raised while the fold is prepared and trained become Warning events: shown as
+    medcli's own warnings and kept in train.log, where Python would print them to stderr alone (and a
+    nondeterministic CUDA op under --deterministic, which only warns, would go unrecorded)."""
+
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = f"{category.__name__}: {message}"
+        if text not in seen:  # once per session (e.g. each DataLoader's iterators repeat theirs)
+            seen.add(text)
+            emit(Warning(f"{text} ({Path(filename).name}:{lineno})"))
+
+    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+        warnings.showwarning = show
+        yield
 
 
 def _seed_everything(seed: int) -> None:
