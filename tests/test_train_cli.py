@@ -457,6 +457,14 @@ def test_train_log_keeps_every_session_of_a_fold_with_times(cli, train_env, tmp_
     assert sum(t.endswith((" started", " resumed")) for t in texts) == 1 and texts[0].endswith(" started")
     assert not any(t.startswith("epoch 2/") for t in texts)
 
+    # A log that cannot be written (here a folder in its place) is a warning; the training goes on.
+    log_path.unlink()
+    log_path.mkdir()
+    unlogged = cli(*base, "--epochs", "2", "--resume")
+    assert unlogged.exit_code == 0, unlogged.output
+    assert f"WARNING: could not write {log_path}" in " ".join(unlogged.stderr.split())
+    assert "epoch 2/2 ·" in unlogged.stderr and log_path.is_dir()
+
 
 def test_a_diverging_training_stops_with_exit_11_and_saves_nothing_of_it(cli, train_env):
     """An absurd learning rate: NaN/Inf outputs stop the run before the epoch is saved; the log says why."""

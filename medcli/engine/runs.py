@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from medcli.atomic import atomic_path, atomic_write_text
-from medcli.engine.events import Callback, Event, log_line
+from medcli.engine.events import Callback, Event, Warning, log_line
 from medcli.errors import UsageError
 
 METRIC_FIELDS = (
@@ -226,6 +226,7 @@ class RunLog:
         self.path: Path | None = None
         self.held: list[str] = []
         self.started = _now()  # the header's time: the session's start, before the lines it holds
+        self.failed = False
 
     def __call__(self, event: Event) -> None:
         line = log_line(event)
@@ -251,9 +252,14 @@ class RunLog:
             self._append([stamped])
 
     def _append(self, lines: list[str]) -> None:
-        assert self.path is not None
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write("".join(line.rstrip("\n") + "\n" for line in lines))
+        if self.path is None or self.failed:
+            return
+        try:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write("".join(line.rstrip("\n") + "\n" for line in lines))
+        except OSError as e:  # a log that cannot be written must not stop the training it describes
+            self.failed = True
+            self.callback(Warning(f"could not write {self.path} ({e}); training goes on without it"))
 
 
 def _now() -> str:
