@@ -16,13 +16,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-checks-out}
 mkdir -p "$out"
+py=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-py=${PYTHON:-python3}
 status=0
 
 "$py" -c 'import torch; print("torch", torch.__version__, "| CUDA:", torch.cuda.is_available() and
