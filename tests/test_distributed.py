@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ pytest_plugins = ("helpers_train",)  # tiny_cohort, shared_cache, train_env
 
 def test_relaunch_command_is_torchrun_of_medcli():
     cmd = relaunch_command(["train", "--fold", "0"], 4)
-    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m"]
+    assert cmd[1:6] == ["-m", "medcli.engine.launch", "--standalone", "--nproc_per_node=4", "-m"]
     assert cmd[6:] == ["medcli", "train", "--fold", "0"]
 
 
@@ -84,3 +85,35 @@ def test_ddp_ranks_draw_their_own_dropout_and_resume_exactly(train_env):
     assert more.returncode == 0, more.stderr
     assert "resuming with 1 process(es) a checkpoint that was saved by 2 processes" in more.stderr
     assert torch.load(out / "full" / "fold0" / "last.pt", weights_only=True)["epoch"] == 3
+
+
+@pytest.mark.parametrize(
+    ("script", "code"),
+    [("raise SystemExit(11)", 11), ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 137)],
+)
+def test_launcher_keeps_a_failed_ranks_exit_code(script, code, capfd):
+    """torchrun itself answers any failed worker with a traceback and exit code 1; medcli's launcher runs
+    the same torchrun and exits with the rank's own code (a signal as 128 + its number, with a line)."""
+    from medcli.engine.launch import main
+
+    assert main(["--standalone", "--nproc_per_node=1", "--no-python", sys.executable, "-c", script]) == code
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ChildFailedError" not in err
+    if code == 137:
+        assert "Error: rank 0 was killed by SIGKILL" in err
+
+
+@pytest.mark.slow
+def test_ddp_divergence_exits_11_with_medcli_lines_only(train_env):
+    """Both gloo ranks see the NaN validation outputs (gathered) and stop; the user gets their lines and
+    exit 11, not torchrun's failure report."""
+    result = run_medcli(
+        "train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+        "--loss", "ce", "--lr", "1e6", "--epochs", "3", "--multi_gpu", "--device", "cpu", "--nproc", "2",
+        env=train_env["env"], timeout=400,
+    )  # fmt: skip
+    assert result.returncode == 11, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors[0].startswith("Error: training diverged") and len(errors) <= 2
+    assert all(e.startswith(("Error: training diverged", "Error: rank 1: training diverged")) for e in errors)
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr

@@ -40,8 +40,11 @@ def warn(message: str) -> None:
 
 
 def print_error(message: str) -> None:
-    """The one red line an error gets."""
-    err.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    """The one red line an error gets; under torchrun, ranks other than 0 say which they are (each rank
+    reports its own error, often the same one)."""
+    rank = os.environ.get("RANK", "0") if "LOCAL_RANK" in os.environ else "0"
+    where = "" if rank == "0" else f"rank {rank}: "
+    err.print(f"[bold red]Error:[/] {where}{escape(message)}", highlight=False, soft_wrap=True)
 
 
 def print_json(data: Any) -> None:

@@ -126,11 +126,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def relaunch_command(argv: Sequence[str], nproc: int) -> list[str]:
-    """The torchrun command that re-runs this ``medcli`` invocation with ``nproc`` processes."""
+    """The torchrun command that re-runs this ``medcli`` invocation with ``nproc`` processes (through
+    :mod:`medcli.engine.launch`: torchrun's own ``run``, with a failed rank's exit code kept)."""
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "medcli.engine.launch",
         "--standalone",
         f"--nproc_per_node={nproc}",
         "-m",

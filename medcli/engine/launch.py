@@ -1,0 +1,47 @@
+"""torchrun for ``medcli train --multi_gpu``: PyTorch's own launcher, reporting a failed rank as medcli does.
+
+``python -m medcli.engine.launch`` takes torchrun's arguments and runs torchrun's ``run``.  Plain torchrun
+answers a worker that failed with its own log line, a ``ChildFailedError`` traceback and exit code 1, after
+the rank has already printed medcli's one-line error: the user saw three reports and lost the exit code
+(11 for a diverged training, 9 for a device error, ...).  Here the failed rank's line stands alone and the
+launcher exits with that rank's code; a rank killed by a signal (the kernel's OOM killer, say) gets a line
+of its own, since it printed nothing, and exits 128 + the signal number, as a shell would.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(argv)
+    # Its failure report repeats what the failed rank printed, with a traceback of the launcher itself.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode >= 0:
+            return failure.exitcode or 1
+        number = -failure.exitcode
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        print(
+            f"Error: rank {rank} was killed by {name} (out of memory, if the kernel's OOM killer sent it: "
+            "lower --batch-size or --nproc)",
+            file=sys.stderr,
+        )
+        return 128 + number
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
