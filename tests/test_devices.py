@@ -62,6 +62,10 @@ def test_the_chosen_gpu_becomes_current():
     last = torch.cuda.device_count() - 1
     before = torch.cuda.current_device()
     try:
+        torch.cuda.set_device(0)
+        # Only checked (the --multi_gpu launcher, bench's parent process): the current GPU stays.
+        assert select_device(f"cuda:{last}", make_current=False) == torch.device("cuda", last)
+        assert torch.cuda.current_device() == 0
         assert select_device(f"cuda:{last}") == torch.device("cuda", last)
         assert torch.cuda.current_device() == last
         assert select_device("cuda") == torch.device("cuda", last)  # plain `cuda`: the current one

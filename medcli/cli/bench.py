@@ -159,7 +159,8 @@ def bench(
         raise unknown_name_error("model depth", depth, ["10", "18", "34", "50", "101", "152", "200", "tiny"])
     from medcli.engine.devices import select_device
 
-    resolved = str(select_device(device))  # cuda:N where a GPU was asked for; unknown or absent: an error
+    # cuda:N where a GPU was asked for; unknown or absent: an error.  Each section's process makes it current.
+    resolved = str(select_device(device, make_current=False))
     opts: dict[str, Any] = {
         "depth": depth,
         "input_size": input_size,

@@ -283,7 +283,8 @@ def _launch_distributed(
     from medcli.engine import distributed
     from medcli.engine.trainer import resolve_device
 
-    device = resolve_device(cfg)  # --gpu without CUDA → DeviceError here, before anything starts
+    # --gpu without CUDA → DeviceError here, before anything starts; no GPU becomes current in this process.
+    device = resolve_device(cfg, make_current=False)
     if device.type == "cuda":
         visible = torch.cuda.device_count()
         n = cfg.nproc or visible

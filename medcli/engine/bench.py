@@ -125,7 +125,7 @@ def peak_rss_mb() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
-def cpu_info() -> dict[str, Any]:
+def cpu_info(device: str | None = None) -> dict[str, Any]:
     model = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -144,7 +144,10 @@ def cpu_info() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": cpu_has_fast_bf16(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        # The GPU the run uses (a CPU run names GPU 0: the machine has one).
+        "cuda": torch.cuda.get_device_name(device if device and device.startswith("cuda") else 0)
+        if torch.cuda.is_available()
+        else None,
         "torch": torch.__version__,
         "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
@@ -1124,10 +1127,11 @@ def run_section(name: str, opts: dict) -> dict:
 
 def run_bench(opts: dict, sections: list[str] | None = None, on_section: Callable | None = None) -> dict:
     """Run ``sections`` (default: all, in order); the report holds machine, options, sections, targets."""
-    opts = {**opts, "device": str(select_device(opts.get("device", "auto")))}
+    # Checked here, made current in each section's process (a context here would only hold GPU memory).
+    opts = {**opts, "device": str(select_device(opts.get("device", "auto"), make_current=False))}
     started = time.time()
     report: dict[str, Any] = {
-        "machine": cpu_info(),
+        "machine": cpu_info(opts["device"]),
         "options": opts,
         "sections": {},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

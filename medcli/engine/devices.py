@@ -20,12 +20,14 @@ from medcli.errors import DeviceError, UsageError
 SPELLINGS = "auto, cpu, cuda or cuda:N"
 
 
-def select_device(spec: str, *, asked: str | None = None) -> torch.device:
+def select_device(spec: str, *, asked: str | None = None, make_current: bool = True) -> torch.device:
     """``spec`` → a ``torch.device`` this machine has; a CUDA device becomes the current one.
 
     ``auto`` is the current CUDA device when a GPU is visible, else the CPU; ``cuda`` is the current CUDA
     device (GPU 0 unless something chose another).  ``asked``: how errors name the request (default
-    ``--device SPEC``; training's ``--gpu`` says ``--gpu``)."""
+    ``--device SPEC``; training's ``--gpu`` says ``--gpu``).  ``make_current=False`` only checks: making a
+    GPU current creates its CUDA context (~0.5 GB of its memory), which a process that will not compute
+    there must not hold (the ``--multi_gpu`` launcher, a torchrun rank that trains on another GPU)."""
     asked = asked or f"--device {spec}"
     text = (spec or "auto").strip().lower()
     if text == "auto":
@@ -51,5 +53,6 @@ def select_device(spec: str, *, asked: str | None = None) -> torch.device:
             f"{asked}: only {count} GPU(s) visible",
             hint=f"use cuda:0..cuda:{count - 1}" if count > 1 else "use cuda (or cuda:0)",
         )
-    torch.cuda.set_device(index)
+    if make_current:
+        torch.cuda.set_device(index)
     return torch.device("cuda", index)

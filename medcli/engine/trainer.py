@@ -76,16 +76,19 @@ class Precision:
         return base + (" + channels_last_3d" if self.channels_last else "")
 
 
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    """--device/--gpu → a torch.device; asking for CUDA where there is none is a DeviceError (exit 9)."""
+def resolve_device(cfg: TrainConfig, *, make_current: bool = True) -> torch.device:
+    """--device/--gpu → a torch.device; asking for CUDA where there is none is a DeviceError (exit 9).
+
+    ``make_current=False`` only checks (the ``--multi_gpu`` launcher, which trains nowhere itself)."""
     want = cfg.device.strip().lower()
     if cfg.gpu and want == "cpu":
         raise UsageError("--gpu and --device cpu contradict each other", hint="drop one of them")
     spec, asked = ("cuda", "--gpu") if cfg.gpu and want == "auto" else (cfg.device, None)
     if not (dist.under_torchrun() and cfg.multi_gpu):
-        return select_device(spec, asked=asked)
-    # Under torchrun each process trains on the GPU of its LOCAL_RANK (dist.init makes it current).
-    if select_device(spec, asked=asked).type == "cpu":
+        return select_device(spec, asked=asked, make_current=make_current)
+    # Under torchrun each process trains on the GPU of its LOCAL_RANK (dist.init makes it current); the
+    # check must not make GPU 0 current, or every rank would hold a CUDA context there.
+    if select_device(spec, asked=asked, make_current=False).type == "cpu":
         return torch.device("cpu")
     return torch.device("cuda", dist.local_rank())
 
