@@ -10,14 +10,14 @@ import pytest
 import torch
 from conftest import run_medcli
 
-from medcli.engine.distributed import relaunch_command
+from medcli.cli.launch import relaunch_command
 
 pytest_plugins = ("helpers_train",)  # tiny_cohort, shared_cache, train_env
 
 
 def test_relaunch_command_is_torchrun_of_medcli():
     cmd = relaunch_command(["train", "--fold", "0"], 4)
-    assert cmd[1:6] == ["-m", "medcli.engine.launch", "--standalone", "--nproc_per_node=4", "-m"]
+    assert cmd[1:6] == ["-m", "medcli.cli.launch", "--standalone", "--nproc_per_node=4", "-m"]
     assert cmd[6:] == ["medcli", "train", "--fold", "0"]
 
 
@@ -94,7 +94,7 @@ def test_ddp_ranks_draw_their_own_dropout_and_resume_exactly(train_env):
 def test_launcher_keeps_a_failed_ranks_exit_code(script, code, capfd):
     """torchrun itself answers any failed worker with a traceback and exit code 1; medcli's launcher runs
     the same torchrun and exits with the rank's own code (a signal as 128 + its number, with a line)."""
-    from medcli.engine.launch import main
+    from medcli.cli.launch import main
 
     assert main(["--standalone", "--nproc_per_node=1", "--no-python", sys.executable, "-c", script]) == code
     err = capfd.readouterr().err

@@ -280,6 +280,7 @@ def _launch_distributed(
     """
     import torch
 
+    from medcli.cli.launch import relaunch_command
     from medcli.engine import distributed
     from medcli.engine.trainer import resolve_device
 
@@ -330,7 +331,7 @@ def _launch_distributed(
         config_path = fh.name
     args = ["train", "--config", config_path, "--fold", fold_spec]
     args += ["--resume"] * resume + ["--force"] * force + ["--json"] * json_out
-    cmd = distributed.relaunch_command(args, n)
+    cmd = relaunch_command(args, n)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
     _info(f"Launching {n} processes with torchrun ({'NCCL' if device.type == 'cuda' else 'gloo'})")
     try:

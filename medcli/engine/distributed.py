@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
-from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -123,18 +121,3 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def relaunch_command(argv: Sequence[str], nproc: int) -> list[str]:
-    """The torchrun command that re-runs this ``medcli`` invocation with ``nproc`` processes (through
-    :mod:`medcli.engine.launch`: torchrun's own ``run``, with a failed rank's exit code kept)."""
-    return [
-        sys.executable,
-        "-m",
-        "medcli.engine.launch",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "medcli",
-        *argv,
-    ]

@@ -911,7 +911,7 @@ def train_one_epoch(
         value = float(loss.detach())
         if not math.isfinite(value) and not scaler.is_enabled():  # fp16's GradScaler skips such steps
             lr = optimizer.param_groups[0]["lr"]
-            raise diverged(f"the loss became {value} at step {state.global_step + 1} (lr {lr:.2e})")
+            raise _diverged(f"the loss became {value} at step {state.global_step + 1} (lr {lr:.2e})")
         total_loss += value * len(y)
         total_seen += len(y)
         if final_micro:
@@ -978,12 +978,12 @@ def _check_finite_outputs(epoch: int, val: dict[str, Any], val_ema: dict[str, An
     GradScaler skips steps with non-finite losses, so this is where such a run is caught)."""
     for which, v in (("", val), (" (EMA)", val_ema)):
         if v is not None and not v["finite"]:
-            raise diverged(
+            raise _diverged(
                 f"the model's validation outputs{which} are NaN or infinite after epoch {epoch + 1}"
             )
 
 
-def diverged(what: str) -> Diverged:
+def _diverged(what: str) -> Diverged:
     """The error for a training whose loss or outputs became NaN/Inf; it stops before saving the epoch, so
     last.pt and best.pt still hold finite weights.  Another --lr makes another run: start over."""
     return Diverged(

@@ -1,6 +1,6 @@
 """torchrun for ``medcli train --multi_gpu``: PyTorch's own launcher, reporting a failed rank as medcli does.
 
-``python -m medcli.engine.launch`` takes torchrun's arguments and runs torchrun's ``run``.  Plain torchrun
+``python -m medcli.cli.launch`` takes torchrun's arguments and runs torchrun's ``run``.  Plain torchrun
 answers a worker that failed with its own log line, a ``ChildFailedError`` traceback and exit code 1, after
 the rank has already printed medcli's one-line error: the user saw three reports and lost the exit code
 (11 for a diverged training, 9 for a device error, ...).  Here the failed rank's line stands alone and the
@@ -14,6 +14,22 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+
+from medcli.cli import console
+
+
+def relaunch_command(argv: Sequence[str], nproc: int) -> list[str]:
+    """The command that re-runs this ``medcli`` invocation with ``nproc`` processes under torchrun."""
+    return [
+        sys.executable,
+        "-m",
+        "medcli.cli.launch",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "medcli",
+        *argv,
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,10 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             name = signal.Signals(number).name
         except ValueError:
             name = f"signal {number}"
-        print(
-            f"Error: rank {rank} was killed by {name} (out of memory, if the kernel's OOM killer sent it: "
-            "lower --batch-size or --nproc)",
-            file=sys.stderr,
+        console.print_error(
+            f"rank {rank} was killed by {name} (out of memory, if the kernel's OOM killer sent it: "
+            "lower --batch-size or --nproc)"
         )
         return 128 + number
     return 0
