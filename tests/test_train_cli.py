@@ -521,3 +521,81 @@ def test_python_warnings_in_training_become_medcli_warnings_in_the_log(cli, trai
         t for _, t in _log(train_env["out"] / "warned" / "fold0" / "train.log") if "worker processes" in t
     ]
     assert len(logged) == 1 and logged[0].startswith("warning: UserWarning: This DataLoader will create")
+
+
+def test_resuming_a_complete_fold_trains_nothing_and_changes_nothing(cli, train_env):
+    """A fold that stopped early (or ran all its epochs) is complete: --resume, as `--fold all --resume` gives
+    every fold before the one it continues, says so and leaves last.pt, the metrics and config.json alone.
+    Before, an early-stopped fold trained one more epoch on each resume."""
+    base = ["train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+            "--name", "stopped", "--loss", "ce", "--patience", "1"]  # fmt: skip
+    first = cli(*base, "--epochs", "6")
+    assert first.exit_code == 0, first.output
+    # 6 epochs of strictly rising AUC on 5 validation scans would be needed to run them all.
+    assert "Early stopping: no validation AUC gain for 1 epoch" in first.stderr, first.stderr
+    fold = train_env["out"] / "stopped" / "fold0"
+    files = (
+        "last.pt",
+        "best.pt",
+        "metrics.jsonl",
+        "metrics.csv",
+        "config.json",
+        "val_predictions.csv",
+        "curves.png",
+    )
+    before = {name: (fold / name).read_bytes() for name in files}
+    done = len((fold / "metrics.jsonl").read_text().splitlines())
+    assert done < 6
+
+    again = cli(*base, "--epochs", "6", "--resume", "--json")
+    assert again.exit_code == 0, again.output
+    said = " ".join(again.stderr.split())
+    assert f"Fold 0 is complete: it stopped early after epoch {done}" in said, said
+    assert "--patience 1; a larger one continues it" in said
+    assert not any(line.startswith("INFO: epoch ") for line in again.stderr.splitlines())
+    assert {name: (fold / name).read_bytes() for name in files} == before
+    summary = json.loads(again.stdout)
+    assert summary["folds"][0]["epochs_run"] == done and summary["folds"][0]["stopped_early"] is True
+
+    # Fewer --epochs than were trained: nothing to do either, and config.json still says what was trained.
+    fewer = cli(*base, "--epochs", str(done - 1) if done > 1 else "1", "--resume")
+    assert fewer.exit_code == 0, fewer.output
+    assert "Fold 0 is complete: " in fewer.stderr and f"--epochs above {done} continues it" in " ".join(
+        fewer.stderr.split()
+    )
+    assert {name: (fold / name).read_bytes() for name in files} == before
+
+    # A larger --patience continues the fold.
+    more = cli(*base[:-1], "9", "--epochs", "6", "--resume")
+    assert more.exit_code == 0, more.output
+    assert f"epoch {done + 1}/6 ·" in more.stderr
+
+
+def test_resuming_with_more_epochs_respreads_the_schedule_and_says_so(cli, train_env):
+    """--epochs 4 on a fold trained with 2: the cosine schedule now spans 4 epochs from the current step (the
+    lr rises again) and a warning says so, with the lr the next step uses."""
+    from medcli.engine.optim import warmup_cosine
+
+    base = ["train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+            "--name", "longer", "--loss", "ce", "--lr", "1e-3"]  # fmt: skip
+    first = cli(*base, "--epochs", "2")
+    assert first.exit_code == 0, first.output
+    rows = [json.loads(x) for x in (train_env["out"] / "longer/fold0/metrics.jsonl").read_text().splitlines()]
+    steps = rows[-1]["global_step"]
+    per_epoch = steps // 2
+    resumed = cli(*base, "--epochs", "4", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    said = " ".join(resumed.stderr.split())
+    expected = 1e-3 * warmup_cosine(4 * per_epoch, per_epoch, 0.01)(steps)
+    assert (
+        f"WARNING: --epochs 4 where this fold started with 2: the cosine schedule now spans 4 epochs, so the "
+        f"lr goes on at {expected:.2e} (was {rows[-1]['lr']:.2e})"
+    ) in said, said
+    assert expected > 10 * rows[-1]["lr"]  # the lr really rose again: the schedule was re-spread
+    after = [
+        json.loads(x) for x in (train_env["out"] / "longer/fold0/metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["epoch"] for r in after] == [0, 1, 2, 3]
+    assert after[2]["lr"] == pytest.approx(
+        1e-3 * warmup_cosine(4 * per_epoch, per_epoch, 0.01)(steps + per_epoch)
+    )

@@ -135,6 +135,9 @@ class FoldDir:
                 "last.pt",
             ):
                 (self.path / name).unlink(missing_ok=True)
+        self.write_config(cfg_dict)
+
+    def write_config(self, cfg_dict: dict[str, Any]) -> None:
         atomic_write_text(self.config, json.dumps(cfg_dict, indent=2, default=str) + "\n")
 
     # metrics ------------------------------------------------------------------------------------------

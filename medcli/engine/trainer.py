@@ -634,14 +634,24 @@ def _fit(
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
 
     state = TrainState()
+    complete = None
     if resume:
-        _restore(fold_dir, cfg, model, ema, optimizer, schedule, scaler, state, emit)
+        saved = _restore(fold_dir, cfg, model, ema, optimizer, schedule, scaler, state, emit)
         state.saved_epoch = state.epoch
         emit(Info(f"Resuming from {fold_dir.last}: epoch {state.epoch + 1} done, step {state.global_step}"))
+        complete = _completed(cfg, state)
+        if complete is None and saved.epochs != cfg.epochs:
+            _respread_schedule(saved, cfg, schedule, loss_fn, emit)
     elif dist.world_size() > 1:
         _seed_this_rank(cfg)
     if dist.is_main():
         state.rows = [r for r in fold_dir.read_metrics() if r["epoch"] <= state.epoch] if resume else []
+    if complete is not None:  # `--fold all --resume` after a crash in a later fold lands here: change nothing
+        if dist.is_main():
+            fold_dir.write_config(saved.to_dict())  # start() wrote this session's settings; none applied
+        reason, stopped_early = complete
+        emit(Info(f"Fold {cfg.fold} is complete: {reason}; nothing to train"))
+        return _fold_result(cfg, fold_dir, state, stopped_early=stopped_early, emit=emit, plot=False)
 
     net: nn.Module = model
     if dist.world_size() > 1:
@@ -760,15 +770,97 @@ def _fit(
                 and epoch - state.best_epoch >= cfg.patience
             ):
                 stopped_early = True
-                emit(Info(f"Early stopping: no validation AUC gain for {cfg.patience} epochs"))
+                emit(Info(f"Early stopping: no validation AUC gain for {_epochs(cfg.patience)}"))
                 break
+    return _fold_result(cfg, fold_dir, state, stopped_early=stopped_early, emit=emit)
 
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
+def _completed(cfg: TrainConfig, state: TrainState) -> tuple[str, bool] | None:
+    """Why a resumed fold has nothing left to train under ``cfg`` and whether it stopped early, or None.
+    Without this check a fold that had stopped early trained one more epoch on every --resume (rewriting its
+    last.pt and metrics), as `--fold all --resume` does to the folds before the one it continues."""
+    done = state.epoch + 1
+    if done >= cfg.epochs:
+        which = (
+            f"all {_epochs(done)}"
+            if done == cfg.epochs
+            else f"{_epochs(done)}, more than --epochs {cfg.epochs},"
+        )
+        return f"{which} trained (--epochs above {done} continues it)", False
+    if (
+        cfg.patience is not None
+        and state.best_epoch is not None
+        and state.epoch - state.best_epoch >= cfg.patience
+    ):
+        return (
+            f"it stopped early after epoch {done}, {_epochs(state.epoch - state.best_epoch)} without a "
+            f"validation AUC gain (--patience {cfg.patience}; a larger one continues it)",
+            True,
+        )
+    if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
+        return f"it reached --max-steps {cfg.max_steps} (a larger one continues it)", False
+    return None
+
+
+def _respread_schedule(
+    saved: TrainConfig, cfg: TrainConfig, schedule, loss_fn: nn.Module, emit: Callback
+) -> None:
+    """A resume with another --epochs: the schedule (and a fractional --drw-start) now spans the new length.
+    The optimiser's lr is set to the new schedule's value at the current step at once (LambdaLR would only
+    apply it at the next step), and the user is told: the fold is no longer any one uninterrupted training."""
+    changes = []
+    scheduler = schedule.scheduler
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        optimizer = scheduler.optimizer
+        before = optimizer.param_groups[0]["lr"]
+        step = scheduler.last_epoch
+        for group, base, factor in zip(
+            optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(step)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports
+        after = optimizer.param_groups[0]["lr"]
+        changes.append(
+            f"the {cfg.scheduler} schedule now spans {_epochs(cfg.epochs)}, so the lr goes on at {after:.2e} "
+            f"(was {before:.2e})"
+        )
+    if hasattr(loss_fn, "drw_epoch"):
+        old, new = loss_fn.drw_epoch(saved.epochs), loss_fn.drw_epoch(cfg.epochs)
+        if old != new:
+            changes.append(f"re-weighting starts at epoch {new + 1} (was {old + 1})")
+    if changes:
+        emit(
+            Warning(
+                f"--epochs {cfg.epochs} where this fold started with {saved.epochs}: {'; '.join(changes)}; "
+                "the result is not that of one uninterrupted training of either length"
+            )
+        )
+
+
+def _fold_result(
+    cfg: TrainConfig,
+    fold_dir: FoldDir,
+    state: TrainState,
+    *,
+    stopped_early: bool,
+    emit: Callback,
+    plot: bool = True,
+) -> FoldResult:
+    """What the fold's folder holds now (drawing curves.png first unless ``plot`` is off: a complete fold
+    that was only visited keeps its files as they were)."""
     files = {}
     if dist.is_main() and state.rows:
-        try:
-            files["curves"] = str(fold_dir.plot_curves(state.rows))
-        except Exception as e:  # a plot must never fail a finished training
-            emit(Warning(f"could not draw curves.png: {e}"))
+        if plot:
+            try:
+                fold_dir.plot_curves(state.rows)
+            except Exception as e:  # a plot must never fail a finished training
+                emit(Warning(f"could not draw curves.png: {e}"))
+        if (fold_dir.path / "curves.png").exists():
+            files["curves"] = str(fold_dir.path / "curves.png")
         for name in (
             "config.json",
             "metrics.csv",
@@ -1075,7 +1167,9 @@ def _checkpoint_dict(cfg, model, ema, optimizer, schedule, scaler, state: TrainS
 
 def _restore(
     fold_dir: FoldDir, cfg, model, ema, optimizer, schedule, scaler, state: TrainState, emit: Callback
-) -> None:
+) -> TrainConfig:
+    """Load last.pt into the model, optimiser, schedule, scaler, EMA and ``state``; returns the settings it
+    was trained with (they differ from ``cfg`` at most in RUN_CONTROL_FIELDS such as --epochs)."""
     ck = ckpt_io.read_checkpoint(fold_dir.last)
     saved = TrainConfig.from_dict(ck["config"])
     diff = saved.differences(cfg)
@@ -1104,6 +1198,7 @@ def _restore(
     state.best_metric = ck.get("best_metric")
     state.best_epoch = ck.get("best_epoch")
     _restore_rng(ck, emit)
+    return saved
 
 
 def _restore_rng(ck: dict[str, Any], emit: Callback) -> None:
