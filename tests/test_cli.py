@@ -175,6 +175,7 @@ def test_help_shows_every_option_name_uncut(cli, path, command, columns):
     result = cli(*path, "--help", env={"COLUMNS": str(columns)})
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output and all(len(line) <= columns for line in result.output.splitlines())
+    assert "\\[" not in result.output  # rich markup's escape, shown as is by the plain layout
     names = [o for p in command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")]
     missing = [n for n in names if n not in result.output.replace("│", " ").split()]
     assert not missing, f"cut or missing in `medcli {' '.join(path)} --help`: {missing}\n{result.output}"

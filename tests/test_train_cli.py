@@ -599,3 +599,33 @@ def test_resuming_with_more_epochs_respreads_the_schedule_and_says_so(cli, train
     assert after[2]["lr"] == pytest.approx(
         1e-3 * warmup_cosine(4 * per_epoch, per_epoch, 0.01)(steps + per_epoch)
     )
+
+
+def test_a_run_on_a_relative_data_path_is_evaluated_from_anywhere(cli, train_env, tmp_path, monkeypatch):
+    """config.json and the checkpoints hold the data's absolute path: `eval --recompute` from another working
+    directory finds it (a relative "data" was looked up under the new cwd).  Data that moved since is a
+    one-line error naming --data, which then points eval at the new place."""
+    relative = os.path.relpath(train_env["data"], tmp_path)
+    trained = cli("train", "--data", relative, "--out", "runs", *train_env["tiny"], "--name", "rel",
+                  "--loss", "ce", "--epochs", "1")  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    fold = tmp_path / "runs" / "rel" / "fold0"
+    assert json.loads((fold / "config.json").read_text())["data"] == str(train_env["data"])
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    args = ("eval", fold, "--recompute", "--n-boot", "0", "--no-plots", "--json")
+    scored = cli(*args)
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(scored.stdout)["folds"][0]["source"] == "recomputed"
+
+    checkpoint = torch.load(fold / "best.pt", weights_only=True)  # as if the cohort had moved since
+    checkpoint["config"]["data"] = str(tmp_path / "moved-away")
+    (fold / "best.pt").unlink()
+    torch.save(checkpoint, fold / "best.pt")
+    moved = cli(*args)
+    assert moved.exit_code == 3, moved.output
+    assert f"is not at {tmp_path / 'moved-away'} any more" in " ".join(moved.stderr.split())
+    assert "pass --data" in moved.stderr
+    assert cli(*args, "--data", train_env["data"]).exit_code == 0

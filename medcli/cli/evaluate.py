@@ -46,7 +46,7 @@ def eval_command(
         "checkpoint.",
     ),
     data: Path | None = typer.Option(
-        None, "--data", help="Data folder for --recompute or a checkpoint. \\[default: the one training used]"
+        None, "--data", help="Data folder for --recompute or a checkpoint. (default: the one training used)"
     ),
     test: Path | None = typer.Option(
         None,
@@ -87,7 +87,7 @@ def eval_command(
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     bins: int = typer.Option(10, "--bins", help="Equal-width bins for ECE and the reliability diagram."),
     out: Path | None = typer.Option(
-        None, "--out", help="Where plots, eval.json and predictions.csv go. \\[default: <target>/eval]"
+        None, "--out", help="Where plots, eval.json and predictions.csv go. (default: <target>/eval)"
     ),
     tta: bool = typer.Option(
         False, "--tta", help="With --test: 8-flip test-time augmentation, as predict's."

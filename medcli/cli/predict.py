@@ -47,7 +47,7 @@ def predict_command(
         "--model",
         "-m",
         help="A checkpoint (.pt), a fold directory (uses best.pt) or a run directory (all folds: ensemble). "
-        "\\[default: the newest run under $MEDCLI_RUNS or ./runs]",
+        "(default: the newest run under $MEDCLI_RUNS or ./runs)",
     ),
     weights: str = typer.Option(
         "auto",

@@ -176,7 +176,8 @@ def train_command(
             hint="pass --data with a BraTS folder or a CSV manifest, or try medcli on a synthetic cohort: "
             "`medcli data synth data/ --small`",
         )
-    settings["data"] = str(settings.get("data") or default_data_root())
+    # Absolute in config.json and the checkpoints: `medcli eval --recompute` finds the data from anywhere.
+    settings["data"] = os.path.abspath(os.path.expanduser(settings.get("data") or default_data_root()))
     settings["out"] = str(settings.get("out") or default_runs_root())
     settings = {k: v for k, v in settings.items() if v is not None or k == "pretrained_path"}
     from medcli.losses import parse_loss_options  # torch-free; KEY=VALUE strings (CLI) or a TOML table

@@ -263,7 +263,14 @@ def recompute_predictions(
         )
     fold = int(trained_fold if trained_fold is not None else (fold or 0))
     cfg = meta.get("config") or {}
-    data = Path(data) if data is not None else Path(cfg.get("data") or "data")
+    if data is None:
+        data = Path(cfg.get("data") or "data")
+        if not data.exists():  # moved; or relative (older runs stored it so) and another cwd
+            raise DataError(
+                f"the data {checkpoint} was trained on is not at {data} any more",
+                hint="pass --data with the cohort's current folder or manifest",
+            )
+    data = Path(data)
     cohort = discover(data, modalities=tuple(pcfg.modalities))
     subjects = cohort.require_labels()
     splits = _load_split(Path(checkpoint), meta, subjects)
