@@ -59,6 +59,24 @@ def test_single_nifti_json_and_csv(cli, world, tmp_path):
     assert text[0].startswith("scan_id,grade,p_hgg") and text[1].startswith("BraTS20_Training_001,")
 
 
+def test_csv_dash_is_the_csv_alone_on_stdout(cli, world, tmp_path, monkeypatch):
+    """`--csv -` pipes: stdout holds the CSV and nothing else (no table), no file named "-" appears; with
+    --json, which wants stdout too, it is a usage error before any model loads."""
+    import csv
+    import io
+
+    monkeypatch.chdir(tmp_path)
+    r = cli("predict", world["data"], "--model", world["run"], "--csv", "-")
+    assert r.exit_code == 0, r.stderr
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert [row["scan_id"] for row in rows] == sorted(row["scan_id"] for row in rows) and len(rows) >= 3
+    assert all(0.0 <= float(row["p_hgg"]) <= 1.0 and row["n_members"] == "2" for row in rows)
+    assert not (tmp_path / "-").exists() and "P(HGG)" not in r.stdout
+    both = cli("predict", world["data"], "--model", world["run"], "--csv", "-", "--json")
+    assert both.exit_code == 2 and "--json and --csv - both print on stdout" in both.stderr
+    assert both.stdout == ""
+
+
 def test_table_output(cli, world, tmp_path):
     r = cli("predict", world["data"], "--model", world["run"], "--tta")
     assert r.exit_code == 0, r.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 
 import typer
@@ -75,7 +76,9 @@ def predict_command(
         help="Write Grad-CAM maps here: <scan>_gradcam.nii.gz on the scan's own grid, and a PNG of "
         "sagittal, coronal and axial slices.",
     ),
-    csv_path: Path | None = typer.Option(None, "--csv", help="Also write the predictions to this CSV file."),
+    csv_path: Path | None = typer.Option(
+        None, "--csv", help="Also write the predictions to this CSV file; `-`: the CSV alone on stdout."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print only JSON on stdout."),
 ) -> None:
     """Predict the grade (LGG/HGG) of new scans with a trained model or a fold ensemble."""
@@ -83,6 +86,9 @@ def predict_command(
         raise UsageError(f"--weights {weights!r} is not auto, ema or raw", hint="e.g. --weights auto")
     cut = parse_threshold(threshold)
     tuned = cut == "tuned"
+    csv_stdout = csv_path is not None and str(csv_path) == "-"  # `--csv - | csvlook`: stdout is the CSV
+    if csv_stdout and json_out:
+        raise UsageError("--json and --csv - both print on stdout", hint="choose one, or --csv FILE")
 
     from medcli.engine import predictor as P
 
@@ -113,13 +119,19 @@ def predict_command(
     if not result.predictions:
         _raise_all_failed(result.failures)
 
-    if csv_path is not None:
-        _write_csv(csv_path, result)
+    if csv_stdout:
+        sys.stdout.write(_csv_text(result))
+        sys.stdout.flush()
+    elif csv_path is not None:
+        from medcli.atomic import atomic_write_text
+
+        atomic_write_text(csv_path, _csv_text(result))
     if json_out:
         console.print_json(result.to_dict())
     else:
-        _print_table(result)
-        if csv_path is not None:
+        if not csv_stdout:
+            _print_table(result)
+        if csv_path is not None and not csv_stdout:
             console.info(f"Predictions written to {csv_path}")
         if saliency is not None:
             console.info(f"Grad-CAM maps (NIfTI on each scan's grid + PNG) written to {saliency}/")
@@ -221,9 +233,7 @@ def _print_table(result) -> None:
     console.out.print(table)
 
 
-def _write_csv(path: Path, result) -> None:
-    from medcli.atomic import atomic_write_text
-
+def _csv_text(result) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
@@ -231,7 +241,7 @@ def _write_csv(path: Path, result) -> None:
         row = p.to_dict()
         row["warnings"] = "; ".join(row["warnings"])
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_FIELDS})
-    atomic_write_text(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def register(root: typer.Typer) -> None:
