@@ -173,6 +173,42 @@ def test_config_file_unknown_key_and_override(cli, train_env, tmp_path):
     assert result.exit_code == 2 and "unknown loss 'nonexistent'" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("epochs = 2.5", "epochs = 2.5 is not an integer"),
+        ('lr = "fast"', "lr = 'fast' is not a number"),
+        ("batch_size = true", "batch_size = True is not an integer"),
+        ("ema_decay = [0.9]", "ema_decay = [0.9] is not a number"),
+        ('deterministic = "yes"', "deterministic = 'yes' is not true or false"),
+        ("modalities = [1, 2]", "modalities = [1, 2] is not a list or comma-separated text"),
+        ("patience = 1.5", "patience = 1.5 is not an integer"),
+    ],
+)
+def test_config_file_values_of_the_wrong_type_name_the_key(cli, train_env, tmp_path, line, message):
+    """A TOML value of the wrong type is a usage error naming the key (it was a TypeError traceback from
+    deep in training, or from validation comparing a float with a string)."""
+    config = tmp_path / "typed.toml"
+    config.write_text(f'loss = "ce"\n{line}\n')
+    result = cli("train", "--data", train_env["data"], *train_env["tiny"], "--config", config)
+    assert result.exit_code == 2, result.output
+    assert f"{config}: {message}" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.output and not train_env["out"].exists()
+
+
+def test_config_file_takes_every_spelling_a_setting_has(cli, train_env, tmp_path):
+    """Lists or text for modalities and input size, a table for loss options, "all" for fold."""
+    config = tmp_path / "spelled.toml"
+    config.write_text(
+        'fold = "all"\nmodalities = ["t1ce"]\ninput_size = [16, 16, 16]\nloss = "focal"\n'
+        "loss_options = {gamma = 2}\nwarmup_epochs = 0\nepochs = 1\nmax_steps = 1\n"
+    )
+    result = cli("train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+                 "--config", config, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert [f["fold"] for f in json.loads(result.stdout)["folds"]] == [0, 1]
+
+
 @pytest.mark.slow
 def test_seed_recipe_runs_and_writes_the_run_directory(cli, train_env):
     """The seed's command on the CPU (minus --gpu/--multi_gpu/--amp) on the tiny model, 3 steps."""

@@ -232,7 +232,7 @@ def _from_command_line(ctx: typer.Context, name: str) -> bool:
 
 def load_config_file(path: Path) -> dict[str, Any]:
     """A --config TOML: keys are option names; an unknown key is a UsageError (with did-you-mean)."""
-    from medcli.engine.config import load_toml
+    from medcli.engine.config import check_setting_types, load_toml
 
     data = load_toml(path)
     valid = set(TrainConfig.__dataclass_fields__) | {"fold", "no_pretrained"}
@@ -246,6 +246,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
             f"{path}: unknown setting(s) {', '.join(unknown)}",
             hint=f"did you mean {', '.join(close)}?" if close else "keys are `medcli train` option names",
         )
+    check_setting_types(path, data)
     if data.pop("no_pretrained", False):
         data["pretrained_path"] = None
     return data

@@ -285,6 +285,59 @@ def load_toml(path: Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def check_setting_types(path: Path, settings: dict[str, Any]) -> None:
+    """A --config file's values against TrainConfig's field types: ``epochs = 2.5`` or ``lr = "fast"`` is a
+    UsageError naming the key, not a TypeError deep in training.  (Flags are typed by the CLI parser.)"""
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    hints.update({"fold": int | str, "no_pretrained": bool})  # `fold` also takes "all"
+    for key, value in settings.items():
+        hint = hints.get(key)
+        if hint is not None and not _has_type(value, hint):
+            raise UsageError(
+                f"{path}: {key} = {value!r} is not {_type_words(hint)}",
+                hint=f"see `medcli train --help` for --{key.replace('_', '-')}",
+            )
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    import types
+    import typing
+
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType):
+        return any(_has_type(value, a) for a in args if a is not type(None))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if typing.get_origin(hint) is tuple:  # modalities, input_size: a list, "a,b" text, or one number
+        single = isinstance(value, str) or (args[0] is int and _has_type(value, int))
+        return single or (isinstance(value, list) and all(_has_type(v, args[0]) for v in value))
+    if typing.get_origin(hint) is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _type_words(hint: Any) -> str:
+    import types
+    import typing
+
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_type_words(a) for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        return "a list or comma-separated text"
+    if typing.get_origin(hint) is dict:
+        return "a table"
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+    return words.get(hint, str(hint))
+
+
 def _check_loss_name(name: str) -> None:
     """Unknown loss (did-you-mean) or a name two plugins claim → an error before any work, without
     importing any plugin."""
