@@ -4,6 +4,7 @@ single-class folds, and recomputation from best.pt on real data with the run's s
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -441,6 +442,48 @@ def test_a_held_out_set_is_scored_by_the_fold_ensemble(cli, trained, tmp_path):
     assert shown.exit_code == 0 and _has(
         shown.stdout, f"held-out test set {held} (1 model of {run / 'fold0'}"
     )
+
+
+def test_a_test_set_is_scored_whole_or_not_at_all(cli, trained, tmp_path):
+    """Metrics over part of the set a user named would mislead: a scan unusable from its header (truncated)
+    or only once read (NaN voxels) stops `eval --test` with the subject named; a row without a grade is
+    not a failure (it cannot be scored) and is named in a note.  A truncated scan used to be dropped with
+    an INFO line and exit 0."""
+    import shutil
+
+    import nibabel as nib
+
+    run = shutil.copytree(trained["run"], tmp_path / "run", ignore=shutil.ignore_patterns("eval"))
+    held = _held_out_set(tmp_path / "held", n=5)
+    rows = held.read_text().splitlines()
+    scans = {r.split(",")[0]: Path(r.split(",")[1]) for r in rows[1:]}
+
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text("\n".join([*rows[:-1], rows[-1].rsplit(",", 1)[0] + ","]) + "\n")
+    r = cli("eval", run, "--test", unlabelled, "--json", "--n-boot", "0", "--no-plots")
+    assert r.exit_code == 0, r.stderr
+    out = _json(r)
+    assert out["pooled"]["n"] == 4 and any("1 subject under" in n and "no grade" in n for n in out["notes"])
+
+    truncated = scans["Held_001"]
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    r = cli("eval", run, "--test", held, "--n-boot", "0", "--no-plots")
+    assert r.exit_code == 3, r.output
+    assert _has(r.stderr, "1 of the 5 test subjects under") and _has(
+        r.stderr, "(e.g. Held_001: t1ce: truncated"
+    )
+    assert _has(r.stderr, "metrics over the rest would not be over the set you named")
+    truncated.write_bytes(data)
+
+    img = nib.load(scans["Held_002"])
+    voxels = np.asarray(img.dataobj, dtype=np.float32)
+    voxels[voxels != 0] = np.nan
+    nib.save(nib.Nifti1Image(voxels, img.affine), scans["Held_002"])
+    r = cli("eval", run, "--test", held, "--n-boot", "0", "--no-plots")
+    assert r.exit_code == 3, r.output
+    assert _has(r.stderr, "1 of 5 test scans could not be scored (e.g. Held_002:")
+    assert not (run / "eval" / "test-held" / "eval.json").exists()
 
 
 def test_a_test_set_is_held_out_and_its_threshold_chosen_on_validation(cli, trained, tmp_path):

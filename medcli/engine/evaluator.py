@@ -565,12 +565,23 @@ def evaluate_test(
     predictor = load_predictor(source, weights=weights, precision=precision, device=device, tta=tta)
     cohort = discover(test_data, modalities=tuple(predictor.preprocess_cfg.modalities))
     subjects = cohort.require_labels()
+    if cohort.excluded:  # as for a scan that fails at prediction (below): no metrics over a subset
+        first = cohort.excluded[0]
+        problem = cohort.reason(first.subject_id)
+        why = problem.what if problem else "unreadable"
+        found = len(cohort.excluded) + len(cohort.subjects)
+        raise DataError(
+            f"{len(cohort.excluded)} of the {found} test subjects under {test_data} are unusable "
+            f"(e.g. {first.subject_id}: {why})",
+            hint=f"fix or remove them (`medcli data index {test_data}` lists each): metrics over the rest "
+            "would not be over the set you named",
+        )
     notes: list[str] = []
-    set_aside = len(cohort.subjects) - len(subjects) + len(cohort.excluded)
-    if set_aside:
+    unlabelled = len(cohort.subjects) - len(subjects)
+    if unlabelled:
         notes.append(
-            f"{set_aside} subject{'s' if set_aside > 1 else ''} under {test_data} not scored (unlabelled or "
-            f"unusable: `medcli data index {test_data}` lists why)"
+            f"{unlabelled} subject{'s' if unlabelled > 1 else ''} under {test_data} not scored: no grade "
+            f"(`medcli data index {test_data}` lists them)"
         )
     split_file = next(
         (p for p in (source.root / "splits.json", source.root.parent / "splits.json") if p.is_file()), None
