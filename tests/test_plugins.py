@@ -14,6 +14,8 @@ from helpers_plugins import GOOD_LOSS, fake_site_on_path
 from medcli.errors import PluginError, UnknownNameError, UsageError
 from medcli.losses import available_losses, check_loss_name, get_loss, list_losses, plugin_records
 
+pytest_plugins = ("helpers_train",)  # tiny_cohort, shared_cache, train_env
+
 
 @pytest.fixture
 def fake_site(tmp_path, monkeypatch):
@@ -189,10 +191,33 @@ def test_smoke_test_catches_bad_outputs(fake_site, body, message):
     source = f"import torch\n\ndef make(**kw):\n    def loss(logits, target):\n        {body}\n"
     source += "    return loss\n"
     fake_site.add("medcli-badout", {"badout": "make"}, source)
-    loss = get_loss("badout")  # builds: only --check runs the smoke call
-    assert isinstance(loss, torch.nn.Module) and loss.needs_cosine_head is False
     record = _record("badout", check=True)
     assert record.status == "invalid" and message in record.error
+    # Built for a training, the loss is called once on sample logits too: it stops there, named.
+    with pytest.raises(PluginError, match=message) as info:
+        get_loss("badout", class_counts=(3, 3))
+    assert "plugin loss 'badout' from medcli-badout 1.0 is invalid" in str(info.value)
+
+
+def test_a_plugin_loss_failing_when_called_stops_training_before_it_starts(fake_site, cli, train_env):
+    """A loss that builds but raises when called (here only with the option a user passed) is a one-line
+    plugin error, exit 7, before the first training step: it was a traceback from that step."""
+    source = (
+        "import torch.nn.functional as F\n\nclass Loss:\n"
+        "    def __init__(self, *, num_classes, class_counts, smooth=0.0):\n        self.smooth = smooth\n"
+        "    def __call__(self, logits, target):\n"
+        "        if self.smooth > 0:\n            raise KeyError('smooth is not implemented yet')\n"
+        "        return F.cross_entropy(logits, target)\n"
+    )
+    fake_site.add("medcli-halfdone", {"halfdone": "Loss"}, source)
+    assert get_loss("halfdone", class_counts=(3, 3), smooth=0.0) is not None
+    result = cli("train", "--loss", "halfdone", "--loss-opt", "smooth=0.1", "--data", train_env["data"],
+                 "--out", train_env["out"], *train_env["tiny"])  # fmt: skip
+    assert result.exit_code == 7, result.output
+    line = " ".join(result.stderr.split())
+    assert "plugin loss 'halfdone' from medcli-halfdone 1.0 fails on sample logits: KeyError" in line
+    assert "Traceback" not in result.output and "epoch 1/" not in result.output
+    assert not list(train_env["out"].rglob("*.pt"))
 
 
 def test_plain_callable_plugin_is_wrapped(fake_site):

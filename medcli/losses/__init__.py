@@ -12,6 +12,7 @@ an ``nn.Module`` called ``loss(logits, target) -> scalar`` with ``needs_cosine_h
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -126,9 +127,28 @@ def get_loss(
             f"{where} failed to build: {plugins.first_line(e)}", hint=plugins.reinstall_hint(record)
         ) from e
     try:
-        return _as_loss_module(obj, record)
+        module = _as_loss_module(obj, record)
     except plugins.InvalidPlugin as e:
         raise PluginError(f"{where} is invalid: {e}", hint=plugins.reinstall_hint(record)) from None
+    # Built with this run's options and class counts, the loss is called once on sample logits now, so a
+    # loss that raises or returns a vector, NaN or no gradient stops here, named, not in the first training
+    # step with a traceback.  A copy is called: the loss may keep state.
+    try:
+        try:
+            probe = copy.deepcopy(module)
+        except Exception:  # noqa: BLE001 - an uncopyable loss is probed itself
+            probe = module
+        with plugins.quiet_stdout():
+            smoke_test(probe)
+    except plugins.InvalidPlugin as e:
+        raise PluginError(f"{where} is invalid: {e}", hint=plugins.reinstall_hint(record)) from None
+    except MedcliError:
+        raise
+    except Exception as e:
+        raise PluginError(
+            f"{where} fails on sample logits: {plugins.first_line(e)}", hint=plugins.reinstall_hint(record)
+        ) from e
+    return module
 
 
 def list_losses(*, check: bool = False, builtins: bool = True) -> list[plugins.PluginRecord]:
@@ -164,7 +184,12 @@ def validate_loss_factory(factory: Any) -> None:
     on small cosine-range logits returns a finite scalar whose gradient reaches the logits.
     """
     _check_contract(factory)
-    module = _as_loss_module(factory(num_classes=2, class_counts=SAMPLE_COUNTS))
+    smoke_test(_as_loss_module(factory(num_classes=2, class_counts=SAMPLE_COUNTS)))
+
+
+def smoke_test(module: nn.Module) -> None:
+    """One call of a built loss on six sample cosine-range logits: a finite scalar whose gradient reaches
+    the logits, or ``InvalidPlugin`` saying what is wrong (an exception inside the loss propagates)."""
     gen = torch.Generator().manual_seed(0)
     logits = torch.tanh(torch.randn(6, 2, generator=gen)).requires_grad_(True)
     target = torch.tensor([0, 1, 0, 1, 1, 0])
