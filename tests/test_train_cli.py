@@ -320,6 +320,12 @@ def test_renderer_draws_progress_and_epoch_lines(monkeypatch, capsys):
     assert r.progress is None
     err = capsys.readouterr().err
     assert "INFO: epoch 1/2 · train_loss 0.5000" in err and "a [bracketed] warning" in err
+    one = ev.FoldStarted(0, "runs/x/fold0", 2, 2, 2, 0, 1, "cpu", "fp32").describe()
+    assert (
+        ", 1 batch/epoch on cpu" in one
+        and ", 4 batches/epoch on"
+        in ev.FoldStarted(0, "runs/x/fold0", 8, 2, 2, 0, 4, "cpu", "fp32").describe()
+    )
 
 
 @pytest.mark.slow

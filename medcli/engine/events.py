@@ -46,7 +46,8 @@ class FoldStarted(Event):
     def describe(self) -> str:
         return (
             f"Training fold {self.fold}: {self.num_train} train / {self.num_val} val subjects, "
-            f"epochs {self.start_epoch + 1}..{self.epochs}, {self.batches_per_epoch} batches/epoch "
+            f"epochs {self.start_epoch + 1}..{self.epochs}, {self.batches_per_epoch} "
+            f"batch{'es' if self.batches_per_epoch != 1 else ''}/epoch "
             f"on {self.device} ({self.precision}) → {self.run_dir}"
         )
 
