@@ -199,6 +199,18 @@ def test_smoke_test_catches_bad_outputs(fake_site, body, message):
     assert "plugin loss 'badout' from medcli-badout 1.0 is invalid" in str(info.value)
 
 
+def test_a_plugins_python_warning_is_one_medcli_warning_line(fake_site, cli):
+    """A plugin that warns on import (a deprecated API, say): one `WARNING:` line in medcli's voice naming
+    the category and the plugin's file, not Python's two lines with the source of the call."""
+    source = "import warnings\nwarnings.warn('uses an old API', UserWarning)\n" + GOOD_LOSS
+    module = fake_site.add("medcli-warns", {"warns": "Loss"}, source)
+    result = cli("plugins", "list", "--check", "--json")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if "old API" in line]
+    assert lines == [f"WARNING: UserWarning: uses an old API ({module}.py:2)"], result.stderr
+    assert json.loads(result.stdout)  # stdout stays JSON
+
+
 def test_a_plugin_loss_failing_when_called_stops_training_before_it_starts(fake_site, cli, train_env):
     """A loss that builds but raises when called (here only with the option a user passed) is a one-line
     plugin error, exit 7, before the first training step: it was a traceback from that step."""

@@ -13,7 +13,7 @@ import sys
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from medcli import __version__
+from medcli import __version__, pywarnings
 from medcli.allocator import keep_freed_memory
 from medcli.cli import console
 from medcli.errors import EXIT_CODES, MedcliError
@@ -22,7 +22,8 @@ from medcli.errors import EXIT_CODES, MedcliError
 class MedcliGroup(TyperGroup):
     def invoke(self, ctx: typer.Context):
         try:
-            return super().invoke(ctx)
+            with pywarnings.reported_by(console.warn):  # Python's warnings as medcli's WARNING lines
+                return super().invoke(ctx)
         except MedcliError as e:
             if console.verbose():
                 console.err.print_exception(show_locals=False)

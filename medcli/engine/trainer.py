@@ -16,7 +16,6 @@ import math
 import os
 import random
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from medcli import pywarnings
 from medcli.engine import checkpoint as ckpt_io
 from medcli.engine import distributed as dist
 from medcli.engine import speed
@@ -210,7 +210,9 @@ def train(
             hint=f"run `{fetch}`, or pass the file with --pretrained-path",
         )
 
-    with _warnings_as_events(emit):  # PyTorch's or a plugin's warnings: in medcli's voice and train.log
+    # PyTorch's or a plugin's warnings (under --deterministic, a CUDA op without a deterministic kernel only
+    # warns) become Warning events: medcli's voice, and kept in train.log.
+    with pywarnings.reported_by(lambda text: emit(Warning(text))):
         data = _prepare_data(cfg, fold_dir, precision, emit)
         loss_fn = build_loss(cfg, data.class_counts)
         cfg.head = "cosine" if getattr(loss_fn, "needs_cosine_head", False) else "linear"
@@ -231,25 +233,6 @@ def train(
             raise
         finally:
             dist.barrier()
-
-
-@contextlib.contextmanager
-def _warnings_as_events(emit: Callback):
-    """Python warnings raised while the fold is prepared and trained become Warning events: shown as
-    medcli's own warnings and kept in train.log, where Python would print them to stderr alone (and a
-    nondeterministic CUDA op under --deterministic, which only warns, would go unrecorded)."""
-
-    seen: set[str] = set()
-
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        text = f"{category.__name__}: {message}"
-        if text not in seen:  # once per session (e.g. each DataLoader's iterators repeat theirs)
-            seen.add(text)
-            emit(Warning(f"{text} ({Path(filename).name}:{lineno})"))
-
-    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
-        warnings.showwarning = show
-        yield
 
 
 def _seed_everything(seed: int) -> None:
