@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 DEFAULT_WEIGHTS = Path("pretrained/medicalnet_resnet50_3d.pth")  # the seed's path, relative to the cwd
@@ -31,3 +32,46 @@ def default_data_root() -> Path:
 def default_runs_root() -> Path:
     """``--out`` default for training runs: ``$MEDCLI_RUNS`` or ./runs."""
     return Path(os.environ.get("MEDCLI_RUNS", "runs")).expanduser()
+
+
+# -------------------------------------------------------------------------------------- output locations
+def require_writable_dir(path: str | Path, option: str) -> Path:
+    """Make the output folder ``path`` (given with ``option``) and check a file can be created in it, before
+    any work: a UsageError (exit 2) now, not an OSError traceback once the work is done."""
+    from medcli.errors import UsageError
+
+    path = Path(path)
+    problem = _cannot_write_in(path)
+    if problem:
+        raise UsageError(f"{option} {path}: {problem}", hint=f"give {option} a folder you can write to")
+    return path
+
+
+def require_writable_file(path: str | Path, option: str) -> Path:
+    """The same for an output file: not a folder, and its folder writable (made if missing)."""
+    from medcli.errors import UsageError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(
+            f"{option} {path} is a folder", hint=f"give {option} a file name, e.g. {path / 'out'}"
+        )
+    problem = _cannot_write_in(path.parent)
+    if problem:
+        raise UsageError(
+            f"{option} {path}: {path.parent} {problem}", hint=f"give {option} a path you can write to"
+        )
+    return path
+
+
+def _cannot_write_in(folder: Path) -> str | None:
+    """Why no file can be created in ``folder`` (made if missing), or None."""
+    if folder.exists() and not folder.is_dir():
+        return "is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return f"cannot be written ({e.strerror or e})"
+    return None

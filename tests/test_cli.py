@@ -217,3 +217,33 @@ def test_underscore_spellings_work_on_every_command_and_unknown_ones_still_fail(
     bad = cli("data", "synth", str(tmp_path / "e"), "--no_such_option", "1")
     assert bad.exit_code == 2
     assert "--no_such_option" in bad.output
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["predict", "scan.nii.gz", "--saliency", "{file}"], "--saliency"),
+        (["predict", "scan.nii.gz", "--csv", "{file}/p.csv"], "--csv"),
+        (["predict", "scan.nii.gz", "--csv", "{folder}"], "--csv"),
+        (["eval", "run", "--out", "{file}"], "--out"),
+        (["eval", "run", "--out", "{file}/sub"], "--out"),
+        (["train", "--data", "{folder}", "--out", "{file}"], "--out"),
+        (["data", "synth", "{file}/cohort", "--small"], "OUT"),
+        (["weights", "fetch", "--dest", "{file}/w.pth"], "--dest"),
+    ],
+    ids=lambda v: " ".join(v[:3]) if isinstance(v, list) else None,
+)
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(cli, tmp_path, args, option):
+    """A file where an output folder should go (or a folder where a file should): one line naming the
+    option, exit 2, before a model, scan or download is touched; these were OSError tracebacks, some after
+    a whole batch had been predicted."""
+    in_the_way = tmp_path / "in-the-way"
+    in_the_way.write_text("not a folder")
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    result = cli(*[a.format(file=in_the_way, folder=folder) for a in args])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"Error: {option} "), result.stderr
+    assert "Traceback" not in result.output and sorted(tmp_path.rglob("*")) == before

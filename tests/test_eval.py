@@ -444,6 +444,20 @@ def test_a_held_out_set_is_scored_by_the_fold_ensemble(cli, trained, tmp_path):
     )
 
 
+def test_an_output_folder_that_cannot_be_made_is_one_error_line(cli, trained, tmp_path):
+    """Where the default <run>/eval cannot be made (a file in its place): the OSError is one line naming
+    the path (exit 1), not a traceback."""
+    import shutil
+
+    run = shutil.copytree(trained["run"], tmp_path / "run", ignore=shutil.ignore_patterns("eval"))
+    (run / "eval").write_text("in the way")
+    r = cli("eval", run, "--n-boot", "0", "--recompute", "--weights", "raw")
+    assert r.exit_code == 1, r.output
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and str(run / "eval") in " ".join(r.stderr.split()), r.stderr
+    assert "Traceback" not in r.output
+
+
 def test_a_test_set_is_scored_whole_or_not_at_all(cli, trained, tmp_path):
     """Metrics over part of the set a user named would mislead: a scan unusable from its header (truncated)
     or only once read (NaN voxels) stops `eval --test` with the subject named; a row without a grade is

@@ -29,6 +29,17 @@ class MedcliGroup(TyperGroup):
                 console.err.print_exception(show_locals=False)
             console.print_error(str(e))
             raise typer.Exit(e.exit_code) from None
+        except BrokenPipeError:  # `medcli ... | head`: the reader left; nothing to report
+            raise typer.Exit(1) from None
+        except OSError as e:  # a path that cannot be read or written, a full disk: one line, not a traceback
+            if console.verbose():
+                console.err.print_exception(show_locals=False)
+            where = f": {e.filename}" if e.filename else ""
+            console.print_error(
+                f"{e.strerror or e}{where} (check the path, its permissions and the free disk space; "
+                "-v shows where it happened)"
+            )
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:  # training says more itself (errors.Interrupted: which epoch last.pt holds)
             console.print_error(
                 "interrupted; files are written atomically, so nothing half-written is in place: run the "

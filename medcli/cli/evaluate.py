@@ -12,6 +12,7 @@ import typer
 
 from medcli.cli import console
 from medcli.errors import UsageError
+from medcli.paths import require_writable_dir
 
 # (key in BinaryMetrics, label) in display order; AUC and balanced accuracy first (79% of BraTS is HGG).
 ROWS = (
@@ -119,6 +120,8 @@ def eval_command(
             "are for validation data",
             hint="pass a fold directory or checkpoint as RUN_OR_CHECKPOINT to score one fold's model",
         )
+    if out is not None:
+        require_writable_dir(out, "--out")
     from medcli.engine.evaluator import evaluate, evaluate_test
 
     common = {

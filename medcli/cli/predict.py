@@ -18,7 +18,7 @@ import typer
 from medcli.cli import console
 from medcli.data import label_to_grade
 from medcli.errors import MedcliError, PartialFailure, UsageError
-from medcli.paths import default_runs_root
+from medcli.paths import default_runs_root, require_writable_dir, require_writable_file
 
 CSV_FIELDS = (
     "scan_id",
@@ -89,6 +89,11 @@ def predict_command(
     csv_stdout = csv_path is not None and str(csv_path) == "-"  # `--csv - | csvlook`: stdout is the CSV
     if csv_stdout and json_out:
         raise UsageError("--json and --csv - both print on stdout", hint="choose one, or --csv FILE")
+    # Outputs are checked before any scan is read: a bad path must not cost the whole batch's work.
+    if csv_path is not None and not csv_stdout:
+        require_writable_file(csv_path, "--csv")
+    if saliency is not None:
+        require_writable_dir(saliency, "--saliency")
 
     from medcli.engine import predictor as P
 

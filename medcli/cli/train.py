@@ -22,7 +22,7 @@ from rich.markup import escape
 from medcli.cli import console
 from medcli.engine.config import TrainConfig
 from medcli.errors import DataError, DeviceError, UsageError
-from medcli.paths import default_data_root, default_runs_root
+from medcli.paths import default_data_root, default_runs_root, require_writable_dir
 
 _D = TrainConfig.__dataclass_fields__  # defaults shown in --help come from the one place they live
 
@@ -179,6 +179,7 @@ def train_command(
     # Absolute in config.json and the checkpoints: `medcli eval --recompute` finds the data from anywhere.
     settings["data"] = os.path.abspath(os.path.expanduser(settings.get("data") or default_data_root()))
     settings["out"] = str(settings.get("out") or default_runs_root())
+    require_writable_dir(settings["out"], "--out")  # now, not after the data are prepared
     settings = {k: v for k, v in settings.items() if v is not None or k == "pretrained_path"}
     from medcli.losses import parse_loss_options  # torch-free; KEY=VALUE strings (CLI) or a TOML table
 

@@ -14,6 +14,7 @@ import typer
 
 from medcli.cli import console
 from medcli.errors import IncompleteLoadError, MedcliError, PartialFailure, UsageError
+from medcli.paths import require_writable_file
 
 
 def register(weights_app: typer.Typer) -> None:
@@ -82,6 +83,8 @@ def fetch(
         entries = list(manifest.entries)
     else:
         entries = [manifest.get(name) if name else manifest.default]
+        if dest:  # before a 176 MiB download, not after it
+            require_writable_file(_resolve_dest(dest, entries[0].file), "--dest")
     if sha256 and not url:
         raise UsageError(
             "--sha256 checks the file given with --url",

@@ -39,6 +39,7 @@ import numpy as np
 from medcli.atomic import atomic_write_bytes, atomic_write_text
 from medcli.data import CLASS_NAMES, MODALITIES
 from medcli.errors import UsageError
+from medcli.paths import require_writable_dir
 
 FULL_SHAPE: tuple[int, int, int] = (240, 240, 155)
 SMALL_SHAPE: tuple[int, int, int] = (64, 64, 48)
@@ -438,6 +439,7 @@ def validate_options(
             f"{out} already exists and is not an empty folder",
             hint="choose a new folder, or delete this one first",
         )
+    require_writable_dir(out, "OUT")
 
 
 def _write_subject(out: Path, layout: str, subject: SyntheticSubject, affine: np.ndarray) -> dict:
