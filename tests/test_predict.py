@@ -586,3 +586,50 @@ def test_one_forward_pass_does_not_keep_transforms_more_do(world):
     assert kept_after(p, scans[:2]) == {True}
     tta = P.load_predictor(source, device="cpu", precision="fp32", tta=True)
     assert kept_after(tta, scans[:1]) == {True}  # 8 flips in batches of 2: four passes
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs resource limits (POSIX)")
+def test_running_out_of_memory_is_one_line_with_what_to_do(world, tmp_path, medcli_proc):
+    """A real allocation failure: predict in a process whose address space is capped at 2 GB, with a model
+    whose 512³ input needs more.  One error line (what could not be allocated, what to change), exit 1, no
+    traceback; it was PyTorch's C++ assertion in a traceback."""
+    import resource
+    import subprocess
+    import sys
+
+    # Trained at 16³ (the model is fully convolutional), then told to take 512³ inputs.
+    model = tiny_checkpoint(tmp_path / "huge-input.pt")
+    checkpoint = torch.load(model, weights_only=True)
+    checkpoint["preprocess"]["input_size"] = [512, 512, 512]
+    torch.save(checkpoint, model)
+    limit = 2 * 1024**3
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "medcli", "predict", str(_scan(world)), "--model", str(model)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"},
+        preexec_fn=cap,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith("Error: out of memory: could not allocate "), (
+        result.stderr
+    )
+    assert "MiB more on the CPU (leave out --tta" in errors[0] and "Traceback" not in result.stderr
+
+
+def test_a_gpu_out_of_memory_message_is_shortened_to_what_was_asked():
+    from medcli.cli.app import out_of_memory
+
+    cuda = RuntimeError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB of which "
+        "1.20 GiB is free. Including non-PyTorch memory, this process has 77.9 GiB memory in use."
+    )
+    assert out_of_memory(cuda) == "out of memory on the GPU: tried to allocate 2.00 GiB"
+    assert out_of_memory(MemoryError()) == "out of memory"
+    assert out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None

@@ -40,12 +40,51 @@ class MedcliGroup(TyperGroup):
                 "-v shows where it happened)"
             )
             raise typer.Exit(1) from None
+        except (RuntimeError, MemoryError) as e:
+            if not out_of_memory(e):
+                raise
+            if console.verbose():
+                console.err.print_exception(show_locals=False)
+            console.print_error(
+                f"{out_of_memory(e)} ({_MEMORY_HINTS.get(ctx.invoked_subcommand, _MEMORY_HINT)})"
+            )
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:  # training says more itself (errors.Interrupted: which epoch last.pt holds)
             console.print_error(
                 "interrupted; files are written atomically, so nothing half-written is in place: run the "
                 "same command again (a partial download resumes)"
             )
             raise typer.Exit(130) from None
+
+
+_MEMORY_HINT = "close other programs, or use a machine with more memory"
+_MEMORY_HINTS = {
+    "train": "lower --batch-size (raising --gradient-accumulation-steps keeps the effective batch) or "
+    "--input-size; on a GPU --amp also halves the activations",
+    "predict": "leave out --tta, or use fewer models at once (--model RUN/fold0); the input size is the "
+    "model's own",
+    "eval": "leave out --tta, or score one fold's model at a time; the input size is the model's own",
+    "bench": "pass a smaller --input-size or --batch-size",
+}
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """What ran out, in one line, when ``e`` is an allocation failure (CPU or GPU); None otherwise.  torch's
+    CPU allocator raises a RuntimeError with its C++ assertion text; CUDA's is torch.OutOfMemoryError."""
+    import re
+
+    text = str(e)
+    if isinstance(e, MemoryError):
+        return "out of memory"
+    cpu = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
+    if cpu:
+        return f"out of memory: could not allocate {int(cpu.group(1)) / 2**20:.0f} MiB more on the CPU"
+    if type(e).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
+        # "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of ..."
+        first = text.splitlines()[0] if text else ""
+        detail = first.replace("CUDA out of memory.", "").split(". GPU")[0].strip(" .")
+        return "out of memory on the GPU" + (f": {detail[0].lower()}{detail[1:]}" if detail else "")
+    return None
 
 
 class MedcliCommand(TyperCommand):
