@@ -36,7 +36,7 @@ def default_runs_root() -> Path:
 
 # -------------------------------------------------------------------------------------- output locations
 def require_writable_dir(path: str | Path, option: str) -> Path:
-    """Make the output folder ``path`` (given with ``option``) and check a file can be created in it, before
+    """Check a file can be created in the output folder ``path`` (given with ``option``), before
     any work: a UsageError (exit 2) now, not an OSError traceback once the work is done."""
     from medcli.errors import UsageError
 
@@ -48,7 +48,7 @@ def require_writable_dir(path: str | Path, option: str) -> Path:
 
 
 def require_writable_file(path: str | Path, option: str) -> Path:
-    """The same for an output file: not a folder, and its folder writable (made if missing)."""
+    """The same for an output file: not a folder, and its folder writable."""
     from medcli.errors import UsageError
 
     path = Path(path)
@@ -65,13 +65,21 @@ def require_writable_file(path: str | Path, option: str) -> Path:
 
 
 def _cannot_write_in(folder: Path) -> str | None:
-    """Why no file can be created in ``folder`` (made if missing), or None."""
+    """Why no file can be created in ``folder``, or None.  Folders it makes to find out are removed again:
+    a command that then fails for another reason leaves nothing behind."""
     if folder.exists() and not folder.is_dir():
         return "is a file, not a folder"
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
         return f"cannot be written ({e.strerror or e})"
+    finally:
+        for p in made:  # deepest first
+            try:
+                p.rmdir()
+            except OSError:
+                break
     return None
