@@ -153,7 +153,9 @@ def train_command(
         None, "--max-steps", help="Stop after N optimiser steps (smoke runs)."
     ),
     config: Path | None = typer.Option(None, "--config", help="TOML file of settings; flags override it."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the fold from its last.pt."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the fold from its last.pt (a complete fold is left as it is)."
+    ),
     force: bool = typer.Option(False, "--force", help="Start over in an existing fold folder."),
     json_out: bool = typer.Option(False, "--json", help="Print only the final summary as JSON on stdout."),
 ) -> None:
