@@ -374,6 +374,21 @@ def test_batch_with_a_bad_scan_predicts_the_rest_and_exits_10(cli, world, tmp_pa
     assert _has(r.stderr, str(bad)) and _has(r.stderr, "1 of 3 scans failed")
 
 
+def test_a_batch_where_every_scan_fails_still_prints_its_json(cli, world, tmp_path):
+    """--json when nothing could be predicted: the failures on stdout (as in a partial failure), the error
+    on stderr, the failure's exit code; stdout was empty."""
+    cases = _bad_inputs(tmp_path)
+    r = cli("predict", cases["2d"][0], cases["nan"][0], "--model", world["run"] / "fold0", "--json")
+    assert r.exit_code == 3, r.stderr
+    out = _json(r)
+    assert out["predictions"] == [] and [f["scan_id"] for f in out["failures"]] == ["2d", "nan"]
+    assert "2D" in out["failures"][0]["error"] and all(f["exit_code"] == 3 for f in out["failures"])
+    assert _has(r.stderr, "none of the 2 inputs could be predicted")
+    one = cli("predict", tmp_path / "missing.nii.gz", "--model", world["run"] / "fold0", "--json")
+    assert one.exit_code == 3 and "no such file or directory" in _json(one)["failures"][0]["error"]
+    assert cli("predict", tmp_path / "missing.nii.gz", "--model", world["run"] / "fold0").stdout == ""
+
+
 def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     """name -> (input path, text the error must contain)."""
     good = brain_volume((24, 24, 24), seed=1)

@@ -9,6 +9,7 @@ in which some scans fail still predicts the rest, lists the failures and exits 1
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import sys
 from pathlib import Path
@@ -117,12 +118,12 @@ def predict_command(
 
     scans, input_failures = P.collect_scans(inputs, modalities)
     if not scans:
-        _raise_all_failed(input_failures)
+        _raise_all_failed(input_failures, json_out)
 
     result = _run(predictor, scans, saliency)
     result.failures[:0] = input_failures
     if not result.predictions:
-        _raise_all_failed(result.failures)
+        _raise_all_failed(result.failures, json_out)
 
     if csv_stdout:
         sys.stdout.write(_csv_text(result))
@@ -182,8 +183,11 @@ def _point_to_eval(result, source, inputs) -> None:
     )
 
 
-def _raise_all_failed(failures) -> None:
-    """Nothing could be predicted: one failure keeps its own message and exit code."""
+def _raise_all_failed(failures, json_out: bool = False) -> None:
+    """Nothing could be predicted: one failure keeps its own message and exit code.  Under --json the
+    failures are still printed, so a script reads why from stdout as it would in a partial failure."""
+    if json_out:
+        console.print_json({"predictions": [], "failures": [dataclasses.asdict(f) for f in failures]})
     if len(failures) == 1:
         e = MedcliError(failures[0].error)
         e.exit_code = failures[0].exit_code
