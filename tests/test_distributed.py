@@ -117,3 +117,49 @@ def test_ddp_divergence_exits_11_with_medcli_lines_only(train_env):
     assert errors[0].startswith("Error: training diverged") and len(errors) <= 2
     assert all(e.startswith(("Error: training diverged", "Error: rank 1: training diverged")) for e in errors)
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+
+
+# A loss whose value turns NaN on rank 1 alone, from its 4th call (the training's own calls; the smoke test
+# that checks a plugin loss before training calls a copy): a rank-local divergence.
+RANK_LOCAL_NAN = """
+import os
+
+import torch.nn.functional as F
+
+
+class Loss:
+    def __init__(self, *, num_classes, class_counts):
+        self.calls = 0
+
+    def __call__(self, logits, target):
+        self.calls += 1
+        loss = F.cross_entropy(logits.float(), target)
+        return loss * float("nan") if os.environ.get("RANK") == "1" and self.calls > 3 else loss
+"""
+
+
+@pytest.mark.slow
+def test_a_divergence_on_one_rank_alone_stops_the_run_instead_of_hanging(train_env, tmp_path, monkeypatch):
+    """Rank 1's loss turns NaN while rank 0's stays finite, in the middle of a gradient-accumulation group:
+    rank 1 stops with exit 11, rank 0 (left waiting in the all-reduce) stops too, with one line saying the
+    other rank failed.  Rank 1 used to wait in a barrier after its error while rank 0 waited in the
+    all-reduce, until gloo's 30-minute timeout."""
+    from helpers_plugins import fake_site_on_path
+
+    sites = fake_site_on_path(tmp_path, monkeypatch)
+    site = next(sites)
+    site.add("medcli-ranknan", {"ranknan": "Loss"}, RANK_LOCAL_NAN)
+    result = run_medcli(
+        "train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+        "--loss", "ranknan", "--epochs", "3", "--multi_gpu", "--device", "cpu", "--nproc", "2",
+        env={**train_env["env"], **site.env()}, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 11, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors[0].startswith("Error: rank 1: training diverged: the loss became nan"), result.stderr
+    assert errors[1:] in (
+        [],
+        ["Error: stopped: another process of this run failed (its error line says why)"],
+    )
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+    next(sites, None)  # the fake site's clean-up

@@ -41,6 +41,9 @@ class MedcliGroup(TyperGroup):
             )
             raise typer.Exit(1) from None
         except (RuntimeError, MemoryError) as e:
+            if peer_rank_gone(e):  # under torchrun: another rank failed first and printed why
+                console.print_error("stopped: another process of this run failed (its error line says why)")
+                raise typer.Exit(1) from None
             if not out_of_memory(e):
                 raise
             if console.verbose():
@@ -66,6 +69,16 @@ _MEMORY_HINTS = {
     "eval": "leave out --tta, or score one fold's model at a time; the input size is the model's own",
     "bench": "pass a smaller --input-size or --batch-size",
 }
+
+
+def peer_rank_gone(e: BaseException) -> bool:
+    """A collective that failed because another torchrun rank exited (a rank-local error such as a NaN
+    loss): gloo reports the closed connection, NCCL an aborted communicator."""
+    import os
+
+    text = str(e)
+    markers = ("Connection closed by peer", "Connection reset by peer", "remote worker", "NCCL communicator")
+    return "LOCAL_RANK" in os.environ and any(m in text for m in markers)
 
 
 def out_of_memory(e: BaseException) -> str | None:

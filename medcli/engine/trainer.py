@@ -226,13 +226,18 @@ def train(
             log.open(fold_dir.log, resume=resume)
         dist.barrier()
         try:
-            return _fit(cfg, device, precision, model, loss_fn, data, fold_dir, pretrained_sha, emit, resume)
+            result = _fit(
+                cfg, device, precision, model, loss_fn, data, fold_dir, pretrained_sha, emit, resume
+            )
         except BaseException as e:  # the log says how the session ended, then the error goes on to the CLI
             if log is not None:
                 log.write(f"error: {e}" if isinstance(e, MedcliError) else f"error: {type(e).__name__}: {e}")
+            # No barrier here: an error may be this rank's alone (its loss went NaN), with the other ranks
+            # waiting in a gradient all-reduce; a barrier would wait for them forever.  Exiting lets torchrun
+            # stop the others and report this rank's exit code.
             raise
-        finally:
-            dist.barrier()
+        dist.barrier()  # every rank finished the fold: the next one starts together
+        return result
 
 
 def _seed_everything(seed: int) -> None:
