@@ -25,39 +25,44 @@ class MedcliGroup(TyperGroup):
             with pywarnings.reported_by(console.warn):  # Python's warnings as medcli's WARNING lines
                 return super().invoke(ctx)
         except MedcliError as e:
-            if console.verbose():
-                console.err.print_exception(show_locals=False)
-            console.print_error(str(e))
-            raise typer.Exit(e.exit_code) from None
+            _fail(str(e), e.exit_code)
         except BrokenPipeError:  # `medcli ... | head`: the reader left; nothing to report
             raise typer.Exit(1) from None
-        except OSError as e:  # a path that cannot be read or written, a full disk: one line, not a traceback
-            if console.verbose():
-                console.err.print_exception(show_locals=False)
-            where = f": {e.filename}" if e.filename else ""
-            console.print_error(
-                f"{e.strerror or e}{where} (check the path, its permissions and the free disk space; "
-                "-v shows where it happened)"
-            )
-            raise typer.Exit(1) from None
-        except (RuntimeError, MemoryError) as e:
-            if peer_rank_gone(e):  # under torchrun: another rank failed first and printed why
-                console.print_error("stopped: another process of this run failed (its error line says why)")
-                raise typer.Exit(1) from None
-            if not out_of_memory(e):
+        except (OSError, RuntimeError, MemoryError) as e:  # known failures of the system, not bugs
+            message = known_failure(e, ctx.invoked_subcommand)
+            if message is None:
                 raise
-            if console.verbose():
-                console.err.print_exception(show_locals=False)
-            console.print_error(
-                f"{out_of_memory(e)} ({_MEMORY_HINTS.get(ctx.invoked_subcommand, _MEMORY_HINT)})"
-            )
-            raise typer.Exit(1) from None
+            _fail(message, 1)
         except KeyboardInterrupt:  # training says more itself (errors.Interrupted: which epoch last.pt holds)
             console.print_error(
                 "interrupted; files are written atomically, so nothing half-written is in place: run the "
                 "same command again (a partial download resumes)"
             )
             raise typer.Exit(130) from None
+
+
+def _fail(message: str, code: int) -> None:
+    """The one red line on stderr (the traceback too under -v) and the exit code."""
+    if console.verbose():
+        console.err.print_exception(show_locals=False)
+    console.print_error(message)
+    raise typer.Exit(code) from None
+
+
+def known_failure(e: BaseException, command: str | None) -> str | None:
+    """The one-line message for an error of the system rather than of medcli (another torchrun rank gone, a
+    path that cannot be read or written, memory exhausted), or None: anything else is a bug and keeps its
+    traceback."""
+    if peer_rank_gone(e):  # under torchrun: another rank failed first and printed why
+        return "stopped: another process of this run failed (its error line says why)"
+    if isinstance(e, OSError):  # a path that cannot be read or written, a full disk
+        where = f": {e.filename}" if e.filename else ""
+        return (
+            f"{e.strerror or e}{where} (check the path, its permissions and the free disk space; "
+            "-v shows where it happened)"
+        )
+    memory = out_of_memory(e)
+    return f"{memory} ({_MEMORY_HINTS.get(command, _MEMORY_HINT)})" if memory else None
 
 
 _MEMORY_HINT = "close other programs, or use a machine with more memory"
