@@ -604,7 +604,7 @@ def test_one_forward_pass_does_not_keep_transforms_more_do(world):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs resource limits (POSIX)")
-def test_running_out_of_memory_is_one_line_with_what_to_do(world, tmp_path, medcli_proc):
+def test_running_out_of_memory_is_one_line_with_what_to_do(world, tmp_path):
     """A real allocation failure: predict in a process whose address space is capped at 2 GB, with a model
     whose 512³ input needs more.  One error line (what could not be allocated, what to change), exit 1, no
     traceback; it was PyTorch's C++ assertion in a traceback."""
