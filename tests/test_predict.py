@@ -229,6 +229,42 @@ def test_same_files_once_and_same_names_told_apart(cli, world, tmp_path):
     )
 
 
+def test_a_folder_of_freely_named_scans_is_predicted_file_by_file(cli, world, tmp_path):
+    """patient1.nii.gz, patient2.nii.gz in one folder: for a one-modality model, the folder means its
+    scans, with the same probabilities as the files given one by one."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i in (1, 2):
+        (folder / f"patient{i}.nii.gz").write_bytes(_scan(world, i).read_bytes())
+    (folder / "notes.txt").write_text("not a scan")
+    r = cli("predict", folder, "--model", world["run"] / "fold0", "--json")
+    assert r.exit_code == 0, r.stderr
+    by_folder = {p["scan_id"]: p["p_hgg"] for p in _json(r)["predictions"]}
+    r = cli("predict", _scan(world, 1), _scan(world, 2), "--model", world["run"] / "fold0", "--json")
+    by_file = [p["p_hgg"] for p in _json(r)["predictions"]]
+    assert by_folder == {"patient1": by_file[0], "patient2": by_file[1]}
+
+
+def test_freely_named_files_beside_sequence_named_ones_are_said_to_be_left_out(cli, world, tmp_path):
+    folder = tmp_path / "S1"
+    folder.mkdir()
+    (folder / "S1_t1ce.nii.gz").write_bytes(_scan(world, 1).read_bytes())
+    (folder / "brain_mask.nii.gz").write_bytes(_scan(world, 2).read_bytes())
+    r = cli("predict", folder, "--model", world["run"] / "fold0", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [p["scan_id"] for p in _json(r)["predictions"]] == ["S1"]
+    assert _has(r.stderr, "left out 1 NIfTI file(s) not named <id>_<sequence> (brain_mask.nii.gz)")
+
+
+def test_a_folder_of_freely_named_scans_for_a_multimodal_model(cli, two_channel_run, tmp_path):
+    folder = tmp_path / "scans"
+    write_nifti(folder / "a.nii.gz", brain_volume())
+    write_nifti(folder / "b.nii.gz", brain_volume())
+    r = cli("predict", folder, "--model", two_channel_run)
+    assert r.exit_code == 3
+    assert _has(r.stderr, "2 NIfTI files not named by sequence") and _has(r.stderr, "<id>_flair.nii.gz")
+
+
 def test_prefetch_keeps_order_and_bounds_the_scans_in_flight():
     """``ahead`` scans are preprocessed at once (threads), never more; results come back in input order."""
     import threading

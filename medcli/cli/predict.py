@@ -42,7 +42,7 @@ def predict_command(
         ...,
         metavar="INPUT...",
         help="NIfTI scan(s) (single-modality models), subject folder(s) in BraTS naming, a directory of "
-        "subjects, or a CSV manifest.",
+        "subjects, a folder of NIfTI scans (single-modality models), or a CSV manifest.",
     ),
     model: Path | None = typer.Option(
         None,
@@ -116,7 +116,10 @@ def predict_command(
         f"{predictor.device}" + (" · 8-flip TTA" if tta else "")
     )
 
-    scans, input_failures = P.collect_scans(inputs, modalities)
+    notes: list[str] = []
+    scans, input_failures = P.collect_scans(inputs, modalities, notes)
+    for note in notes:
+        console.info(note)
     if not scans:
         _raise_all_failed(input_failures, json_out)
 

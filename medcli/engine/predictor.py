@@ -566,14 +566,17 @@ def is_nifti(path: Path) -> bool:
 
 
 def collect_scans(
-    inputs: Sequence[Path], modalities: Sequence[str]
+    inputs: Sequence[Path], modalities: Sequence[str], notes: list[str] | None = None
 ) -> tuple[list[ScanInput], list[ScanFailure]]:
     """Turn ``predict``'s INPUT arguments into scans.
 
     A ``.nii``/``.nii.gz`` file is one scan of the model's single modality; a folder or CSV manifest goes
     through :func:`medcli.data.discover.discover` (subject folders, directories of subjects, BraTS
-    layouts, manifests).  Inputs that cannot be read are returned as failures so the rest still run.
+    layouts, manifests), and a folder holding only freely named NIfTI files is read file by file.  Inputs
+    that cannot be read are returned as failures so the rest still run; files a folder holds but that are
+    not predicted are said in ``notes`` (when given).
     """
+    notes = [] if notes is None else notes
     scans: list[ScanInput] = []
     failures: list[ScanFailure] = []
     for raw in inputs:
@@ -582,14 +585,7 @@ def collect_scans(
             if not path.exists():
                 raise DataError(f"{path}: no such file or directory", hint="check the path")
             if path.is_file() and is_nifti(path):
-                if len(modalities) != 1:
-                    raise DataError(
-                        f"{path}: a single image, but the model needs {len(modalities)} modalities "
-                        f"({', '.join(modalities)})",
-                        hint="pass the subject folder (<id>_<modality>.nii.gz files) or a CSV manifest",
-                    )
-                _check_named_modality(path, modalities[0])
-                scans.append(ScanInput(_scan_id(path, modalities[0]), {modalities[0]: path}))
+                scans.append(_single_file_scan(path, modalities))
                 continue
             if path.is_file() and path.suffix.lower() not in (".csv", ".tsv"):
                 from medcli.data.discover import DICOM_HINT, looks_like_dicom
@@ -600,12 +596,25 @@ def collect_scans(
                     f"{path}: not a NIfTI image, folder or CSV manifest",
                     hint="pass .nii/.nii.gz scans, subject folders, a folder of subjects, or a .csv manifest",
                 )
-            found, bad = _discover_scans(path, modalities)
+            found, bad = _discover_scans(path, modalities, notes)
             scans.extend(found)
             failures.extend(bad)
         except DataError as e:
             failures.append(ScanFailure(str(path), str(e), e.exit_code))
     return _unique(scans), failures
+
+
+def _single_file_scan(path: Path, modalities: Sequence[str]) -> ScanInput:
+    """One NIfTI file as a scan of the model's only modality (refused for a multi-modality model, or when
+    its name says it is another sequence)."""
+    if len(modalities) != 1:
+        raise DataError(
+            f"{path}: a single image, but the model needs {len(modalities)} modalities "
+            f"({', '.join(modalities)})",
+            hint="pass the subject folder (<id>_<modality>.nii.gz files) or a CSV manifest",
+        )
+    _check_named_modality(path, modalities[0])
+    return ScanInput(_scan_id(path, modalities[0]), {modalities[0]: path})
 
 
 def _unique(scans: list[ScanInput]) -> list[ScanInput]:
@@ -633,26 +642,60 @@ def _unique(scans: list[ScanInput]) -> list[ScanInput]:
     return kept
 
 
-def _discover_scans(path: Path, modalities: Sequence[str]) -> tuple[list[ScanInput], list[ScanFailure]]:
+def _discover_scans(
+    path: Path, modalities: Sequence[str], notes: list[str]
+) -> tuple[list[ScanInput], list[ScanFailure]]:
     """Subjects found by ``discover``; those it set aside (missing modality, corrupt header, grids that
     disagree) come back as failures carrying discover's own message."""
-    from medcli.data.discover import NoSubjectsFound, discover
+    from medcli.data.discover import MODALITY_FILE, ODD_SEG_FILE, NoSubjectsFound, discover
 
+    # NIfTI files directly in the folder whose names say no sequence (patient1.nii.gz): discover looks
+    # only for sequence-named files, so these are either the folder's scans or files it leaves out.
+    loose = sorted(
+        p
+        for p in (path.iterdir() if path.is_dir() else ())
+        if p.is_file()
+        and is_nifti(p)
+        and not p.name.startswith(".")
+        and not MODALITY_FILE.search(p.name)
+        and not ODD_SEG_FILE.search(p.name)
+    )
     try:
         cohort = discover(path, modalities=tuple(modalities))
     except NoSubjectsFound:
+        # A folder of freely named scans is what a one-modality model predicts file by file, as if each
+        # were given on the command line.
+        if loose and len(modalities) == 1:
+            return _file_scans(loose, modalities)
         # discover's message describes training layouts (grades, name_mapping.csv); predict needs no labels.
         names = " + ".join(f"<id>_{m}.nii.gz" for m in modalities)
+        what = f"{len(loose)} NIfTI files not named by sequence" if loose else "no scans found"
         raise DataError(
-            f"{path}: no scans found",
+            f"{path}: {what}",
             hint=f"pass {names} files, folders of them (one per subject), or a CSV manifest",
         ) from None
+    if loose:  # beside sequence-named files: a mask, a registration output, ...; said, not guessed at
+        shown = ", ".join(p.name for p in loose[:3]) + (", ..." if len(loose) > 3 else "")
+        notes.append(
+            f"{path}: left out {len(loose)} NIfTI file(s) not named <id>_<sequence> ({shown}); "
+            "pass a file itself to predict it"
+        )
     scans = [ScanInput.of_subject(s) for s in cohort.subjects]
     failures = []
     for s in cohort.excluded:
         errors = [p for p in cohort.problems if p.subject == s.subject_id and p.severity == "error"]
         text = "; ".join(f"{p.file or s.subject_id}: {p.what} ({p.hint})" for p in errors) or "unusable"
         failures.append(ScanFailure(s.subject_id, text, DataError.exit_code))
+    return scans, failures
+
+
+def _file_scans(files: list[Path], modalities: Sequence[str]) -> tuple[list[ScanInput], list[ScanFailure]]:
+    scans, failures = [], []
+    for f in files:
+        try:
+            scans.append(_single_file_scan(f, modalities))
+        except DataError as e:
+            failures.append(ScanFailure(str(f), str(e), e.exit_code))
     return scans, failures
 
 
