@@ -388,3 +388,15 @@ def test_multi_member_gzip_is_not_mistaken_for_truncated(tmp_path):
     assert [s.subject_id for s in cohort.subjects] == ["case1"], cohort.problems
     truncate(path, keep=0.7)  # cut inside the second member: still caught
     assert "truncated" in _problem(discover(root), "case1").what
+
+
+def test_files_beside_subject_folders_are_noted_as_left_out(tmp_path):
+    root = tmp_path / "data"
+    for sid in ("S1", "S2"):
+        write_subject(root, sid)
+    write_volume(root / "S3_t1ce.nii.gz")  # one subject's scan lying loose beside the folders
+    cohort = discover(root, modalities=("t1ce",))
+    assert [s.subject_id for s in cohort.subjects] == ["S1", "S2"]
+    assert any(
+        "left out 1 file(s) lying beside the subject folders (S3_t1ce.nii.gz)" in n for n in cohort.notes
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -253,7 +254,18 @@ def test_freely_named_files_beside_sequence_named_ones_are_said_to_be_left_out(c
     r = cli("predict", folder, "--model", world["run"] / "fold0", "--json")
     assert r.exit_code == 0, r.stderr
     assert [p["scan_id"] for p in _json(r)["predictions"]] == ["S1"]
-    assert _has(r.stderr, "left out 1 NIfTI file(s) not named <id>_<sequence> (brain_mask.nii.gz)")
+    assert _has(r.stderr, "left out 1 NIfTI file(s) that are no subject's (brain_mask.nii.gz)")
+
+
+def test_a_subjects_files_beside_subject_folders_are_said_to_be_left_out(cli, world, tmp_path):
+    """A directory of subject folders with one subject's scan lying loose at its top: the folders are
+    predicted, and the loose file is named rather than silently skipped."""
+    shutil.copytree(world["data"] / "BraTS20_Training_001", tmp_path / "d" / "BraTS20_Training_001")
+    shutil.copy(_scan(world, 2), tmp_path / "d")
+    r = cli("predict", tmp_path / "d", "--model", world["run"] / "fold0", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [p["scan_id"] for p in _json(r)["predictions"]] == ["BraTS20_Training_001"]
+    assert _has(r.stderr, "left out 1 NIfTI file(s) that are no subject's (BraTS20_Training_002_t1ce.nii.gz)")
 
 
 def test_a_folder_of_freely_named_scans_for_a_multimodal_model(cli, two_channel_run, tmp_path):

@@ -368,7 +368,15 @@ def _scan(root: Path, depth: int) -> list[_Source]:
         return [_graded_source(root.parent, {root.name.upper(): root}, mapping)]
     subject_dirs = [d for d in subdirs if _has_modality_files(d)]
     if subject_dirs:
-        return [_flat_source(root, subject_dirs, mapping)]
+        source = _flat_source(root, subject_dirs, mapping)
+        stray = sorted(p.name for p in root.iterdir() if p.is_file() and MODALITY_FILE.search(p.name))
+        if stray:  # a subject's files beside the subject folders belong to no subject: say so
+            shown = ", ".join(stray[:3]) + (", ..." if len(stray) > 3 else "")
+            source.notes.append(
+                f"{root}: left out {len(stray)} file(s) lying beside the subject folders ({shown}); "
+                "move each into its subject's folder"
+            )
+        return [source]
     if _has_modality_files(root):  # one subject's folder, or several subjects' files side by side
         return [_loose_files_source(root)]
     if depth < 2:

@@ -651,15 +651,11 @@ def _discover_scans(
 
     # NIfTI files directly in the folder whose names say no sequence (patient1.nii.gz): discover looks
     # only for sequence-named files, so these are either the folder's scans or files it leaves out.
-    loose = sorted(
+    loose = [
         p
-        for p in (path.iterdir() if path.is_dir() else ())
-        if p.is_file()
-        and is_nifti(p)
-        and not p.name.startswith(".")
-        and not MODALITY_FILE.search(p.name)
-        and not ODD_SEG_FILE.search(p.name)
-    )
+        for p in _top_level_nifti(path)
+        if not MODALITY_FILE.search(p.name) and not ODD_SEG_FILE.search(p.name)
+    ]
     try:
         cohort = discover(path, modalities=tuple(modalities))
     except NoSubjectsFound:
@@ -674,10 +670,17 @@ def _discover_scans(
             f"{path}: {what}",
             hint=f"pass {names} files, folders of them (one per subject), or a CSV manifest",
         ) from None
-    if loose:  # beside sequence-named files: a mask, a registration output, ...; said, not guessed at
-        shown = ", ".join(p.name for p in loose[:3]) + (", ..." if len(loose) > 3 else "")
+    # Files the folder holds directly that no subject took: a freely named one beside sequence-named files
+    # (a mask, a registration output), or one subject's files lying beside the subject folders.  Said, not
+    # guessed at.
+    used = {
+        f.resolve() for s in (*cohort.subjects, *cohort.excluded) for f in (*s.paths.values(), s.seg) if f
+    }
+    left = [p for p in _top_level_nifti(path) if p.resolve() not in used]
+    if left:
+        shown = ", ".join(p.name for p in left[:3]) + (", ..." if len(left) > 3 else "")
         notes.append(
-            f"{path}: left out {len(loose)} NIfTI file(s) not named <id>_<sequence> ({shown}); "
+            f"{path}: left out {len(left)} NIfTI file(s) that are no subject's ({shown}); "
             "pass a file itself to predict it"
         )
     scans = [ScanInput.of_subject(s) for s in cohort.subjects]
@@ -687,6 +690,12 @@ def _discover_scans(
         text = "; ".join(f"{p.file or s.subject_id}: {p.what} ({p.hint})" for p in errors) or "unusable"
         failures.append(ScanFailure(s.subject_id, text, DataError.exit_code))
     return scans, failures
+
+
+def _top_level_nifti(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return []
+    return sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
 
 
 def _file_scans(files: list[Path], modalities: Sequence[str]) -> tuple[list[ScanInput], list[ScanFailure]]:
