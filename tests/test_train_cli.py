@@ -297,6 +297,10 @@ def test_json_summary_only_json_on_stdout_for_all_folds(cli, train_env):
         assert fold["epochs_run"] == 1 and fold["selection"] == "raw"
         assert os.path.isfile(fold["files"]["last.pt"])
     assert result.stderr.count("epoch 1/1") == 2
+    # A line each fold repeats word for word shows once on the terminal; each fold's log keeps its own.
+    assert result.stderr.count("Model created:") == 1
+    for fold in summary["folds"]:
+        assert "Model created:" in (Path(fold["files"]["last.pt"]).parent / "train.log").read_text()
 
 
 def test_renderer_draws_progress_and_epoch_lines(monkeypatch, capsys):

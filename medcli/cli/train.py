@@ -199,9 +199,10 @@ def train_command(
     from medcli.engine import trainer
 
     results = []
+    shown: set[str] = set()
     for k in folds_to_run:
         cfg_k = TrainConfig.from_dict({**cfg.to_dict(), "fold": k})
-        renderer = Renderer(quiet=_rank() != 0)
+        renderer = Renderer(quiet=_rank() != 0, shown=shown)
         # `--fold all --resume` continues the folds that have a last.pt and starts the others.
         resume_k = resume and (len(folds_to_run) == 1 or _has_checkpoint(cfg_k))
         try:
@@ -400,10 +401,16 @@ def _info(message: str) -> None:
 
 
 class Renderer:
-    """Turns trainer events into INFO lines, Rich progress (terminal) or one line per epoch (logs)."""
+    """Turns trainer events into INFO lines, Rich progress (terminal) or one line per epoch (logs).
 
-    def __init__(self, quiet: bool = False):
+    ``shown``: INFO and WARNING texts already on the terminal.  Shared across the folds of ``--fold all``
+    so a line that each fold repeats word for word (the model built, subjects left out) shows once; each
+    fold's train.log still has them all.
+    """
+
+    def __init__(self, quiet: bool = False, shown: set[str] | None = None):
         self.quiet = quiet
+        self.shown = set() if shown is None else shown
         self.progress = None
         self.epoch_task = None
         self.batch_task = None
@@ -413,10 +420,11 @@ class Renderer:
 
         if self.quiet:
             return
-        if isinstance(event, ev.Info):
-            _info(event.message)
-        elif isinstance(event, ev.Warning):
-            _warn(event.message)
+        if isinstance(event, (ev.Info, ev.Warning)):
+            if event.message in self.shown:
+                return
+            self.shown.add(event.message)
+            (_info if isinstance(event, ev.Info) else _warn)(event.message)
         elif isinstance(event, ev.FoldStarted):
             _info(event.describe())
             if console.progress_enabled():
