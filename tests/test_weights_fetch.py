@@ -534,6 +534,21 @@ def test_cli_fetch_reports_a_file_of_another_depth(cli, mirror, tmp_path, resnet
     assert result.exit_code == 5
     assert "does not fit a ResNet-18" in result.stderr and "ResNet-10" in result.stderr
     assert dest.read_bytes() == data  # the bytes are what the user asked for; only the check failed
+    again = cli("weights", "fetch", "resnet18", "--url", url, "--sha256", _sha(data), "--dest", dest)
+    assert again.exit_code == 5 and "does not fit a ResNet-18" in again.stderr  # present: checked again
+
+
+def test_cli_fetch_removes_a_file_of_yours_that_is_not_weights(cli, mirror, tmp_path):
+    """Your checksum vouches for the bytes only: bytes no ResNet can load are removed from --dest, so a
+    second fetch cannot find them "present, verified" and succeed."""
+    data = b"\x97{\xaaLA}b_" + bytes(range(256)) * 40
+    url = mirror.add("/w.pth", data)
+    dest = tmp_path / "w.pth"
+    for _ in range(2):
+        result = cli("weights", "fetch", "resnet10", "--url", url, "--sha256", _sha(data), "--dest", dest)
+        assert result.exit_code == 4, result.stderr
+        assert "not a PyTorch weights file" in result.stderr and "removed it" in result.stderr
+        assert not dest.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_console_script_exit_code_and_streams(medcli_proc, mirror, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from medcli.cli import console
-from medcli.errors import IncompleteLoadError, MedcliError, PartialFailure, UsageError
+from medcli.errors import IncompleteLoadError, MedcliError, PartialFailure, UsageError, WeightsError
 from medcli.paths import require_writable_file
 
 
@@ -115,12 +115,25 @@ def fetch(
             row = {"name": None if own_file else entry.name, "depth": entry.depth, **result.to_dict()}
             if not (all_ or json_out):
                 _print_fetch_table([row])
-            if check and result.action != "present":  # a present file was checked when it was fetched
+            # A present release was checked when it was fetched; a file of your own is checked every time,
+            # since its checksum says nothing of which ResNet it fits (a wrong NAME keeps the file).
+            if check and (result.action != "present" or own_file):
                 # One fetch: the full key report (a result, on stdout); --all: one summary line each.
                 render = "none" if json_out else "summary" if all_ else "full"
-                row["load"] = _check_loads(
-                    entry.depth, result.path, own_file=own_file, render=render
-                ).to_dict()
+                try:
+                    row["load"] = _check_loads(
+                        entry.depth, result.path, own_file=own_file, render=render
+                    ).to_dict()
+                except WeightsError as e:
+                    if not own_file or isinstance(e, IncompleteLoadError):
+                        raise
+                    # Your checksum vouches for the bytes, not that they are weights: a file no ResNet
+                    # can load is of no use at --dest.
+                    result.path.unlink(missing_ok=True)
+                    raise type(e)(
+                        f"{e.message}; removed it",
+                        hint=f"check that --url gives MedicalNet weights for a ResNet-{entry.depth}",
+                    ) from e
             results.append(row)
         except MedcliError as e:
             if not all_:
@@ -234,8 +247,7 @@ def _check_loads(depth: int, path: Path, *, own_file: bool, render: str):
         report = load_pretrained(model.to_empty(device="cpu"), path, require=True)
     except IncompleteLoadError as e:  # e.g. another depth's file
         raise IncompleteLoadError(
-            f"{path} is installed and its checksum verified, but it does not fit a ResNet-{depth}: "
-            f"{e.message}",
+            f"{path}: checksum verified, but it does not fit a ResNet-{depth}: {e.message}",
             hint="give the NAME of a release with the file's depth (`medcli weights list`), or --no-check",
         ) from e
     if render == "full":
