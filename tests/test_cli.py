@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from medcli.errors import EXIT_CODES, DataError, MedcliError
 
@@ -247,3 +249,26 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(cli, tmp_pa
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and errors[0].startswith(f"Error: {option} "), result.stderr
     assert "Traceback" not in result.output and sorted(tmp_path.rglob("*")) == before
+
+
+class _WorkerKillsItself(torch.utils.data.Dataset):
+    """What the kernel's out-of-memory killer does to a DataLoader worker: SIGKILL, no Python exception."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> int:
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return i
+
+
+def test_a_killed_data_loading_worker_is_one_line_with_what_to_lower():
+    from medcli.cli.app import known_failure
+
+    with pytest.raises(RuntimeError) as caught:
+        list(torch.utils.data.DataLoader(_WorkerKillsItself(), num_workers=1))
+    line = known_failure(caught.value, "train")
+    assert line is not None and "data-loading worker (pid" in line and "ran out of memory" in line
+    assert "--num-workers" in line and "\n" not in line
+    assert known_failure(RuntimeError("DataLoader timed out after 5 seconds"), "train") is None

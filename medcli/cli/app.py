@@ -61,14 +61,14 @@ def known_failure(e: BaseException, command: str | None) -> str | None:
             f"{e.strerror or e}{where} (check the path, its permissions and the free disk space; "
             "-v shows where it happened)"
         )
-    memory = out_of_memory(e)
+    memory = out_of_memory(e) or worker_died(e)
     return f"{memory} ({_MEMORY_HINTS.get(command, _MEMORY_HINT)})" if memory else None
 
 
 _MEMORY_HINT = "close other programs, or use a machine with more memory"
 _MEMORY_HINTS = {
-    "train": "lower --batch-size (raising --gradient-accumulation-steps keeps the effective batch) or "
-    "--input-size; on a GPU --amp also halves the activations",
+    "train": "lower --batch-size (raising --gradient-accumulation-steps keeps the effective batch), "
+    "--num-workers or --input-size; on a GPU --amp also halves the activations",
     "predict": "leave out --tta, or use fewer models at once (--model RUN/fold0); the input size is the "
     "model's own",
     "eval": "leave out --tta, or score one fold's model at a time; the input size is the model's own",
@@ -84,6 +84,21 @@ def peer_rank_gone(e: BaseException) -> bool:
     text = str(e)
     markers = ("Connection closed by peer", "Connection reset by peer", "remote worker", "NCCL communicator")
     return "LOCAL_RANK" in os.environ and any(m in text for m in markers)
+
+
+def worker_died(e: BaseException) -> str | None:
+    """A DataLoader worker process killed from outside (almost always the kernel's out-of-memory killer:
+    each worker holds its own batches), in one line; None for any other error."""
+    import re
+
+    m = re.search(
+        r"DataLoader worker \(pids?\(?s?\)? ?([\d, ]+)\) (is killed by signal: (\w+)|exited unexpectedly)",
+        str(e),
+    )
+    if not m:
+        return None
+    how = f"killed by signal {m.group(3)}" if m.group(3) else "ended unexpectedly"
+    return f"a data-loading worker (pid {m.group(1)}) was {how}: most likely the machine ran out of memory"
 
 
 def out_of_memory(e: BaseException) -> str | None:
