@@ -675,3 +675,37 @@ def test_a_run_on_a_relative_data_path_is_evaluated_from_anywhere(cli, train_env
     assert f"is not at {tmp_path / 'moved-away'} any more" in " ".join(moved.stderr.split())
     assert "pass --data" in moved.stderr
     assert cli(*args, "--data", train_env["data"]).exit_code == 0
+
+
+@pytest.mark.slow
+def test_a_fold_in_training_is_not_trained_twice_at_once(train_env, tmp_path):
+    """Two trainings of one fold (a SLURM array repeating a fold, a command started twice) would interleave
+    checkpoints and metrics, or wipe them under --force: the second real process is refused at once,
+    while another fold of the same run trains beside it."""
+    from conftest import run_medcli
+
+    from medcli.engine.runs import FoldDir
+
+    out = train_env["out"]
+    args = ("train", "--data", train_env["data"], "--out", out, *train_env["tiny"], "--max-steps", "1")
+    run_root = out / "resnettiny-t1ce-ldam"
+    with FoldDir(run_root, 0).exclusive():  # this process is "the first training" of fold 0
+        for extra in ((), ("--force",)):
+            second = run_medcli(*args, "--fold", "0", *extra, env=train_env["env"])
+            assert second.returncode == 2, second.stderr
+            assert f"fold 0 of {run_root} is being trained by another medcli process (pid {os.getpid()})" in (
+                " ".join(second.stderr.split())
+            )
+            assert not (run_root / "fold0").exists()
+        other_fold = run_medcli(*args, "--fold", "1", env=train_env["env"])
+        assert other_fold.returncode == 0, other_fold.stderr
+    done = run_medcli(*args, "--fold", "0", env=train_env["env"])
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in run_root.iterdir()) == ["fold0", "fold1", "splits.json"]  # no lock left
+
+
+def test_a_training_that_fails_early_leaves_no_empty_run_folder(cli, train_env):
+    r = cli("train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+            "--require-pretrained", "--pretrained-path", "nowhere.pth")  # fmt: skip
+    assert r.exit_code == 4, r.stderr
+    assert not (train_env["out"] / "resnettiny-t1ce-ldam").exists()

@@ -16,10 +16,11 @@ Small files are written whole through a temp file + ``os.replace`` so a killed r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,31 @@ class FoldDir:
     @property
     def log(self) -> Path:
         return self.path / "train.log"
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold ``<run>/.fold<k>.lock`` while training this fold (beside the folder: ``--force`` empties
+        the folder): a second training of the same fold, which would interleave its checkpoints, metrics
+        and log with the first's, or wipe them under ``--force``, is refused at once.  A run folder made
+        for the lock alone (the training failed before writing anything) is removed again."""
+        from medcli.locking import exclusive
+
+        def busy(holder: str) -> UsageError:
+            return UsageError(
+                f"fold {self.fold} of {self.run_root} is being trained by another medcli process"
+                + (f" ({holder})" if holder else ""),
+                hint="wait for it to finish (then --resume continues it), or use --name for a separate run",
+            )
+
+        made = not self.run_root.exists()
+        self.run_root.mkdir(parents=True, exist_ok=True)
+        try:
+            with exclusive(self.run_root / f".fold{self.fold}.lock", busy):
+                yield
+        finally:
+            if made:
+                with contextlib.suppress(OSError):  # not empty: the training wrote something; keep it
+                    self.run_root.rmdir()
 
     # config -------------------------------------------------------------------------------------------
     def check_reusable(self, cfg_dict: dict[str, Any], *, resume: bool, force: bool) -> None:

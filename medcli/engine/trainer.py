@@ -197,47 +197,54 @@ def train(
     fetch = resolve_pretrained(cfg)  # before the run folder compares configs: it stores the resolved path
 
     fold_dir = FoldDir(Path(cfg.out) / cfg.run_name(), cfg.fold)
-    fold_dir.check_reusable(cfg.to_dict(), resume=resume, force=force)
-    if resume and not fold_dir.last.exists():
-        raise CheckpointError(
-            f"nothing to resume: {fold_dir.last} does not exist",
-            hint="drop --resume to start this fold, or check --name/--out",
-        )
-
-    if cfg.require_pretrained and not (cfg.pretrained_path and Path(cfg.pretrained_path).is_file()):
-        raise WeightsError(
-            f"--require-pretrained: weights file {cfg.pretrained_path} not found",
-            hint=f"run `{fetch}`, or pass the file with --pretrained-path",
-        )
-
-    # PyTorch's or a plugin's warnings (under --deterministic, a CUDA op without a deterministic kernel only
-    # warns) become Warning events: medcli's voice, and kept in train.log.
-    with pywarnings.reported_by(lambda text: emit(Warning(text))):
-        data = _prepare_data(cfg, fold_dir, precision, emit)
-        loss_fn = build_loss(cfg, data.class_counts)
-        cfg.head = "cosine" if getattr(loss_fn, "needs_cosine_head", False) else "linear"
-        if hasattr(loss_fn, "describe"):
-            emit(Info(f"Loss: {loss_fn.describe()}"))
-
-        model, pretrained_sha = _build_model(cfg, emit, fetch)
-        _warn_other_start(fold_dir, pretrained_sha, emit)
-        if log is not None:
-            fold_dir.start(cfg.to_dict(), fresh=not resume)
-            log.open(fold_dir.log, resume=resume)
-        dist.barrier()
-        try:
-            result = _fit(
-                cfg, device, precision, model, loss_fn, data, fold_dir, pretrained_sha, emit, resume
+    with contextlib.ExitStack() as held:
+        if dist.is_main():  # one training per fold folder at a time (ranks of one run are one training)
+            held.enter_context(fold_dir.exclusive())
+        fold_dir.check_reusable(cfg.to_dict(), resume=resume, force=force)
+        if resume and not fold_dir.last.exists():
+            raise CheckpointError(
+                f"nothing to resume: {fold_dir.last} does not exist",
+                hint="drop --resume to start this fold, or check --name/--out",
             )
-        except BaseException as e:  # the log says how the session ended, then the error goes on to the CLI
+
+        if cfg.require_pretrained and not (cfg.pretrained_path and Path(cfg.pretrained_path).is_file()):
+            raise WeightsError(
+                f"--require-pretrained: weights file {cfg.pretrained_path} not found",
+                hint=f"run `{fetch}`, or pass the file with --pretrained-path",
+            )
+
+        # PyTorch's or a plugin's warnings (under --deterministic, a CUDA op without a deterministic kernel
+        # only warns) become Warning events: medcli's voice, and kept in train.log.
+        with pywarnings.reported_by(lambda text: emit(Warning(text))):
+            data = _prepare_data(cfg, fold_dir, precision, emit)
+            loss_fn = build_loss(cfg, data.class_counts)
+            cfg.head = "cosine" if getattr(loss_fn, "needs_cosine_head", False) else "linear"
+            if hasattr(loss_fn, "describe"):
+                emit(Info(f"Loss: {loss_fn.describe()}"))
+
+            model, pretrained_sha = _build_model(cfg, emit, fetch)
+            _warn_other_start(fold_dir, pretrained_sha, emit)
             if log is not None:
-                log.write(f"error: {e}" if isinstance(e, MedcliError) else f"error: {type(e).__name__}: {e}")
-            # No barrier here: an error may be this rank's alone (its loss went NaN), with the other ranks
-            # waiting in a gradient all-reduce; a barrier would wait for them forever.  Exiting lets torchrun
-            # stop the others and report this rank's exit code.
-            raise
-        dist.barrier()  # every rank finished the fold: the next one starts together
-        return result
+                fold_dir.start(cfg.to_dict(), fresh=not resume)
+                log.open(fold_dir.log, resume=resume)
+            dist.barrier()
+            try:
+                result = _fit(
+                    cfg, device, precision, model, loss_fn, data, fold_dir, pretrained_sha, emit, resume
+                )
+            except (
+                BaseException
+            ) as e:  # the log says how the session ended, then the error goes on to the CLI
+                if log is not None:
+                    log.write(
+                        f"error: {e}" if isinstance(e, MedcliError) else f"error: {type(e).__name__}: {e}"
+                    )
+                # No barrier here: an error may be this rank's alone (its loss went NaN), with the other
+                # ranks waiting in a gradient all-reduce; a barrier would wait for them forever.  Exiting
+                # lets torchrun stop the others and report this rank's exit code.
+                raise
+            dist.barrier()  # every rank finished the fold: the next one starts together
+            return result
 
 
 def _seed_everything(seed: int) -> None:

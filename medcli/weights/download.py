@@ -24,7 +24,6 @@ human-readable notices (retrying, resuming, next mirror) to ``notify(message)``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import queue
@@ -77,39 +76,18 @@ def part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
 
 
-@contextlib.contextmanager
 def exclusive(dest: Path):
-    """Hold ``<dest>.lock`` (flock, non-blocking) for one fetch into ``dest``; a second one gets a
-    DownloadError.  The lock file is removed afterwards; a holder checks that the path it locked is
-    still the file on disk, since a finishing fetch may unlink it between another's open and flock."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no lock
-        yield
-        return
-    lock = dest.with_name(dest.name + ".lock")
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise DownloadError(
-                f"another `medcli weights fetch` is downloading {dest.name} (it holds {lock})",
-                hint="wait for it to finish, then run the command again",
-            ) from None
-        try:
-            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # locked a file that was unlinked meanwhile: take the new one
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)
-        os.close(fd)
+    """Hold ``<dest>.lock`` for one fetch into ``dest``; a second one gets a DownloadError at once."""
+    from medcli.locking import exclusive as hold
+
+    def busy(holder: str) -> DownloadError:
+        return DownloadError(
+            f"another `medcli weights fetch` is downloading {dest.name} "
+            f"({holder + ' ' if holder else ''}holds {dest.name}.lock)",
+            hint="wait for it to finish, then run the command again",
+        )
+
+    return hold(dest.with_name(dest.name + ".lock"), busy)
 
 
 class _Retry(Exception):

@@ -1,0 +1,54 @@
+"""One writer at a time: an advisory ``flock`` on a lock file beside what is being written.
+
+Used where two medcli processes writing the same files would corrupt them without either noticing: two
+``weights fetch`` into one ``.part``, two ``train`` runs in one fold folder (a SLURM array with a repeated
+fold, a command started twice).  The second one fails at once with the error ``busy`` builds, told which
+process holds the lock.  Standard library only, like ``atomic``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from medcli.errors import MedcliError
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path, busy: Callable[[str], MedcliError]) -> Iterator[None]:
+    """Hold ``lock`` (created if absent) for the block, or raise ``busy(holder)`` at once where another
+    process holds it (``holder``: "pid N", or "" when unknown).
+
+    The lock file is removed afterwards; a holder checks that the path it locked is still the file on
+    disk, since a finishing holder may unlink it between another's open and flock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    lock = Path(lock)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise busy(f"pid {holder}" if holder.isdigit() else "") from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # locked a file that was unlinked meanwhile: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())  # for the message another process gets
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
