@@ -102,6 +102,27 @@ def test_csv_with_numeric_labels_shared_patients_and_partial_columns(tmp_path):
     assert _problem(cohort, "c1").severity == "warning"
 
 
+@pytest.mark.parametrize(
+    ("name", "delimiter", "bom"),
+    [("cohort.csv", ";", True), ("cohort.tsv", "\t", False), ("cohort.csv", "\t", False)],
+)
+def test_a_spreadsheet_manifest_with_semicolons_or_tabs(tmp_path, name, delimiter, bom):
+    """Excel where the comma is the decimal mark saves semicolons (with a byte-order mark); .tsv has tabs."""
+    for sid in ("a1", "b1"):
+        write_subject(tmp_path / "scans", sid, ("t1ce",))
+    lines = (
+        ["subject_id", "label", "t1ce"],
+        ["a1", "HGG", "scans/a1/a1_t1ce.nii.gz"],
+        ["b1", "0", "scans/b1/b1_t1ce.nii.gz"],
+    )
+    text = "\r\n".join(delimiter.join(row) for row in lines) + "\r\n"
+    (tmp_path / name).write_text(("\ufeff" if bom else "") + text, encoding="utf-8")
+    for root in (tmp_path / name, tmp_path):  # the file itself, or the folder holding it
+        cohort = discover(root)
+        assert {s.subject_id: s.grade for s in cohort.subjects} == {"a1": "HGG", "b1": "LGG"}, cohort.problems
+        assert cohort.subjects[0].paths["t1ce"] == tmp_path / "scans/a1/a1_t1ce.nii.gz"
+
+
 def test_csv_bad_label_missing_file_and_not_a_manifest(tmp_path):
     write_subject(tmp_path, "x", ("t1ce",))
     manifest = tmp_path / "m.csv"

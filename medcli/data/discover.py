@@ -336,7 +336,7 @@ class _Source:
 def _scan(root: Path, depth: int) -> list[_Source]:
     """Recognise the layout at ``root``; look one or two levels down when ``root`` is only a parent."""
     if root.is_file():
-        if root.suffix.lower() == ".csv":
+        if root.suffix.lower() in MANIFEST_SUFFIXES:
             return [_read_manifest(root, explicit=True)]
         if NIFTI_FILE.search(root.name):
             raise DataError(
@@ -393,7 +393,7 @@ def _csv_files(root: Path) -> list[Path]:
         p
         for p in root.iterdir()
         if p.is_file()
-        and p.suffix.lower() == ".csv"
+        and p.suffix.lower() in MANIFEST_SUFFIXES
         and p.name.lower() != NAME_MAPPING
         and not p.name.lower().startswith("survival")
     )
@@ -665,10 +665,27 @@ def _manifest_columns(header: Sequence[str]) -> dict[str, str | dict[str, str]]:
     return roles
 
 
+# A manifest saved by a spreadsheet: commas, or semicolons where the comma is the decimal mark (Excel in
+# much of Europe), or tabs (.tsv); a byte-order mark in front (utf-8-sig).
+MANIFEST_SUFFIXES = (".csv", ".tsv")
+
+
+def _dialect(path: Path, f) -> type[csv.Dialect] | csv.Dialect:
+    """The delimiter the manifest's header line uses (comma when it cannot tell, e.g. one column)."""
+    header = f.readline()
+    f.seek(0)
+    if path.suffix.lower() == ".tsv":
+        return csv.excel_tab
+    try:
+        return csv.Sniffer().sniff(header, delimiters=",;\t")
+    except csv.Error:
+        return csv.excel
+
+
 def _read_header(path: Path) -> list[str]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            return next(csv.reader(f), [])
+            return next(csv.reader(f, _dialect(path, f)), [])
     except (OSError, UnicodeDecodeError, csv.Error):
         return []
 
@@ -682,7 +699,7 @@ def _read_manifest(path: Path, *, explicit: bool) -> _Source:
     """A generic CSV manifest: subject id, optional label and patient id, one path column per modality."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
+            reader = csv.DictReader(f, dialect=_dialect(path, f))
             rows = list(reader)
             header = reader.fieldnames or []
     except (OSError, UnicodeDecodeError, csv.Error) as e:
