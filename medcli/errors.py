@@ -92,6 +92,17 @@ class Interrupted(MedcliError):
     exit_code = 130
 
 
+class Terminated(Interrupted):
+    """SIGTERM (a batch scheduler's time limit or preemption, ``kill``), said like Ctrl-C."""
+
+    exit_code = 143
+
+
+class TerminateSignal(KeyboardInterrupt):
+    """Raised by medcli's SIGTERM handler: a KeyboardInterrupt, so a termination unwinds as Ctrl-C does
+    (temp files removed, locks released, train.log told how the session ended), not a silent death."""
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "other error",
@@ -106,4 +117,5 @@ EXIT_CODES: dict[int, str] = {
     10: "partial failure: some items of a batch failed",
     11: "training diverged: the loss or the outputs became NaN/Inf",
     130: "interrupted (Ctrl-C)",
+    143: "terminated (SIGTERM)",
 }

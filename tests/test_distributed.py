@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +167,52 @@ def test_a_divergence_on_one_rank_alone_stops_the_run_instead_of_hanging(train_e
     )
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
     next(sites, None)  # the fake site's clean-up
+
+
+def _processes_in_session(sid: int) -> list[str]:
+    """Command lines of the live processes in session ``sid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # session id; zombies are already gone
+            found.append(cmdline)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_sigterm_to_the_launcher_stops_its_ranks_too(train_env):
+    """A scheduler's SIGTERM to `medcli train --multi-gpu` alone is passed on to torchrun, which stops its
+    ranks: none is left training, orphaned, after the command has exited."""
+    args = ["train", "--data", str(train_env["data"]), "--out", str(train_env["out"]), *train_env["tiny"]]
+    args += ["--loss", "ce", "--epochs", "400", "--name", "ddpterm", "--multi_gpu", "--device", "cpu"]
+    args += ["--nproc", "2"]
+    fold = train_env["out"] / "ddpterm" / "fold0"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medcli", *args],
+        env={**os.environ, **train_env["env"]},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # the launcher, torchrun and the ranks: one session to look into after
+    )
+    deadline = time.time() + 300
+    while not (fold / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1]
+    proc.terminate()  # the launcher alone, as `kill PID` or a scheduler signalling one process would
+    # The ranks share the launcher's stderr: orphaned, they held it open (training on) until their
+    # rendezvous store timed out, over a minute later.
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert [ln for ln in err.splitlines() if ln.startswith("Error:")][-1].startswith(
+        "Error: terminated (SIGTERM)"
+    )
+    deadline = time.time() + 10
+    while (left := _processes_in_session(proc.pid)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert left == []

@@ -95,3 +95,35 @@ def test_ctrl_c_says_which_epoch_last_pt_holds_and_how_to_resume(train_env):
     resumed = run_medcli(*args, "--resume", "--max-steps", "1", env=train_env["env"], timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"Resuming from {fold / 'last.pt'}: epoch {held + 1} done" in resumed.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_training_like_ctrl_c_and_says_so_in_its_log(train_env):
+    """A batch scheduler's time limit or preemption sends SIGTERM: exit 143, one line naming the epoch
+    last.pt holds, the same in train.log, and the fold's lock released (the next command can resume)."""
+    args = ["train", "--data", str(train_env["data"]), "--out", str(train_env["out"]), *train_env["tiny"]]
+    args += ["--epochs", "400", "--name", "sigterm"]
+    fold = train_env["out"] / "sigterm" / "fold0"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medcli", *args],
+        env={**os.environ, **train_env["env"]},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 240
+    while not (fold / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "terminated (SIGTERM) in epoch" in errors[0], err
+    held = torch.load(fold / "last.pt", weights_only=True)["epoch"]
+    assert f"{fold / 'last.pt'} holds epoch {held + 1}" in errors[0]
+    log_end = (fold / "train.log").read_text().splitlines()[-1]
+    assert "error: terminated (SIGTERM)" in log_end and f"holds epoch {held + 1}" in log_end
+    assert not (fold.parent / ".fold0.lock").exists()
+
+    resumed = run_medcli(*args, "--resume", "--max-steps", "1", env=train_env["env"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr

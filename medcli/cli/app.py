@@ -8,6 +8,8 @@ stderr and an exit code (the same path for the console script and for ``CliRunne
 from __future__ import annotations
 
 import inspect
+import os
+import signal
 import sys
 
 import typer
@@ -16,7 +18,7 @@ from typer.core import TyperCommand, TyperGroup
 from medcli import __version__, pywarnings
 from medcli.allocator import keep_freed_memory
 from medcli.cli import console
-from medcli.errors import EXIT_CODES, MedcliError
+from medcli.errors import EXIT_CODES, Interrupted, MedcliError, Terminated, TerminateSignal
 
 
 class MedcliGroup(TyperGroup):
@@ -33,12 +35,13 @@ class MedcliGroup(TyperGroup):
             if message is None:
                 raise
             _fail(message, 1)
-        except KeyboardInterrupt:  # training says more itself (errors.Interrupted: which epoch last.pt holds)
+        except KeyboardInterrupt as e:  # training says more itself (errors.Interrupted: what last.pt holds)
+            sigterm = isinstance(e, TerminateSignal)
             console.print_error(
-                "interrupted; files are written atomically, so nothing half-written is in place: run the "
-                "same command again (a partial download resumes)"
+                f"{'terminated (SIGTERM)' if sigterm else 'interrupted'}; files are written atomically, so "
+                "nothing half-written is in place: run the same command again (a partial download resumes)"
             )
-            raise typer.Exit(130) from None
+            raise typer.Exit(Terminated.exit_code if sigterm else Interrupted.exit_code) from None
 
 
 def _fail(message: str, code: int) -> None:
@@ -246,7 +249,15 @@ _register_commands()
 
 def main() -> None:
     keep_freed_memory()  # before any tensor: see medcli.allocator
+    if "LOCAL_RANK" not in os.environ:  # under torchrun, the launcher's SIGTERM stops a rank as it is
+        signal.signal(signal.SIGTERM, _raise_terminate)
     app(prog_name="medcli")
+
+
+def _raise_terminate(signum, frame) -> None:
+    """SIGTERM (SLURM's time limit or preemption, `kill`) unwinds like Ctrl-C: a training says which epoch
+    last.pt holds, in its train.log too, and releases its fold's lock."""
+    raise TerminateSignal()
 
 
 if __name__ == "__main__":  # pragma: no cover

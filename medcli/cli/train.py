@@ -11,6 +11,7 @@ command so ``medcli --help`` never loads torch).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -21,7 +22,7 @@ from rich.markup import escape
 
 from medcli.cli import console
 from medcli.engine.config import TrainConfig
-from medcli.errors import DataError, DeviceError, UsageError
+from medcli.errors import DataError, DeviceError, TerminateSignal, UsageError
 from medcli.paths import default_data_root, default_runs_root, require_writable_dir
 
 _D = TrainConfig.__dataclass_fields__  # defaults shown in --help come from the one place they live
@@ -340,8 +341,18 @@ def _launch_distributed(
     cmd = relaunch_command(args, n)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
     _info(f"Launching {n} processes with torchrun ({'NCCL' if device.type == 'cuda' else 'gloo'})")
+    proc = subprocess.Popen(cmd, env=env)
     try:
-        return subprocess.run(cmd, env=env).returncode
+        return proc.wait()
+    except KeyboardInterrupt as e:
+        # Ctrl-C reached torchrun too (one process group); a SIGTERM (a scheduler's time limit) came to this
+        # launcher alone: pass it on, so torchrun stops its ranks rather than leaving them running orphaned.
+        proc.send_signal(signal.SIGTERM if isinstance(e, TerminateSignal) else signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
     finally:
         os.unlink(config_path)
 

@@ -54,6 +54,8 @@ from medcli.errors import (
     Diverged,
     Interrupted,
     MedcliError,
+    Terminated,
+    TerminateSignal,
     UsageError,
     WeightsError,
 )
@@ -885,16 +887,16 @@ def _fold_result(
 
 @contextlib.contextmanager
 def _resume_hint_on_interrupt(fold_dir: FoldDir, cfg: TrainConfig, state: TrainState):
-    """Ctrl-C during the epochs: say which epoch ``last.pt`` holds and how to continue from it."""
+    """Ctrl-C (or SIGTERM) during the epochs: say which epoch ``last.pt`` holds and how to continue."""
     try:
         yield
-    except KeyboardInterrupt:
-        where = f"interrupted in epoch {state.epoch + 2}/{cfg.epochs}"
+    except KeyboardInterrupt as e:
+        error = Terminated if isinstance(e, TerminateSignal) else Interrupted
+        how = "terminated (SIGTERM)" if error is Terminated else "interrupted"
+        where = f"{how} in epoch {state.epoch + 2}/{cfg.epochs}"
         if state.saved_epoch < 0:
-            raise Interrupted(
-                f"{where}, before the first checkpoint", hint="run the same command again"
-            ) from None
-        raise Interrupted(
+            raise error(f"{where}, before the first checkpoint", hint="run the same command again") from None
+        raise error(
             f"{where}; {fold_dir.last} holds epoch {state.saved_epoch + 1}",
             hint="add --resume to the same command to continue from there",
         ) from None
