@@ -708,4 +708,21 @@ def test_a_training_that_fails_early_leaves_no_empty_run_folder(cli, train_env):
     r = cli("train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
             "--require-pretrained", "--pretrained-path", "nowhere.pth")  # fmt: skip
     assert r.exit_code == 4, r.stderr
-    assert not (train_env["out"] / "resnettiny-t1ce-ldam").exists()
+    assert not train_env["out"].exists()  # neither the run's folder nor a new --out
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [
+        ("a/b", "not a plain folder name"),
+        ("../up", "not a plain"),
+        (".hidden", "not a plain"),
+        ("", "is empty"),
+    ],
+)
+def test_a_run_name_that_is_not_a_folder_name_is_refused_before_anything(cli, train_env, name, error):
+    r = cli(
+        "train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"], "--name", name
+    )
+    assert r.exit_code == 2 and error in r.stderr
+    assert not train_env["out"].exists() and not (train_env["out"].parent / "up").exists()

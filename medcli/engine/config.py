@@ -194,6 +194,8 @@ class TrainConfig:
             raise UsageError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.drw_start is not None and self.drw_start <= 0:
             raise UsageError(f"--drw-start must be > 0 (an epoch, or a fraction < 1), got {self.drw_start}")
+        if self.name is not None:
+            _check_run_name(self.name)
         device = self.device.strip().lower()
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise UsageError(f"--device {self.device!r} is not auto, cpu, cuda or cuda:N")
@@ -336,6 +338,18 @@ def _type_words(hint: Any) -> str:
         return "a table"
     words = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
     return words.get(hint, str(hint))
+
+
+def _check_run_name(name: str) -> None:
+    """--name becomes one folder under --out: not a path (``a/b``, ``../x`` would write elsewhere), not
+    hidden (medcli keeps its own lock files as dot-files there), not empty (an unset shell variable)."""
+    if not name.strip():
+        raise UsageError("--name is empty", hint="give the run a name, or leave --name out for the default")
+    if "/" in name or "\\" in name or "\0" in name or name.startswith(".") or name != name.strip():
+        raise UsageError(
+            f"--name {name!r} is not a plain folder name",
+            hint="use letters, digits, '-', '_' (no '/', no leading '.' or spaces); --out chooses the folder",
+        )
 
 
 def _check_loss_name(name: str) -> None:

@@ -110,15 +110,17 @@ class FoldDir:
                 hint="wait for it to finish (then --resume continues it), or use --name for a separate run",
             )
 
-        made = not self.run_root.exists()
+        made = [d for d in (self.run_root, *self.run_root.parents) if not d.exists()]  # --out may be new too
         self.run_root.mkdir(parents=True, exist_ok=True)
         try:
             with exclusive(self.run_root / f".fold{self.fold}.lock", busy):
                 yield
         finally:
-            if made:
-                with contextlib.suppress(OSError):  # not empty: the training wrote something; keep it
-                    self.run_root.rmdir()
+            for d in made:  # innermost first; one the training wrote into is not empty and stays
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
 
     # config -------------------------------------------------------------------------------------------
     def check_reusable(self, cfg_dict: dict[str, Any], *, resume: bool, force: bool) -> None:
