@@ -106,10 +106,10 @@ def test_a_row_per_scan_says_which_the_model_got_wrong(cli, run):
         assert int(t["fold"]) == k and t["patient_id"] == r["patient_id"] and int(t["label"]) == r["label"]
         assert float(t["p_hgg"]) == pytest.approx(r["p_hgg_ema"], abs=1e-6)
         assert float(t["threshold"]) == pytest.approx(per_fold[str(k)], rel=1e-5)
-        assert t["predicted"] == ("HGG" if r["p_hgg_ema"] >= per_fold[str(k)] else "LGG")
-        assert t["grade"] == ("LGG", "HGG")[r["label"]]
-        assert int(t["correct"]) == (t["predicted"] == t["grade"])
-    confusion = [[sum(t["grade"] == g and t["predicted"] == q for t in table) for q in ("LGG", "HGG")]
+        assert t["grade"] == ("HGG" if r["p_hgg_ema"] >= per_fold[str(k)] else "LGG")
+        assert t["true_grade"] == ("LGG", "HGG")[r["label"]]
+        assert int(t["correct"]) == (t["grade"] == t["true_grade"])
+    confusion = [[sum(t["true_grade"] == g and t["grade"] == q for t in table) for q in ("LGG", "HGG")]
                  for g in ("LGG", "HGG")]  # fmt: skip
     assert confusion == out["pooled"]["confusion"]
 

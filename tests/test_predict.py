@@ -344,13 +344,13 @@ def test_labelled_scans_point_to_the_held_out_evaluation(cli, world, tmp_path):
     r = cli("predict", tmp_path / "graded", "--model", world["run"], "--json", "--csv", csv_path)
     assert r.exit_code == 0, r.stderr
     preds = _json(r)["predictions"]
-    # The input's label by name in JSON and CSV alike, as in the table: no 0/1 to decode beside `grade`.
-    assert {p["scan_id"]: p["label"] for p in preds} == {s: ("LGG", "HGG")[y] for s, y in labels.items()}
+    # The input's grade by name (true_grade) in JSON and CSV alike, as in the table: no 0/1 to decode.
+    assert {p["scan_id"]: p["true_grade"] for p in preds} == {s: ("LGG", "HGG")[y] for s, y in labels.items()}
     with csv_path.open() as fh:
-        assert {row["scan_id"]: row["label"] for row in csv.DictReader(fh)} == {
-            p["scan_id"]: p["label"] for p in preds
+        assert {row["scan_id"]: row["true_grade"] for row in csv.DictReader(fh)} == {
+            p["scan_id"]: p["true_grade"] for p in preds
         }
-    agree = sum(p["grade"] == p["label"] for p in preds)
+    agree = sum(p["grade"] == p["true_grade"] for p in preds)
     r = cli("predict", tmp_path / "graded", "--model", world["run"])
     assert _has(r.stderr, f"{agree} of 3 labelled scans graded as labelled")
     assert _has(r.stderr, f"`medcli eval {world['run']} --test {tmp_path / 'graded'}`")

@@ -30,7 +30,7 @@ CSV_FIELDS = (
     "p_max",
     "n_members",
     "n_flips",
-    "label",
+    "true_grade",
     "saliency_nifti",
     "saliency_png",
     "warnings",
@@ -234,7 +234,7 @@ def _print_table(result) -> None:
         table.add_column("sd", justify="right")
         table.add_column("min–max", justify="right")
     if show_label:
-        table.add_column("label")
+        table.add_column("true grade")
     for p in result.predictions:
         row = [p.scan_id, f"[bold]{p.grade}[/]", f"{p.p_hgg:.3f}"]
         if spread:

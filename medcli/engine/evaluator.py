@@ -725,10 +725,10 @@ SCAN_FIELDS = (
     "patient_id",
     "fold",
     "label",
-    "grade",
+    "true_grade",
     "p_hgg",
     "threshold",
-    "predicted",
+    "grade",
     "correct",
 )
 
@@ -748,10 +748,10 @@ def write_scan_predictions(folds: list[FoldPredictions], thresholds: list[float]
                     "patient_id": pid,
                     "fold": "" if f.fold is None else f.fold,
                     "label": int(label),
-                    "grade": M.CLASS_NAMES[int(label)],
+                    "true_grade": M.CLASS_NAMES[int(label)],
                     "p_hgg": f"{float(p):.6f}",
                     "threshold": f"{t:.6g}",
-                    "predicted": M.CLASS_NAMES[predicted],
+                    "grade": M.CLASS_NAMES[predicted],  # the model's call, named as in predict's output
                     "correct": int(predicted == int(label)),
                 }
             )

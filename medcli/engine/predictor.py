@@ -166,9 +166,14 @@ class ScanPrediction:
     warnings: list[str] = field(default_factory=list)  # about the input files (e.g. no orientation)
 
     def to_dict(self) -> dict[str, Any]:
-        """For --json and --csv: the input's label by name ("LGG"/"HGG", as the table shows it), since a
-        bare 0/1 beside the predicted ``grade`` leaves the reader to guess which class is 1."""
-        return {**asdict(self), "label": None if self.label is None else label_to_grade(self.label)}
+        """For --json and --csv: the input's grade by name as ``true_grade`` ("LGG"/"HGG", as the table and
+        eval's predictions.csv show it), since a bare 0/1 beside the predicted ``grade`` leaves the reader to
+        guess which class is 1.  ``grade`` is the model's call, here and in eval's predictions.csv alike."""
+        truth = None if self.label is None else label_to_grade(self.label)
+        return {
+            ("true_grade" if k == "label" else k): (truth if k == "label" else v)
+            for k, v in asdict(self).items()
+        }
 
 
 @dataclass
