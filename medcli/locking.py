@@ -52,3 +52,26 @@ def exclusive(lock: Path, busy: Callable[[str], MedcliError]) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
         os.close(fd)
+
+
+def holder(lock: Path) -> str | None:
+    """Who holds ``lock`` now ("pid N", or "another process"), or None when nobody does (no file, or one a
+    killed process left behind: the kernel released its flock)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        return None
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            pid = os.read(fd, 32).decode(errors="replace").strip()
+            return f"pid {pid}" if pid.isdigit() else "another process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

@@ -696,3 +696,23 @@ def test_a_gpu_out_of_memory_message_is_shortened_to_what_was_asked():
     assert out_of_memory(cuda) == "out of memory on the GPU: tried to allocate 2.00 GiB"
     assert out_of_memory(MemoryError()) == "out of memory"
     assert out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
+
+def test_folds_still_training_are_said(cli, world):
+    """A fold that a training holds right now (its lock) may still change its best.pt: predict says so;
+    a lock file a killed training left behind says nothing."""
+    from medcli.engine.runs import FoldDir, folds_in_training
+
+    run = world["run"]
+    assert folds_in_training(run) is None
+    with FoldDir(run, 1).exclusive():
+        r = cli("predict", _scan(world), "--model", run, "--json")
+        assert r.exit_code == 0, r.stderr
+        assert _has(r.stderr, f"fold 1 (pid {os.getpid()}) is still training")
+        assert folds_in_training(run / "fold1" / "best.pt") == folds_in_training(run)
+        assert folds_in_training(run / "fold0") is None
+    (run / ".fold1.lock").write_text("12345")  # left by a SIGKILLed training: nobody holds it
+    try:
+        assert folds_in_training(run) is None
+    finally:
+        (run / ".fold1.lock").unlink()

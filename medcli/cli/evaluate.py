@@ -152,8 +152,11 @@ def eval_command(
         console.print_json(report.to_dict())
     else:
         _render(report)
-    for note in report.notes:
-        console.info(note)
+    from medcli.engine.runs import folds_in_training
+
+    for note in [*report.notes, folds_in_training(target)]:
+        if note:
+            console.info(note)
     for name, path in report.plots.items():
         console.info(f"{name}: {path}")
 

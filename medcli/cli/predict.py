@@ -101,6 +101,10 @@ def predict_command(
     source = P.find_checkpoints(model, default_runs_root())
     if model is None:
         console.info(f"Using the newest run: {source.root}")
+    from medcli.engine.runs import folds_in_training
+
+    if training := folds_in_training(source.checkpoints[0] if source.kind == "checkpoint" else source.root):
+        console.info(training)
     if tuned:
         from medcli.engine.evaluator import tuned_threshold
 

@@ -66,6 +66,27 @@ def missing_folds(run_root: Path, fold_dirs: Iterable[Path]) -> list[int]:
     return [i for i in range(k) if i not in have]
 
 
+def folds_in_training(target: str | Path) -> str | None:
+    """A note when ``target`` (a run, a fold folder, or a checkpoint in one) has folds that a training holds
+    right now (``FoldDir.exclusive``): their checkpoints and validation predictions may still change."""
+    from medcli.locking import holder
+
+    target = Path(target)
+    folder = target.parent if target.is_file() else target
+    if folder.name.startswith("fold") and fold_number(folder.name) >= 0:
+        locks = [folder.parent / f".{folder.name}.lock"]
+    else:
+        locks = sorted(folder.glob(".fold*.lock"), key=lambda p: fold_number(p.name))
+    busy = [f"{fold_number(lock.name)} ({who})" for lock in locks if (who := holder(lock))]
+    if not busy:
+        return None
+    what = ("fold " if len(busy) == 1 else "folds ") + ", ".join(busy)
+    return (
+        f"{what} {'is' if len(busy) == 1 else 'are'} still training: this uses the files as they are now, "
+        "which may still change"
+    )
+
+
 class FoldDir:
     """Paths and writers of ``runs/<name>/fold<k>/``."""
 
