@@ -716,3 +716,24 @@ def test_folds_still_training_are_said(cli, world):
         assert folds_in_training(run) is None
     finally:
         (run / ".fold1.lock").unlink()
+
+
+def test_predictions_never_overwrite_their_input_manifest(cli, world, tmp_path):
+    manifest = tmp_path / "scans.csv"
+    manifest.write_text(f"subject_id,t1ce\nS1,{_scan(world)}\n")
+    before = manifest.read_bytes()
+    r = cli("predict", manifest, "--model", world["run"] / "fold0", "--csv", manifest)
+    assert r.exit_code == 2 and _has(r.stderr, "is one of the inputs: the predictions would overwrite it")
+    assert manifest.read_bytes() == before
+
+
+def test_saliency_maps_written_among_the_scans_are_not_taken_for_scans(cli, world, tmp_path):
+    """`predict scans/ --saliency scans/`, then `predict scans/` again: the maps stay maps."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "patient1.nii.gz").write_bytes(_scan(world, 1).read_bytes())
+    for _ in range(2):
+        r = cli("predict", folder, "--model", world["run"] / "fold0", "--saliency", folder, "--json")
+        assert r.exit_code == 0, r.stderr
+        assert [p["scan_id"] for p in _json(r)["predictions"]] == ["patient1"]
+    assert (folder / "patient1_gradcam.nii.gz").is_file()

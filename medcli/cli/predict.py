@@ -93,6 +93,11 @@ def predict_command(
     # Outputs are checked before any scan is read: a bad path must not cost the whole batch's work.
     if csv_path is not None and not csv_stdout:
         require_writable_file(csv_path, "--csv")
+        if any(Path(i).is_file() and csv_path.resolve() == Path(i).resolve() for i in inputs):
+            raise UsageError(
+                f"--csv {csv_path} is one of the inputs: the predictions would overwrite it",
+                hint="write the predictions to another file",
+            )
     if saliency is not None:
         require_writable_dir(saliency, "--saliency")
 

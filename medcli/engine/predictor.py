@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -526,6 +527,7 @@ def load_predictor(
 # ----------------------------------------------------------------------------------------------------------
 
 _NII = (".nii.gz", ".nii")
+SALIENCY_NAME = re.compile(r"_gradcam\.nii(\.gz)?$", re.IGNORECASE)  # medcli.engine.saliency's maps
 
 
 def _strip_nii(name: str) -> str:
@@ -698,9 +700,15 @@ def _discover_scans(
 
 
 def _top_level_nifti(path: Path) -> list[Path]:
+    """NIfTI files directly in folder ``path``, less the Grad-CAM maps predict itself writes (a --saliency
+    folder inside the scans' folder must not turn maps into scans on the next run)."""
     if not path.is_dir():
         return []
-    return sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p) and not p.name.startswith("."))
+    return sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file() and is_nifti(p) and not p.name.startswith(".") and not SALIENCY_NAME.search(p.name)
+    )
 
 
 def _file_scans(files: list[Path], modalities: Sequence[str]) -> tuple[list[ScanInput], list[ScanFailure]]:
