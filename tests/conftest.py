@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,25 @@ def run_medcli(*args: str, env: dict | None = None, cwd: Path | None = None, tim
 @pytest.fixture
 def medcli_proc():
     return run_medcli
+
+
+def training_with_a_checkpoint(
+    train_env: dict, name: str, *extra: str, **popen
+) -> tuple[subprocess.Popen, Path]:
+    """Start a long `medcli train --name NAME` in a real process; return it once fold 0's last.pt exists
+    (for a test to signal it mid-training), with the fold's folder.  ``popen``: more Popen arguments."""
+    args = ["train", "--data", str(train_env["data"]), "--out", str(train_env["out"]), *train_env["tiny"]]
+    fold = train_env["out"] / name / "fold0"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medcli", *args, "--epochs", "400", "--name", name, *extra],
+        env={**os.environ, **train_env["env"]},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    deadline = time.time() + 300
+    while not (fold / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()[1]
+    return proc, fold

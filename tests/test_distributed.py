@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_medcli
+from conftest import run_medcli, training_with_a_checkpoint
 
 from medcli.cli.launch import relaunch_command
 
@@ -188,22 +186,10 @@ def _processes_in_session(sid: int) -> list[str]:
 def test_sigterm_to_the_launcher_stops_its_ranks_too(train_env):
     """A scheduler's SIGTERM to `medcli train --multi-gpu` alone is passed on to torchrun, which stops its
     ranks: none is left training, orphaned, after the command has exited."""
-    args = ["train", "--data", str(train_env["data"]), "--out", str(train_env["out"]), *train_env["tiny"]]
-    args += ["--loss", "ce", "--epochs", "400", "--name", "ddpterm", "--multi_gpu", "--device", "cpu"]
-    args += ["--nproc", "2"]
-    fold = train_env["out"] / "ddpterm" / "fold0"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "medcli", *args],
-        env={**os.environ, **train_env["env"]},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc, _ = training_with_a_checkpoint(
+        train_env, "ddpterm", "--loss", "ce", "--multi_gpu", "--device", "cpu", "--nproc", "2",
         start_new_session=True,  # the launcher, torchrun and the ranks: one session to look into after
-    )
-    deadline = time.time() + 300
-    while not (fold / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()[1]
+    )  # fmt: skip
     proc.terminate()  # the launcher alone, as `kill PID` or a scheduler signalling one process would
     # The ranks share the launcher's stderr: orphaned, they held it open (training on) until their
     # rendezvous store timed out, over a minute later.

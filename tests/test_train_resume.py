@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import run_medcli
+from conftest import run_medcli, training_with_a_checkpoint
 
 pytest_plugins = ("helpers_train",)  # tiny_cohort, shared_cache, train_env
 
@@ -68,22 +68,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(train_env):
 @pytest.mark.slow
 def test_ctrl_c_says_which_epoch_last_pt_holds_and_how_to_resume(train_env):
     """Ctrl-C mid-training: exit 130, one line naming the epoch last.pt holds and --resume; it resumes."""
-    args = ["train", "--data", str(train_env["data"]), "--out", str(train_env["out"]), *train_env["tiny"]]
-    args += ["--epochs", "400", "--name", "ctrlc"]
-    fold = train_env["out"] / "ctrlc" / "fold0"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "medcli", *args],
-        env={**os.environ, **train_env["env"]},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        # A shell's background job (`make test &`) ignores SIGINT, and a child inherits that: Python then
-        # installs no KeyboardInterrupt handler.  Ctrl-C in a terminal reaches a process that handles it.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    # A shell's background job (`make test &`) ignores SIGINT, and a child inherits that: Python then
+    # installs no KeyboardInterrupt handler.  Ctrl-C in a terminal reaches a process that handles it.
+    proc, fold = training_with_a_checkpoint(
+        train_env, "ctrlc", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
     )
-    deadline = time.time() + 240
-    while not (fold / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -92,8 +81,7 @@ def test_ctrl_c_says_which_epoch_last_pt_holds_and_how_to_resume(train_env):
     held = torch.load(fold / "last.pt", weights_only=True)["epoch"]
     assert f"{fold / 'last.pt'} holds epoch {held + 1} (add --resume to the same command" in errors[0]
 
-    resumed = run_medcli(*args, "--resume", "--max-steps", "1", env=train_env["env"], timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = _resume(train_env, "ctrlc")
     assert f"Resuming from {fold / 'last.pt'}: epoch {held + 1} done" in resumed.stderr
 
 
@@ -101,19 +89,7 @@ def test_ctrl_c_says_which_epoch_last_pt_holds_and_how_to_resume(train_env):
 def test_sigterm_ends_a_training_like_ctrl_c_and_says_so_in_its_log(train_env):
     """A batch scheduler's time limit or preemption sends SIGTERM: exit 143, one line naming the epoch
     last.pt holds, the same in train.log, and the fold's lock released (the next command can resume)."""
-    args = ["train", "--data", str(train_env["data"]), "--out", str(train_env["out"]), *train_env["tiny"]]
-    args += ["--epochs", "400", "--name", "sigterm"]
-    fold = train_env["out"] / "sigterm" / "fold0"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "medcli", *args],
-        env={**os.environ, **train_env["env"]},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 240
-    while not (fold / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    proc, fold = training_with_a_checkpoint(train_env, "sigterm")
     proc.terminate()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
@@ -125,5 +101,13 @@ def test_sigterm_ends_a_training_like_ctrl_c_and_says_so_in_its_log(train_env):
     assert "error: terminated (SIGTERM)" in log_end and f"holds epoch {held + 1}" in log_end
     assert not (fold.parent / ".fold0.lock").exists()
 
-    resumed = run_medcli(*args, "--resume", "--max-steps", "1", env=train_env["env"], timeout=300)
+    _resume(train_env, "sigterm")
+
+
+def _resume(train_env: dict, name: str):
+    """The same command as training_with_a_checkpoint's, with --resume, for one more step."""
+    args = ["train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"]]
+    args += ["--epochs", "400", "--name", name, "--resume", "--max-steps", "1"]
+    resumed = run_medcli(*args, env=train_env["env"], timeout=300)
     assert resumed.returncode == 0, resumed.stderr
+    return resumed
