@@ -152,6 +152,18 @@ def test_verify_wrong_depth_exits_5_and_names_the_depth(cli, tmp_path_factory):
     assert "ResNet-10 MedicalNet file" in line and "use --depth 10" in line
 
 
+def test_verify_of_a_training_checkpoint_names_it_as_such(cli, tmp_path):
+    """A medcli best.pt can seed another training, so verify reads it, and names it for what it is."""
+    from helpers_predict import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "fold0" / "best.pt")
+    result = cli("weights", "verify", ckpt)  # default --depth 50
+    assert result.exit_code == 5
+    line = _one_error_line(result)
+    assert "is a tiny medcli checkpoint but the model is ResNet-50" in line and "use --depth tiny" in line
+    assert cli("weights", "verify", ckpt, "--depth", "tiny").exit_code == 0
+
+
 def test_verify_partial_backbone_exits_5_with_the_summary(cli, tmp_path):
     state = medicalnet_state_dict("tiny")
     del state["module.layer4.0.conv2.weight"]

@@ -526,8 +526,8 @@ def _check_plan(report: LoadReport, detected: DetectedArch | None) -> None:
     arch = report.model_arch
     if detected and detected.name and arch and detected.name != arch:
         raise IncompleteLoadError(
-            f"{report.path} is a {detected.label} MedicalNet file but the model is {display_name(arch)} "
-            f"({len(report.loaded)}/{len(report.model_keys)} keys would load)",
+            f"{report.path} is a {detected.label} {_kind_of_file(report)} but the model is "
+            f"{display_name(arch)} ({len(report.loaded)}/{len(report.model_keys)} keys would load)",
             hint=depth_hint(detected.name),
         )
     if report.backbone_fraction < _MIN_BACKBONE_FRACTION:
@@ -537,10 +537,15 @@ def _check_plan(report: LoadReport, detected: DetectedArch | None) -> None:
         )
 
 
+def _kind_of_file(report: LoadReport) -> str:
+    # medcli's training checkpoints keep the weights under "model" (they can seed another training).
+    return "medcli checkpoint" if report.container == "model" else "MedicalNet file"
+
+
 def incomplete_hint(report: LoadReport) -> str:
     if report.detected_arch and report.model_arch and report.detected_arch != report.model_arch:
         arch = report.detected_arch
-        return f"this is a {display_name(arch)} MedicalNet file; {depth_hint(arch)}"
+        return f"this is a {display_name(arch)} {_kind_of_file(report)}; {depth_hint(arch)}"
     mismatched = [m[0] for m in report.mismatched]
     if "conv1.weight" in mismatched and report.detected_in_channels:
         n = report.detected_in_channels
