@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -182,3 +185,38 @@ def test_full_size_subject_is_generated_and_timed():
     CPU-seconds where the same build took ~1.5 in every other run."""
     result = bench_synth(FULL_SHAPE, n=1)
     assert result["total_s"] >= result["generate_s"] > 0 and result["write_s"] > 0, result
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_an_interrupted_synth_leaves_no_half_cohort(tmp_path, existed):
+    """SIGTERM (or Ctrl-C, or an error) mid-way: OUT is gone again (or empty, if it was an empty folder),
+    so no training finds half a cohort and the same command can run again."""
+    out = tmp_path / "cohort"
+    if existed:
+        out.mkdir()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "medcli",
+            "data",
+            "synth",
+            str(out),
+            "-n",
+            "500",
+            "--shape",
+            "64,64,48",
+            "-j",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (out.is_dir() and len(list(out.iterdir())) >= 2) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert (list(out.iterdir()) == []) if existed else not out.exists()

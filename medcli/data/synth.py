@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 import zlib
@@ -374,7 +375,31 @@ def synth_cohort(
     out = Path(out)
     layout = str(layout).lower()
     validate_options(out, n_subjects, shape, layout, lgg_fraction, label_noise, workers)
+    existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _synth_into(out, n_subjects, shape, layout, seed, lgg_fraction, label_noise, workers, progress)
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM) or failed: no half cohort stays behind for a training to find, and
+        # the same command can run again.  OUT was new or empty (validate_options), so nothing else is lost.
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        if not existed:
+            out.rmdir()
+        raise
+
+
+def _synth_into(
+    out: Path,
+    n_subjects: int,
+    shape: tuple[int, int, int],
+    layout: str,
+    seed: int,
+    lgg_fraction: float,
+    label_noise: float,
+    workers: int,
+    progress: Callable[[int, int], None] | None,
+) -> SynthResult:
     affine = brats_affine(shape)
     started = time.perf_counter()
 
