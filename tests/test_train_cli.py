@@ -726,3 +726,30 @@ def test_a_run_name_that_is_not_a_folder_name_is_refused_before_anything(cli, tr
     )
     assert r.exit_code == 2 and error in r.stderr
     assert not train_env["out"].exists() and not (train_env["out"].parent / "up").exists()
+
+
+@pytest.mark.slow
+def test_a_compile_failure_is_one_line_and_the_fold_starts_over_without_it(train_env):
+    """--compile on a machine without a C++ compiler (a slim container): one line, exit 9, the same in
+    train.log; the same command without --compile then trains the fold, no --force needed."""
+    from conftest import run_medcli
+
+    args = (
+        "train",
+        "--data",
+        train_env["data"],
+        "--out",
+        train_env["out"],
+        *train_env["tiny"],
+        "--max-steps",
+        "1",
+    )
+    failed = run_medcli(*args, "--compile", env={**train_env["env"], "CXX": "/nonexistent/g++"})
+    assert failed.returncode == 9, failed.stderr
+    assert "Traceback" not in failed.stderr
+    (line,) = [ln for ln in failed.stderr.splitlines() if ln.startswith("Error:")]
+    assert "--compile: torch.compile could not compile the model: InvalidCxxCompiler" in line
+    log = (train_env["out"] / "resnettiny-t1ce-ldam" / "fold0" / "train.log").read_text().splitlines()
+    assert "error: --compile: torch.compile could not compile the model" in log[-1]
+    again = run_medcli(*args, env=train_env["env"])
+    assert again.returncode == 0, again.stderr

@@ -21,8 +21,22 @@ AMP_DTYPES = ("auto", "fp16", "bf16")
 
 # Settings that may differ between a run and its --resume (they change how long or where it runs, not
 # what is learned); everything else must match the fold's config.json.
+# Settings a fold may be resumed or restarted with changed (how it runs, not what it learns): `--compile`
+# and `--channels-last` change speed alone.
 RUN_CONTROL_FIELDS = frozenset(
-    {"epochs", "patience", "max_steps", "num_workers", "device", "gpu", "multi_gpu", "nproc", "data"}
+    {
+        "epochs",
+        "patience",
+        "max_steps",
+        "num_workers",
+        "device",
+        "gpu",
+        "multi_gpu",
+        "nproc",
+        "data",
+        "compile",
+        "channels_last",
+    }
 )
 
 

@@ -234,19 +234,39 @@ def train(
                 result = _fit(
                     cfg, device, precision, model, loss_fn, data, fold_dir, pretrained_sha, emit, resume
                 )
-            except (
-                BaseException
-            ) as e:  # the log says how the session ended, then the error goes on to the CLI
+            except BaseException as e:
+                # The log says how the session ended, then the error goes on to the CLI.  No barrier
+                # here: an error may be this rank's alone (its loss went NaN), with the other ranks waiting
+                # in a gradient all-reduce; a barrier would wait for them forever.  Exiting lets torchrun
+                # stop the others and report this rank's exit code.
+                error = _compile_failure(e) if cfg.compile else None
                 if log is not None:
+                    shown = error or e
                     log.write(
-                        f"error: {e}" if isinstance(e, MedcliError) else f"error: {type(e).__name__}: {e}"
+                        f"error: {shown}"
+                        if isinstance(shown, MedcliError)
+                        else f"error: {type(shown).__name__}: {shown}"
                     )
-                # No barrier here: an error may be this rank's alone (its loss went NaN), with the other
-                # ranks waiting in a gradient all-reduce; a barrier would wait for them forever.  Exiting
-                # lets torchrun stop the others and report this rank's exit code.
+                if error is not None:
+                    raise error from e
                 raise
             dist.barrier()  # every rank finished the fold: the next one starts together
             return result
+
+
+def _compile_failure(e: BaseException) -> DeviceError | None:
+    """torch.compile fails at the model's first call (no C++ compiler on a CPU machine, an unsupported
+    op): one line saying so and that --compile can go, rather than inductor's traceback."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    if not isinstance(e, BackendCompilerFailed):
+        return None
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return DeviceError(
+        f"--compile: torch.compile could not compile the model: {first}",
+        hint="drop --compile (it changes speed, not results; the fold starts over without --force); on CPU "
+        "it needs a working C++ compiler (g++ or clang++, or set CXX)",
+    )
 
 
 def _seed_everything(seed: int) -> None:
