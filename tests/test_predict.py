@@ -737,3 +737,28 @@ def test_saliency_maps_written_among_the_scans_are_not_taken_for_scans(cli, worl
         assert r.exit_code == 0, r.stderr
         assert [p["scan_id"] for p in _json(r)["predictions"]] == ["patient1"]
     assert (folder / "patient1_gradcam.nii.gz").is_file()
+
+
+def test_a_scan_whose_name_lies_about_its_compression_says_what_to_rename(cli, world, tmp_path):
+    """nibabel goes by the name: an uncompressed file named .nii.gz (or a gzipped one named .nii) reads as
+    corrupt.  The message says which it is and the rename that fixes it."""
+    import gzip
+
+    plain = tmp_path / "plain_t1ce.nii.gz"
+    plain.write_bytes(gzip.decompress(_scan(world).read_bytes()))
+    zipped = tmp_path / "zipped_t1ce.nii"
+    zipped.write_bytes(_scan(world).read_bytes())
+    r = cli("predict", plain, zipped, "--model", world["run"] / "fold0")
+    assert r.exit_code == 3
+    assert _has(
+        r.stderr, "plain_t1ce.nii.gz: is an uncompressed NIfTI file named .gz (rename it to end in .nii"
+    )
+    assert _has(
+        r.stderr, "zipped_t1ce.nii: is gzip-compressed but its name does not end in .gz (rename it to"
+    )
+    (tmp_path / "S1").mkdir()
+    plain.rename(tmp_path / "S1" / "S1_t1ce.nii.gz")  # in a subject folder: discovery says the same
+    r = cli("predict", tmp_path / "S1", "--model", world["run"] / "fold0")
+    assert r.exit_code == 3 and _has(
+        r.stderr, "is an uncompressed NIfTI file named .gz (rename it to end in .nii"
+    )

@@ -27,6 +27,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from medcli.data import CLASS_NAMES, MODALITIES, canonical_modality, grade_to_label, parse_grade
 from medcli.errors import DataError
@@ -795,12 +796,8 @@ def _check_subject(subject: Subject, required: Sequence[str], check_headers: boo
         if not check_headers:
             continue
         header = _read_nifti_header(path)
-        if isinstance(header, str):
-            problems.append(
-                Problem(
-                    sid, str(path), f"{modality}: {header}", "re-download or re-export the file", severity
-                )
-            )
+        if isinstance(header, _Unreadable):
+            problems.append(Problem(sid, str(path), f"{modality}: {header.what}", header.todo, severity))
             continue
         shape, affine, oriented = header
         if not oriented:
@@ -840,9 +837,16 @@ def _check_subject(subject: Subject, required: Sequence[str], check_headers: boo
     return problems
 
 
-def _read_nifti_header(path: Path) -> tuple[tuple[int, ...], object, bool] | str:
-    """(3-D shape, affine, whether it has an orientation) from the header alone, or a description of what
-    is wrong with the file.
+class _Unreadable(NamedTuple):
+    """Why a file cannot be used as a scan, and what to do about it."""
+
+    what: str
+    todo: str = "re-download or re-export the file"
+
+
+def _read_nifti_header(path: Path) -> tuple[tuple[int, ...], object, bool] | _Unreadable:
+    """(3-D shape, affine, whether it has an orientation) from the header alone, or what is wrong with the
+    file and what to do.
 
     Reads the first 540 bytes (gunzipped on the fly) and parses them with nibabel's header classes:
     about 5× cheaper than ``nibabel.load``, which also builds an image and sniffs for sidecar files.
@@ -851,8 +855,10 @@ def _read_nifti_header(path: Path) -> tuple[tuple[int, ...], object, bool] | str
 
     import nibabel as nib  # imported here: `medcli data --help` stays instant
 
-    from medcli.data.nifti import has_orientation
+    from medcli.data.nifti import has_orientation, misnamed_compression
 
+    if misnamed := misnamed_compression(path):
+        return _Unreadable(*misnamed)
     try:
         opener = gzip.open if path.name.lower().endswith(".gz") else open
         with opener(path, "rb") as f:
@@ -865,7 +871,7 @@ def _read_nifti_header(path: Path) -> tuple[tuple[int, ...], object, bool] | str
                 endianness = "<" if order == "little" else ">"
                 break
         if header_class is None or len(raw) < size:
-            return "not a NIfTI file (no NIfTI-1/2 header at its start)"
+            return _Unreadable("not a NIfTI file (no NIfTI-1/2 header at its start)")
         header = header_class(raw[:size], endianness=endianness, check=False)
         shape = tuple(int(n) for n in header.get_data_shape())
         affine = header.get_best_affine()
@@ -875,17 +881,21 @@ def _read_nifti_header(path: Path) -> tuple[tuple[int, ...], object, bool] | str
         itemsize = header.get_data_dtype().itemsize
     except Exception as e:  # gzip/nibabel raise many kinds for a bad file; all mean "unreadable"
         if _starts_like_html(path):
-            return "is an HTML/text page, not a NIfTI file (a login or error page saved as the download?)"
-        return f"not a readable NIfTI file ({type(e).__name__}: {e})"
+            return _Unreadable(
+                "is an HTML/text page, not a NIfTI file (a login or error page saved as the download?)"
+            )
+        return _Unreadable(f"not a readable NIfTI file ({type(e).__name__}: {e})")
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) != 3:
-        return f"is {len(shape)}-D with shape {shape}, expected one 3-D volume"
+        return _Unreadable(f"is {len(shape)}-D with shape {shape}, expected one 3-D volume")
     if not _finite(affine):
-        return "header has no usable affine (NaN in sform/qform)"
+        return _Unreadable("header has no usable affine (NaN in sform/qform)")
     expected = offset + itemsize * shape[0] * shape[1] * shape[2]
     if _looks_truncated(path, expected):
-        return "truncated: the file ends before its image data does (an interrupted download or copy?)"
+        return _Unreadable(
+            "truncated: the file ends before its image data does (an interrupted download or copy?)"
+        )
     return shape, affine, oriented
 
 

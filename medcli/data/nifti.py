@@ -47,6 +47,24 @@ def _fail(path: Path, what: str, todo: str) -> DataError:
     return DataError(f"{path}: {what}", hint=todo)
 
 
+def misnamed_compression(path: Path) -> tuple[str, str] | None:
+    """(what, what to do) when the file's bytes and its name disagree about gzip: nibabel decides by the
+    name alone, so a scan saved as ``.nii.gz`` without compression (or the reverse) reads as corrupt."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    gzipped = head[:2] == b"\x1f\x8b"
+    named_gz = path.name.lower().endswith(".gz")
+    nifti = any(int.from_bytes(head, order) in (348, 540) for order in ("little", "big"))
+    if named_gz and not gzipped and nifti:
+        return "is an uncompressed NIfTI file named .gz", "rename it to end in .nii (or gzip it)"
+    if gzipped and not named_gz:
+        return "is gzip-compressed but its name does not end in .gz", "rename it to end in .nii.gz"
+    return None
+
+
 def _squeeze_to_3d(raw: np.ndarray, path: Path) -> np.ndarray:
     """Accept 3D, or 4D+ whose extra dimensions are all 1 (common for NIfTI written by some tools)."""
     if raw.ndim > 3 and all(n == 1 for n in raw.shape[3:]):
@@ -80,6 +98,8 @@ def read_nifti(path: str | Path, orientation: str = "RAS") -> NiftiVolume:
     try:
         img = nib.load(str(path))
     except Exception as e:  # nibabel raises ImageFileError, HeaderDataError, OSError, EOFError, ...
+        if misnamed := misnamed_compression(path):
+            raise _fail(path, *misnamed) from e
         raise _fail(
             path, f"is not a readable NIfTI file ({type(e).__name__}: {e})", "pass a .nii or .nii.gz image"
         ) from e
