@@ -9,11 +9,15 @@ process holds the lock.  Standard library only, like ``atomic``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from medcli.errors import MedcliError
+
+# flock's answers for "another process holds it"; any other error means the filesystem cannot lock.
+_HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 
 @contextlib.contextmanager
@@ -30,11 +34,15 @@ def exclusive(lock: Path, busy: Callable[[str], MedcliError]) -> Iterator[None]:
         yield
         return
     lock = Path(lock)
+    cannot_lock = False
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in _HELD:
+                cannot_lock = True
+                break
             holder = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
             raise busy(f"pid {holder}" if holder.isdigit() else "") from None
@@ -44,6 +52,14 @@ def exclusive(lock: Path, busy: Callable[[str], MedcliError]) -> Iterator[None]:
         except FileNotFoundError:
             pass
         os.close(fd)  # locked a file that was unlinked meanwhile: take the new one
+    if cannot_lock:
+        # The filesystem cannot lock (Lustre mounted without flock, some FUSE mounts): go on unlocked, as
+        # before locks existed, rather than refuse every run as "busy".
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        yield
+        return
     try:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())  # for the message another process gets
@@ -68,7 +84,9 @@ def holder(lock: Path) -> str | None:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in _HELD:  # a filesystem that cannot lock: nobody can hold it
+                return None
             pid = os.read(fd, 32).decode(errors="replace").strip()
             return f"pid {pid}" if pid.isdigit() else "another process"
         fcntl.flock(fd, fcntl.LOCK_UN)
