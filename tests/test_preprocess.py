@@ -31,8 +31,14 @@ def test_config_defaults_and_json_round_trip():
 def test_config_normalises_spellings_so_keys_match():
     a = PreprocessConfig(modalities=["T1CE", "flair"], input_size=64, clip_percentiles=[1, 99])
     b = PreprocessConfig(modalities=("t1ce", "flair"), input_size=(64, 64, 64), clip_percentiles=(1.0, 99.0))
-    assert a == b and a.key() == b.key()
+    c = PreprocessConfig(
+        modalities=("t1c", "T2F"), input_size=64, clip_percentiles=(1, 99)
+    )  # BraTS 2023 names
+    assert a == b == c and a.key() == b.key() == c.key()
     assert a.in_channels == 2
+    for bad, why in ((("t1ce", "seg"), "unknown modality 'seg'"), (("t1ce", "t1c"), "one sequence twice")):
+        with pytest.raises(UsageError, match=why):
+            PreprocessConfig(modalities=bad)
 
 
 @pytest.mark.parametrize(

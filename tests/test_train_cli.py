@@ -753,3 +753,14 @@ def test_a_compile_failure_is_one_line_and_the_fold_starts_over_without_it(train
     assert "error: --compile: torch.compile could not compile the model" in log[-1]
     again = run_medcli(*args, env=train_env["env"])
     assert again.returncode == 0, again.stderr
+
+
+def test_brats_2023_modality_names_train(cli, train_env):
+    """--modalities t1c,t2f (BraTS 2023's names) are t1ce,flair: discovery found the files, but
+    preprocessing looked for "t1c" and failed every subject."""
+    r = cli("train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+            "--modalities", "t1c,t2f", "--max-steps", "1", "--json")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    (fold,) = json.loads(r.stdout)["folds"]
+    assert Path(fold["run_dir"]).parent.name == "resnettiny-t1ce+flair-ldam"
+    assert json.loads((Path(fold["run_dir"]) / "config.json").read_text())["modalities"] == ["t1ce", "flair"]

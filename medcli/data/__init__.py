@@ -10,7 +10,9 @@ stratified k-fold), ``synth`` (BraTS-like synthetic volumes), and the preprocess
 
 from __future__ import annotations
 
-from medcli.errors import DataError
+from collections.abc import Sequence
+
+from medcli.errors import DataError, UsageError
 
 CLASS_NAMES: tuple[str, str] = ("LGG", "HGG")
 """Index = label: 0 = LGG (WHO grade II/III), 1 = HGG (glioblastoma, grade IV)."""
@@ -35,6 +37,31 @@ def canonical_modality(name: str) -> str | None:
     key = name.strip().lower()
     key = MODALITY_ALIASES.get(key, key)
     return key if key in MODALITIES else None
+
+
+def canonical_modalities(names: str | Sequence[str]) -> tuple[str, ...]:
+    """``"T1c, t2f"`` or ``["t1c", "t2f"]`` → ``("t1ce", "flair")``: the one spelling that discovery,
+    preprocessing, cache keys, checkpoints and run names share.  Unknown, empty or repeated names are a
+    UsageError."""
+    parts = names.split(",") if isinstance(names, str) else list(names)
+    given = [str(p).strip() for p in parts if str(p).strip()]
+    if not given:
+        raise UsageError("no modality given", hint="e.g. --modalities t1ce or --modalities t1ce,flair")
+    out = []
+    for name in given:
+        canonical = canonical_modality(name)
+        if canonical is None:
+            raise UsageError(
+                f"unknown modality {name!r}",
+                hint=f"choose from {', '.join(MODALITIES)} (BraTS 2023's t1n, t1c, t2w, t2f work too)",
+            )
+        out.append(canonical)
+    if len(set(out)) != len(out):
+        raise UsageError(
+            f"modalities {', '.join(given)} name one sequence twice",
+            hint="give distinct names, e.g. t1ce,flair",
+        )
+    return tuple(out)
 
 
 def grade_to_label(grade: str) -> int:
@@ -72,6 +99,7 @@ __all__ = [
     "CLASS_NAMES",
     "MODALITIES",
     "MODALITY_ALIASES",
+    "canonical_modalities",
     "canonical_modality",
     "grade_to_label",
     "label_to_grade",

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from medcli.data import canonical_modalities
 from medcli.data.nifti import NO_ORIENTATION, NO_ORIENTATION_HINT, NiftiVolume, read_nifti, to_file_grid
 from medcli.errors import DataError, UsageError
 
@@ -68,12 +69,11 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         # Normalise the spellings (lists from JSON, "T1CE", an int size) so equal configs hash equally.
         mods = (self.modalities,) if isinstance(self.modalities, str) else tuple(self.modalities)
-        mods = tuple(str(m).strip().lower() for m in mods)
-        if not mods or any(not m for m in mods) or len(set(mods)) != len(mods):
+        if not mods or any(not str(m).strip() for m in mods):
             raise UsageError(
                 f"modalities {self.modalities!r} are invalid", hint="give distinct names, e.g. t1ce,flair"
             )
-        object.__setattr__(self, "modalities", mods)
+        object.__setattr__(self, "modalities", canonical_modalities(mods))  # "T1c" → "t1ce"
         object.__setattr__(self, "input_size", _as_size(self.input_size))
         if int(self.crop_margin) < 0:
             raise UsageError(f"crop margin {self.crop_margin} is negative", hint="use 0 or more voxels")

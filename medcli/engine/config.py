@@ -74,11 +74,13 @@ def parse_input_size(value: int | str | list | tuple) -> tuple[int, int, int]:
 
 
 def parse_modalities(value: str | list | tuple) -> tuple[str, ...]:
-    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    mods = tuple(str(p).strip().lower() for p in parts if str(p).strip())
-    if not mods:
-        raise UsageError("--modalities is empty", hint="e.g. --modalities t1ce or --modalities t1ce,flair")
-    return mods
+    """--modalities in canonical names (``t1c`` → ``t1ce``), as discovery and preprocessing use them."""
+    from medcli.data import canonical_modalities
+
+    try:
+        return canonical_modalities(value if isinstance(value, (list, tuple)) else str(value))
+    except UsageError as e:
+        raise UsageError(f"--modalities: {e.message}", hint=e.hint) from None
 
 
 @dataclass
