@@ -762,3 +762,28 @@ def test_a_scan_whose_name_lies_about_its_compression_says_what_to_rename(cli, w
     assert r.exit_code == 3 and _has(
         r.stderr, "is an uncompressed NIfTI file named .gz (rename it to end in .nii"
     )
+
+
+def test_a_degenerate_header_affine_is_one_clear_error(cli, world, tmp_path):
+    """A converter that wrote a zero (or NaN) sform and no qform: nibabel cannot orient the scan, and its
+    ValueError came out as a traceback."""
+    img = nib.load(_scan(world))
+    cases = {"zero": np.zeros((4, 4)), "nan": np.full((4, 4), np.nan)}
+    paths = []
+    for name, sform in cases.items():
+        header = img.header.copy()
+        header.set_qform(None, code=0)
+        header.set_sform(np.eye(4), code=1)
+        for i, row in enumerate(("srow_x", "srow_y", "srow_z")):
+            header[row] = sform[i]
+        broken = nib.Nifti1Image(np.asarray(img.dataobj), None, header)  # the affine read from that header
+        path = tmp_path / name / f"{name}_t1ce.nii.gz"
+        path.parent.mkdir()
+        nib.save(broken, path)
+        paths.append(path)
+    r = cli("predict", *paths, "--model", world["run"] / "fold0")
+    assert r.exit_code == 3 and "Traceback" not in r.stderr
+    for path in paths:
+        assert _has(r.stderr, f"{path.name}: has a degenerate affine in its header")
+    r = cli("predict", paths[0].parent, "--model", world["run"] / "fold0")  # through discovery: the same
+    assert r.exit_code == 3 and _has(r.stderr, "has a degenerate affine in its header")

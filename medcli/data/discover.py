@@ -855,7 +855,7 @@ def _read_nifti_header(path: Path) -> tuple[tuple[int, ...], object, bool] | _Un
 
     import nibabel as nib  # imported here: `medcli data --help` stays instant
 
-    from medcli.data.nifti import has_orientation, misnamed_compression
+    from medcli.data.nifti import DEGENERATE_AFFINE, has_orientation, misnamed_compression, usable_affine
 
     if misnamed := misnamed_compression(path):
         return _Unreadable(*misnamed)
@@ -889,8 +889,8 @@ def _read_nifti_header(path: Path) -> tuple[tuple[int, ...], object, bool] | _Un
         shape = shape[:-1]
     if len(shape) != 3:
         return _Unreadable(f"is {len(shape)}-D with shape {shape}, expected one 3-D volume")
-    if not _finite(affine):
-        return _Unreadable("header has no usable affine (NaN in sform/qform)")
+    if not usable_affine(affine):
+        return _Unreadable(*DEGENERATE_AFFINE)
     expected = offset + itemsize * shape[0] * shape[1] * shape[2]
     if _looks_truncated(path, expected):
         return _Unreadable(
@@ -942,12 +942,6 @@ def _gzip_length(path: Path) -> int | None:
     except (EOFError, OSError, zlib.error):
         return None
     return n
-
-
-def _finite(a) -> bool:
-    import numpy as np
-
-    return bool(np.all(np.isfinite(a)))
 
 
 def _affine_difference(a, b) -> float:

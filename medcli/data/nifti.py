@@ -137,6 +137,8 @@ def read_nifti(path: str | Path, orientation: str = "RAS") -> NiftiVolume:
         raise _fail(path, "is all zeros (empty image)", "re-export the image, or drop this subject")
 
     affine = img.affine
+    if not usable_affine(affine):
+        raise _fail(path, *DEGENERATE_AFFINE)
     ornt = orientations.ornt_transform(
         orientations.io_orientation(affine), orientations.axcodes2ornt(tuple(orientation))
     )
@@ -151,6 +153,19 @@ def read_nifti(path: str | Path, orientation: str = "RAS") -> NiftiVolume:
         path=path,
         oriented=has_orientation(img.header),
     )
+
+
+def usable_affine(affine: Any) -> bool:
+    """Finite, with three voxel axes of non-zero length in independent directions (a broken converter can
+    write NaN or a zero matrix; nibabel cannot tell the orientation from either)."""
+    a = np.asarray(affine, dtype=np.float64)
+    return bool(np.all(np.isfinite(a))) and abs(float(np.linalg.det(a[:3, :3]))) > 1e-12
+
+
+DEGENERATE_AFFINE = (
+    "has a degenerate affine in its header (NaN, or voxel axes of zero length or in one plane)",
+    "re-export the scan with its geometry (e.g. from DICOM with dcm2niix)",
+)
 
 
 def has_orientation(header: Any) -> bool:
