@@ -764,3 +764,24 @@ def test_brats_2023_modality_names_train(cli, train_env):
     (fold,) = json.loads(r.stdout)["folds"]
     assert Path(fold["run_dir"]).parent.name == "resnettiny-t1ce+flair-ldam"
     assert json.loads((Path(fold["run_dir"]) / "config.json").read_text())["modalities"] == ["t1ce", "flair"]
+
+
+def test_an_input_size_that_leaves_one_voxel_is_refused_and_the_smallest_that_does_not_trains(cli, train_env):
+    """At 8³ layer3/layer4 work on one voxel: a batch of one (--batch-size 1, or an epoch's last) made
+    BatchNorm raise mid-epoch with a traceback.  Refused up front; 9³ (2³ there) trains at batch 1."""
+    base = (
+        "train",
+        "--data",
+        train_env["data"],
+        "--out",
+        train_env["out"],
+        "--depth",
+        "tiny",
+        "--folds",
+        "2",
+    )
+    r = cli(*base, "--input-size", "8", "--batch-size", "1", "--num-workers", "0")
+    assert r.exit_code == 2 and "leaves the ResNet's last stages one voxel" in " ".join(r.stderr.split())
+    assert not train_env["out"].exists()
+    r = cli(*base, "--input-size", "9", "--batch-size", "1", "--num-workers", "0", "--max-steps", "2")
+    assert r.exit_code == 0, r.stderr

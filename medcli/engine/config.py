@@ -210,6 +210,12 @@ class TrainConfig:
             raise UsageError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.drw_start is not None and self.drw_start <= 0:
             raise UsageError(f"--drw-start must be > 0 (an epoch, or a fraction < 1), got {self.drw_start}")
+        if math.prod(_deepest_feature_map(self.input_size)) < 2:
+            raise UsageError(
+                f"--input-size {','.join(map(str, self.input_size))} leaves the ResNet's last stages one "
+                "voxel: BatchNorm cannot train on one value per channel (in a batch of one: an epoch's last)",
+                hint="use an input size of 16 or more",
+            )
         if self.name is not None:
             _check_run_name(self.name)
         device = self.device.strip().lower()
@@ -354,6 +360,17 @@ def _type_words(hint: Any) -> str:
         return "a table"
     words = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
     return words.get(hint, str(hint))
+
+
+def _deepest_feature_map(size: tuple[int, int, int]) -> tuple[int, ...]:
+    """The spatial size layer3/layer4 work at: the MedicalNet stem (7³ conv, stride 2; 3³ max-pool, stride 2)
+    and layer2's stride 2 (layer3 and layer4 dilate instead of striding)."""
+    out = []
+    for n in size:
+        n = (n + 2 * 3 - 7) // 2 + 1
+        n = (n + 2 * 1 - 3) // 2 + 1
+        out.append((n - 1) // 2 + 1)
+    return tuple(out)
 
 
 def _check_run_name(name: str) -> None:
