@@ -785,3 +785,27 @@ def test_an_input_size_that_leaves_one_voxel_is_refused_and_the_smallest_that_do
     assert not train_env["out"].exists()
     r = cli(*base, "--input-size", "9", "--batch-size", "1", "--num-workers", "0", "--max-steps", "2")
     assert r.exit_code == 0, r.stderr
+
+
+def test_a_frozen_backbone_is_the_pretrained_function_itself(cli, train_env, tmp_path):
+    """--freeze-backbone-epochs: the frozen epochs train the head alone.  BatchNorm layers stay in eval
+    mode then, so their running statistics are the pretrained ones afterwards (in train mode every batch
+    overwrote them, and the head learned on batch-normalised features it would never see again)."""
+    from medcli.models.synthetic import write_medicalnet_checkpoint
+
+    weights = write_medicalnet_checkpoint(tmp_path / "resnet_tiny.pth", depth="tiny")
+    result = cli(
+        "train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+        "--pretrained-path", weights, "--require-pretrained", "--loss", "ce", "--ema-decay", "0",
+        "--epochs", "1", "--freeze-backbone-epochs", "1", "--lr", "1e-2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    released = torch.load(weights, weights_only=True)["state_dict"]
+    released = {k.removeprefix("module."): v for k, v in released.items()}
+    trained = torch.load(train_env["out"] / "resnettiny-t1ce-ce" / "fold0" / "last.pt", weights_only=True)[
+        "model"
+    ]
+    backbone = [k for k in trained if not k.startswith("fc.") and k in released]
+    assert any(k.endswith("running_mean") for k in backbone)
+    for key in backbone:
+        assert torch.equal(trained[key], released[key]), key

@@ -85,9 +85,21 @@ def backbone_params(model: nn.Module) -> Iterable[nn.Parameter]:
 
 
 def set_backbone_frozen(model: nn.Module, frozen: bool) -> None:
-    """Freeze/unfreeze everything but the head (``--freeze-backbone-epochs``): the new head settles first."""
+    """Freeze/unfreeze everything but the head (``--freeze-backbone-epochs``): the new head settles first.
+    Call :func:`train_mode` rather than ``model.train()`` so frozen BatchNorm layers stay frozen in full."""
     for p in backbone_params(model):
         p.requires_grad_(not frozen)
+
+
+def train_mode(model: nn.Module) -> None:
+    """``model.train()``, except BatchNorm layers whose weights are frozen: those run in eval mode, so a
+    frozen backbone is the pretrained function itself (its running statistics, not each batch's, and not
+    updated), as timm's and torchvision's frozen BatchNorm are."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+            if not module.weight.requires_grad:
+                module.eval()
 
 
 # -- schedules ------------------------------------------------------------------------------------------

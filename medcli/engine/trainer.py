@@ -45,7 +45,7 @@ from medcli.engine.events import (
     Warning,
     ignore,
 )
-from medcli.engine.optim import create_optimizer, create_schedule, set_backbone_frozen
+from medcli.engine.optim import create_optimizer, create_schedule, set_backbone_frozen, train_mode
 from medcli.engine.runs import FoldDir, RunLog
 from medcli.errors import (
     CheckpointError,
@@ -998,7 +998,7 @@ def train_one_epoch(
     once per optimiser step.
     """
     state = state if state is not None else TrainState()
-    model.train()
+    train_mode(model)  # model.train(), frozen BatchNorm layers (--freeze-backbone-epochs) left in eval mode
     params = [p for group in optimizer.param_groups for p in group["params"]]
     fmt = torch.channels_last_3d if precision.channels_last else torch.contiguous_format
     num_batches = len(loader)
