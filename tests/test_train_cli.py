@@ -809,3 +809,27 @@ def test_a_frozen_backbone_is_the_pretrained_function_itself(cli, train_env, tmp
     assert any(k.endswith("running_mean") for k in backbone)
     for key in backbone:
         assert torch.equal(trained[key], released[key]), key
+
+
+def test_a_fold_trained_with_another_recipe_than_its_run_is_warned_about(cli, train_env):
+    """eval pools a run's folds and predict ensembles them: a fold with another lr is another recipe (a
+    warning); another --epochs or --max-steps is only how long it ran (none)."""
+    base = (
+        "train",
+        "--data",
+        train_env["data"],
+        "--out",
+        train_env["out"],
+        *train_env["tiny"],
+        "--max-steps",
+        "1",
+    )
+    assert cli(*base, "--fold", "0").exit_code == 0
+    r = cli(*base, "--fold", "1", "--epochs", "3")
+    assert r.exit_code == 0, r.stderr
+    assert "trained with other settings" not in r.stderr
+    r = cli(*base, "--fold", "1", "--lr", "1e-3", "--force")
+    assert r.exit_code == 0, r.stderr
+    assert "fold0 of this run was trained with other settings (lr 0.0002 → 0.001)" in " ".join(
+        r.stderr.split()
+    )

@@ -226,6 +226,7 @@ def train(
 
             model, pretrained_sha = _build_model(cfg, emit, fetch)
             _warn_other_start(fold_dir, pretrained_sha, emit)
+            _warn_other_settings(fold_dir, cfg, emit)
             if log is not None:
                 fold_dir.start(cfg.to_dict(), fresh=not resume)
                 log.open(fold_dir.log, resume=resume)
@@ -532,6 +533,33 @@ def _warn_other_start(fold_dir: FoldDir, sha: str | None, emit: Callback) -> Non
                 Warning(
                     f"{other.parent.name} started from {start(theirs)}, this fold from {start(sha)}: the "
                     "run's folds are not comparable (use --force on the other folds, or --name for a new run)"
+                )
+            )
+            return
+
+
+def _warn_other_settings(fold_dir: FoldDir, cfg: TrainConfig, emit: Callback) -> None:
+    """The folds of a run estimate one recipe (eval pools them, predict ensembles them): say so when
+    another fold was trained with other settings (how it runs, e.g. --epochs or --num-workers, aside)."""
+    import json
+
+    for other in sorted(fold_dir.path.parent.glob("fold*/config.json")):
+        if other.parent == fold_dir.path:
+            continue
+        try:
+            theirs = TrainConfig.from_dict(json.loads(other.read_text()))
+        except (OSError, ValueError, MedcliError):
+            continue  # unreadable: `eval`/`predict` will say so where it matters
+        diff = theirs.differences(cfg)
+        if diff:
+            was, now = theirs.to_dict(), cfg.to_dict()
+            shown = ", ".join(f"{k} {was[k]} → {now[k]}" for k in diff[:3]) + (
+                ", ..." if len(diff) > 3 else ""
+            )
+            emit(
+                Warning(
+                    f"{other.parent.name} of this run was trained with other settings ({shown}): the run's "
+                    "folds no longer estimate one recipe (use --name for a separate run)"
                 )
             )
             return
