@@ -833,3 +833,19 @@ def test_a_fold_trained_with_another_recipe_than_its_run_is_warned_about(cli, tr
     assert "fold0 of this run was trained with other settings (lr 0.0002 → 0.001)" in " ".join(
         r.stderr.split()
     )
+
+
+def test_train_says_what_discovery_passed_over(cli, train_env, tmp_path):
+    """A subject's scan lying beside the subject folders is in no subject: training says so (as
+    `data index` does) instead of training on one subject fewer without a word."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(train_env["data"], data)
+    first = sorted(d for d in data.iterdir() if d.is_dir())[0]
+    shutil.copy(next(first.glob("*_t1ce.nii.gz")), data / "BraTS20_Training_999_t1ce.nii.gz")
+    r = cli("train", "--data", data, "--out", train_env["out"], *train_env["tiny"], "--max-steps", "1")
+    assert r.exit_code == 0, r.stderr
+    assert "left out 1 file(s) lying beside the subject folders (BraTS20_Training_999_t1ce.nii.gz)" in (
+        " ".join(r.stderr.split())
+    )
