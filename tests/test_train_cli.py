@@ -734,16 +734,7 @@ def test_a_compile_failure_is_one_line_and_the_fold_starts_over_without_it(train
     train.log; the same command without --compile then trains the fold, no --force needed."""
     from conftest import run_medcli
 
-    args = (
-        "train",
-        "--data",
-        train_env["data"],
-        "--out",
-        train_env["out"],
-        *train_env["tiny"],
-        "--max-steps",
-        "1",
-    )
+    args = _one_step(train_env)
     failed = run_medcli(*args, "--compile", env={**train_env["env"], "CXX": "/nonexistent/g++"})
     assert failed.returncode == 9, failed.stderr
     assert "Traceback" not in failed.stderr
@@ -814,16 +805,7 @@ def test_a_frozen_backbone_is_the_pretrained_function_itself(cli, train_env, tmp
 def test_a_fold_trained_with_another_recipe_than_its_run_is_warned_about(cli, train_env):
     """eval pools a run's folds and predict ensembles them: a fold with another lr is another recipe (a
     warning); another --epochs or --max-steps is only how long it ran (none)."""
-    base = (
-        "train",
-        "--data",
-        train_env["data"],
-        "--out",
-        train_env["out"],
-        *train_env["tiny"],
-        "--max-steps",
-        "1",
-    )
+    base = _one_step(train_env)
     assert cli(*base, "--fold", "0").exit_code == 0
     r = cli(*base, "--fold", "1", "--epochs", "3")
     assert r.exit_code == 0, r.stderr
@@ -848,4 +830,18 @@ def test_train_says_what_discovery_passed_over(cli, train_env, tmp_path):
     assert r.exit_code == 0, r.stderr
     assert "left out 1 file(s) lying beside the subject folders (BraTS20_Training_999_t1ce.nii.gz)" in (
         " ".join(r.stderr.split())
+    )
+
+
+def _one_step(train_env: dict) -> tuple:
+    """`medcli train` of the tiny model on the tiny cohort, for one optimiser step."""
+    return (
+        "train",
+        "--data",
+        train_env["data"],
+        "--out",
+        train_env["out"],
+        *train_env["tiny"],
+        "--max-steps",
+        "1",
     )
