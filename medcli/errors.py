@@ -90,17 +90,24 @@ class Interrupted(MedcliError):
     """Ctrl-C (SIGINT), with what the interrupted command left behind and how to go on."""
 
     exit_code = 130
+    how = "interrupted"
 
 
 class Terminated(Interrupted):
     """SIGTERM (a batch scheduler's time limit or preemption, ``kill``), said like Ctrl-C."""
 
     exit_code = 143
+    how = "terminated (SIGTERM)"
 
 
 class TerminateSignal(KeyboardInterrupt):
     """Raised by medcli's SIGTERM handler: a KeyboardInterrupt, so a termination unwinds as Ctrl-C does
     (temp files removed, locks released, train.log told how the session ended), not a silent death."""
+
+
+def interruption(e: KeyboardInterrupt) -> type[Interrupted]:
+    """The error class (words and exit code) for a KeyboardInterrupt: Ctrl-C's, or medcli's SIGTERM's."""
+    return Terminated if isinstance(e, TerminateSignal) else Interrupted
 
 
 EXIT_CODES: dict[int, str] = {

@@ -43,9 +43,9 @@ def exclusive(lock: Path, busy: Callable[[str], MedcliError]) -> Iterator[None]:
             if e.errno not in _HELD:
                 cannot_lock = True
                 break
-            holder = os.read(fd, 32).decode(errors="replace").strip()
+            holder = _pid_in(fd)
             os.close(fd)
-            raise busy(f"pid {holder}" if holder.isdigit() else "") from None
+            raise busy(holder or "") from None
         try:
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:
                 break
@@ -87,9 +87,14 @@ def holder(lock: Path) -> str | None:
         except OSError as e:
             if e.errno not in _HELD:  # a filesystem that cannot lock: nobody can hold it
                 return None
-            pid = os.read(fd, 32).decode(errors="replace").strip()
-            return f"pid {pid}" if pid.isdigit() else "another process"
+            return _pid_in(fd) or "another process"
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
         os.close(fd)
+
+
+def _pid_in(fd: int) -> str | None:
+    """ "pid N" from a lock file its holder wrote its pid into (None before it has)."""
+    pid = os.read(fd, 32).decode(errors="replace").strip()
+    return f"pid {pid}" if pid.isdigit() else None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 DEFAULT_WEIGHTS = Path("pretrained/medicalnet_resnet50_3d.pth")  # the seed's path, relative to the cwd
@@ -69,17 +71,25 @@ def _cannot_write_in(folder: Path) -> str | None:
     a command that then fails for another reason leaves nothing behind."""
     if folder.exists() and not folder.is_dir():
         return "is a file, not a folder"
-    made = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        with folder_for_now(folder), tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
         return f"cannot be written ({e.strerror or e})"
+    return None
+
+
+@contextlib.contextmanager
+def folder_for_now(folder: Path) -> Iterator[Path]:
+    """Make ``folder`` (and missing parents) for the block; afterwards remove those it made that are still
+    empty, deepest first.  Whatever was written into them stays, with the folders holding it."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
     finally:
-        for p in made:  # deepest first
+        for p in made:
             try:
                 p.rmdir()
-            except OSError:
+            except OSError:  # not empty (or gone): it and its parents stay
                 break
-    return None

@@ -18,7 +18,7 @@ from typer.core import TyperCommand, TyperGroup
 from medcli import __version__, pywarnings
 from medcli.allocator import keep_freed_memory
 from medcli.cli import console
-from medcli.errors import EXIT_CODES, Interrupted, MedcliError, Terminated, TerminateSignal
+from medcli.errors import EXIT_CODES, MedcliError, TerminateSignal, interruption
 
 
 class MedcliGroup(TyperGroup):
@@ -36,12 +36,12 @@ class MedcliGroup(TyperGroup):
                 raise
             _fail(message, 1)
         except KeyboardInterrupt as e:  # training says more itself (errors.Interrupted: what last.pt holds)
-            sigterm = isinstance(e, TerminateSignal)
+            kind = interruption(e)
             console.print_error(
-                f"{'terminated (SIGTERM)' if sigterm else 'interrupted'}; files are written atomically, so "
-                "nothing half-written is in place: run the same command again (a partial download resumes)"
+                f"{kind.how}; files are written atomically, so nothing half-written is in place: run the "
+                "same command again (a partial download resumes)"
             )
-            raise typer.Exit(Terminated.exit_code if sigterm else Interrupted.exit_code) from None
+            raise typer.Exit(kind.exit_code) from None
 
 
 def _fail(message: str, code: int) -> None:
@@ -82,8 +82,6 @@ _MEMORY_HINTS = {
 def peer_rank_gone(e: BaseException) -> bool:
     """A collective that failed because another torchrun rank exited (a rank-local error such as a NaN
     loss): gloo reports the closed connection, NCCL an aborted communicator."""
-    import os
-
     text = str(e)
     markers = ("Connection closed by peer", "Connection reset by peer", "remote worker", "NCCL communicator")
     return "LOCAL_RANK" in os.environ and any(m in text for m in markers)

@@ -19,10 +19,9 @@ from medcli.errors import UsageError
 DEPTHS = (10, 18, 34, 50, 101, 152, 200)
 AMP_DTYPES = ("auto", "fp16", "bf16")
 
-# Settings that may differ between a run and its --resume (they change how long or where it runs, not
-# what is learned); everything else must match the fold's config.json.
-# Settings a fold may be resumed or restarted with changed (how it runs, not what it learns): `--compile`
-# and `--channels-last` change speed alone.
+# Settings a fold may be resumed or restarted with changed (how long, where or how fast it runs, not what
+# it learns: `--compile` and `--channels-last` change speed alone); everything else must match the fold's
+# config.json.
 RUN_CONTROL_FIELDS = frozenset(
     {
         "epochs",

@@ -658,11 +658,8 @@ def _discover_scans(
 
     # NIfTI files directly in the folder whose names say no sequence (patient1.nii.gz): discover looks
     # only for sequence-named files, so these are either the folder's scans or files it leaves out.
-    loose = [
-        p
-        for p in _top_level_nifti(path)
-        if not MODALITY_FILE.search(p.name) and not ODD_SEG_FILE.search(p.name)
-    ]
+    top = _top_level_nifti(path)
+    loose = [p for p in top if not MODALITY_FILE.search(p.name) and not ODD_SEG_FILE.search(p.name)]
     try:
         cohort = discover(path, modalities=tuple(modalities))
     except NoSubjectsFound:
@@ -683,7 +680,7 @@ def _discover_scans(
     used = {
         f.resolve() for s in (*cohort.subjects, *cohort.excluded) for f in (*s.paths.values(), s.seg) if f
     }
-    left = [p for p in _top_level_nifti(path) if p.resolve() not in used]
+    left = [p for p in top if p.resolve() not in used]
     if left:
         shown = ", ".join(p.name for p in left[:3]) + (", ..." if len(left) > 3 else "")
         notes.append(

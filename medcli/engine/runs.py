@@ -74,7 +74,7 @@ def folds_in_training(target: str | Path) -> str | None:
     target = Path(target)
     folder = target.parent if target.is_file() else target
     if folder.name.startswith("fold") and fold_number(folder.name) >= 0:
-        locks = [folder.parent / f".{folder.name}.lock"]
+        locks = [FoldDir(folder.parent, fold_number(folder.name)).lock]
     else:
         locks = sorted(folder.glob(".fold*.lock"), key=lambda p: fold_number(p.name))
     busy = [f"{fold_number(lock.name)} ({who})" for lock in locks if (who := holder(lock))]
@@ -123,6 +123,7 @@ class FoldDir:
         and log with the first's, or wipe them under ``--force``, is refused at once.  A run folder made
         for the lock alone (the training failed before writing anything) is removed again."""
         from medcli.locking import exclusive
+        from medcli.paths import folder_for_now
 
         def busy(holder: str) -> UsageError:
             return UsageError(
@@ -131,17 +132,12 @@ class FoldDir:
                 hint="wait for it to finish (then --resume continues it), or use --name for a separate run",
             )
 
-        made = [d for d in (self.run_root, *self.run_root.parents) if not d.exists()]  # --out may be new too
-        self.run_root.mkdir(parents=True, exist_ok=True)
-        try:
-            with exclusive(self.run_root / f".fold{self.fold}.lock", busy):
-                yield
-        finally:
-            for d in made:  # innermost first; one the training wrote into is not empty and stays
-                try:
-                    d.rmdir()
-                except OSError:
-                    break
+        with folder_for_now(self.run_root), exclusive(self.lock, busy):  # --out may be new too
+            yield
+
+    @property
+    def lock(self) -> Path:
+        return self.run_root / f".fold{self.fold}.lock"
 
     # config -------------------------------------------------------------------------------------------
     def check_reusable(self, cfg_dict: dict[str, Any], *, resume: bool, force: bool) -> None:

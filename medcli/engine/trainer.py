@@ -52,12 +52,10 @@ from medcli.errors import (
     DataError,
     DeviceError,
     Diverged,
-    Interrupted,
     MedcliError,
-    Terminated,
-    TerminateSignal,
     UsageError,
     WeightsError,
+    interruption,
 )
 
 CLASS_NAMES = ("LGG", "HGG")
@@ -941,9 +939,8 @@ def _resume_hint_on_interrupt(fold_dir: FoldDir, cfg: TrainConfig, state: TrainS
     try:
         yield
     except KeyboardInterrupt as e:
-        error = Terminated if isinstance(e, TerminateSignal) else Interrupted
-        how = "terminated (SIGTERM)" if error is Terminated else "interrupted"
-        where = f"{how} in epoch {state.epoch + 2}/{cfg.epochs}"
+        error = interruption(e)
+        where = f"{error.how} in epoch {state.epoch + 2}/{cfg.epochs}"
         if state.saved_epoch < 0:
             raise error(f"{where}, before the first checkpoint", hint="run the same command again") from None
         raise error(
