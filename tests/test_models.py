@@ -279,3 +279,18 @@ def test_zero_init_last_is_a_training_setting():
     assert TrainConfig().zero_init_last is True
     cfg = TrainConfig.from_dict({**TrainConfig(loss="ce").to_dict(), "zero_init_last": False})
     assert cfg.zero_init_last is False
+
+
+@pytest.mark.parametrize("depth", ["tiny", 10, 50])
+def test_the_configs_feature_map_arithmetic_is_the_models(depth):
+    """TrainConfig refuses input sizes that leave layer4 one voxel without building a model (the CLI stays
+    torch-free at --help), so it restates the stem's and layer2's strides: they must be the model's."""
+    from medcli.engine.config import _deepest_feature_map
+
+    model = create_model(depth=depth, num_classes=2).eval()
+    seen = {}
+    model.layer4.register_forward_hook(lambda m, i, o: seen.__setitem__("shape", tuple(o.shape[2:])))
+    for size in [(8, 8, 8), (9, 9, 9), (16, 16, 8), (15, 20, 33)]:
+        with torch.no_grad():
+            model(torch.zeros(1, 1, *size))
+        assert seen["shape"] == _deepest_feature_map(size), size
