@@ -18,7 +18,7 @@ from typer.core import TyperCommand, TyperGroup
 from medcli import __version__, pywarnings
 from medcli.allocator import keep_freed_memory
 from medcli.cli import console
-from medcli.errors import EXIT_CODES, MedcliError, TerminateSignal, interruption
+from medcli.errors import EXIT_CODES, Interrupted, MedcliError, TerminateSignal, interruption
 
 
 class MedcliGroup(TyperGroup):
@@ -27,6 +27,8 @@ class MedcliGroup(TyperGroup):
             with pywarnings.reported_by(console.warn):  # Python's warnings as medcli's WARNING lines
                 return super().invoke(ctx)
         except MedcliError as e:
+            if isinstance(e, Interrupted) and console.rank() != "0":
+                raise typer.Exit(e.exit_code) from None  # every rank was interrupted: rank 0 says it
             _fail(str(e), e.exit_code)
         except BrokenPipeError:  # `medcli ... | head`: the reader left; nothing to report
             raise typer.Exit(1) from None
@@ -37,6 +39,8 @@ class MedcliGroup(TyperGroup):
             _fail(message, 1)
         except KeyboardInterrupt as e:  # training says more itself (errors.Interrupted: what last.pt holds)
             kind = interruption(e)
+            if console.rank() != "0":  # torchrun passed the signal to every rank: rank 0 says it
+                raise typer.Exit(kind.exit_code) from None
             console.print_error(
                 f"{kind.how}; files are written atomically, so nothing half-written is in place: run the "
                 "same command again (a partial download resumes)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
@@ -39,11 +40,27 @@ def warn(message: str) -> None:
     err.print(f"[yellow]WARNING:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
+def rank() -> str:
+    """This process's torchrun rank, "0" outside torchrun."""
+    return os.environ.get("RANK", "0") if "LOCAL_RANK" in os.environ else "0"
+
+
+# How long a rank other than 0 holds back its error line (see print_error).
+RANK_0_FIRST_S = 5.0
+
+
 def print_error(message: str) -> None:
-    """The one red line an error gets; under torchrun, ranks other than 0 say which they are (each rank
-    reports its own error, often the same one)."""
-    rank = os.environ.get("RANK", "0") if "LOCAL_RANK" in os.environ else "0"
-    where = "" if rank == "0" else f"rank {rank}: "
+    """The one red line an error gets.  Under torchrun most errors are every rank's alike (missing data, a
+    diverged model: the validation outputs are gathered), and the first rank to exit makes torchrun stop
+    the others: so a rank other than 0 first gives rank 0 time to print and exit, and is then stopped
+    without repeating the line.  An error of its own (its loss alone went NaN) is printed after that wait,
+    naming the rank."""
+    if rank() != "0":
+        try:
+            time.sleep(RANK_0_FIRST_S)
+        except KeyboardInterrupt:  # torchrun stopping this rank (Ctrl-C's second signal): rank 0 speaks
+            return
+    where = "" if rank() == "0" else f"rank {rank()}: "
     err.print(f"[bold red]Error:[/] {where}{escape(message)}", highlight=False, soft_wrap=True)
 
 

@@ -22,7 +22,7 @@ from rich.markup import escape
 
 from medcli.cli import console
 from medcli.engine.config import TrainConfig
-from medcli.errors import DataError, DeviceError, TerminateSignal, UsageError
+from medcli.errors import DataError, DeviceError, UsageError, interruption
 from medcli.paths import default_data_root, default_runs_root, require_writable_dir
 
 _D = TrainConfig.__dataclass_fields__  # defaults shown in --help come from the one place they live
@@ -341,18 +341,23 @@ def _launch_distributed(
     cmd = relaunch_command(args, n)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
     _info(f"Launching {n} processes with torchrun ({'NCCL' if device.type == 'cuda' else 'gloo'})")
-    proc = subprocess.Popen(cmd, env=env)
+    # torchrun in a process group of its own: a terminal's Ctrl-C reaches this launcher alone, which passes
+    # it on once (torchrun passes it to the ranks).  In one group, torchrun and every rank got it twice over,
+    # and a rank interrupted again while it unwound printed a second, vaguer line.
+    proc = subprocess.Popen(cmd, env=env, process_group=0)
     try:
         return proc.wait()
     except KeyboardInterrupt as e:
-        # Ctrl-C reached torchrun too (one process group); a SIGTERM (a scheduler's time limit) came to this
-        # launcher alone: pass it on, so torchrun stops its ranks rather than leaving them running orphaned.
-        proc.send_signal(signal.SIGTERM if isinstance(e, TerminateSignal) else signal.SIGINT)
+        # Pass it on, so torchrun stops its ranks rather than leaving them running orphaned.  A SIGTERM (a
+        # scheduler's time limit) goes on as SIGINT: a rank keeps SIGTERM's default death (see app.main),
+        # while on SIGINT it unwinds, so rank 0 says which epoch last.pt holds, in train.log too.
+        proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-        raise
+            raise e from None
+        return interruption(e).exit_code  # rank 0 said where its training stopped
     finally:
         os.unlink(config_path)
 
