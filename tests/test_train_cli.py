@@ -845,3 +845,17 @@ def _one_step(train_env: dict) -> tuple:
         "--max-steps",
         "1",
     )
+
+
+def test_multi_gpu_on_one_device_trains_here_as_a_plain_run_does(cli, train_env):
+    """--multi-gpu with one device warns and trains in this process through the same loop as a plain run:
+    `--fold all --resume` continues fold 0 and starts fold 1 (the one-device path had a loop of its own
+    that resumed every fold, and refused fold 1: "nothing to resume")."""
+    base = (*_one_step(train_env), "--multi-gpu", "--device", "cpu", "--nproc", "1")
+    assert cli(*base, "--fold", "0").exit_code == 0
+    r = cli(*base, "--fold", "all", "--resume", "--max-steps", "2", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert "--multi-gpu: only 1 device(s); training in one process on cpu" in r.stderr
+    folds = json.loads(r.stdout)["folds"]
+    assert [Path(f["run_dir"]).name for f in folds] == ["fold0", "fold1"]
+    assert [f["global_step"] for f in folds] == [2, 2]

@@ -195,7 +195,9 @@ def train_command(
 
     if cfg.multi_gpu and not _under_torchrun():
         code = _launch_distributed(cfg, fold_spec, resume=resume, force=force, json_out=json_out)
-        raise typer.Exit(code)
+        if code is not None:
+            raise typer.Exit(code)
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "multi_gpu": False})  # one device: train right here
 
     from medcli.engine import trainer
 
@@ -280,10 +282,11 @@ def _rank() -> int:
 
 def _launch_distributed(
     cfg: TrainConfig, fold_spec: str, *, resume: bool, force: bool, json_out: bool
-) -> int:
-    """Re-run this training under torchrun: one process per GPU (or --nproc CPU processes with gloo).
+) -> int | None:
+    """Re-run this training under torchrun: one process per GPU (or --nproc CPU processes with gloo), and
+    return its exit code.
 
-    With fewer than 2 GPUs there is nothing to distribute: warn and train on the single device instead.
+    With fewer than 2 GPUs there is nothing to distribute: warn and return None (train in this process).
     """
     import torch
 
@@ -309,27 +312,7 @@ def _launch_distributed(
             )
     if n < 2:
         _warn(f"--multi-gpu: only {n} device(s); training in one process on {device}")
-        from medcli.engine import trainer
-
-        single = TrainConfig.from_dict({**cfg.to_dict(), "multi_gpu": False})
-        folds, _ = _parse_fold(fold_spec, cfg.folds)
-        results = []
-        for k in folds:
-            renderer = Renderer()
-            try:
-                results.append(
-                    trainer.train(
-                        TrainConfig.from_dict({**single.to_dict(), "fold": k}),
-                        callback=renderer,
-                        resume=resume,
-                        force=force,
-                    ).to_dict()
-                )
-            finally:
-                renderer.close()
-        summary = {"run": cfg.run_name(), "run_dir": str(Path(cfg.out) / cfg.run_name()), "folds": results}
-        console.print_json(summary) if json_out else _print_summary(summary)
-        return 0
+        return None
 
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("model", "head", "fold", "in_channels")}
     settings.pop("num_classes", None)
