@@ -123,6 +123,30 @@ def test_a_spreadsheet_manifest_with_semicolons_or_tabs(tmp_path, name, delimite
         assert cohort.subjects[0].paths["t1ce"] == tmp_path / "scans/a1/a1_t1ce.nii.gz"
 
 
+def test_a_manifest_written_on_windows(tmp_path, monkeypatch):
+    """Relative paths with backslashes (a manifest saved on Windows) are the files they name with / (on Linux
+    a backslash is part of a file name: "t1ce file not found"); a seg path is read as the scans' are (it
+    skipped ~); a Windows drive path nothing can resolve says so."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for sid in ("a1", "b1"):
+        write_subject(tmp_path / "scans", sid, ("t1ce",))
+    write_subject(tmp_path / "home", "seg1", ("seg",))
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(
+        "subject_id,label,t1ce,seg\n"
+        "a1,HGG,scans\\a1\\a1_t1ce.nii.gz,~/seg1/seg1_seg.nii.gz\n"
+        "b1,LGG,scans/b1/b1_t1ce.nii.gz,\n"
+        "c1,LGG,C:\\data\\c1_t1ce.nii.gz,\n"
+    )
+    cohort = discover(manifest)
+    by_id = {s.subject_id: s for s in cohort.subjects}
+    assert set(by_id) == {"a1", "b1"}
+    assert by_id["a1"].paths["t1ce"] == tmp_path / "scans/a1/a1_t1ce.nii.gz"
+    assert by_id["a1"].seg == tmp_path / "home/seg1/seg1_seg.nii.gz"
+    problem = _problem(cohort, "c1")
+    assert problem.what == "t1ce file not found" and "written for Windows" in problem.hint
+
+
 def test_csv_bad_label_missing_file_and_not_a_manifest(tmp_path):
     write_subject(tmp_path, "x", ("t1ce",))
     manifest = tmp_path / "m.csv"

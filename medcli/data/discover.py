@@ -743,10 +743,9 @@ def _read_manifest(path: Path, *, explicit: bool) -> _Source:
         for modality, column in modality_columns.items():
             value = (row.get(column) or "").strip()
             if value:
-                p = Path(value).expanduser()
-                paths[modality] = p if p.is_absolute() else base / p
+                paths[modality] = _manifest_path(value, base)
         seg_value = (row.get(roles["seg"]) or "").strip() if "seg" in roles else ""  # type: ignore[arg-type]
-        seg = (base / seg_value) if seg_value else None
+        seg = _manifest_path(seg_value, base) if seg_value else None
         patient = (row.get(roles["patient"]) or "").strip() if "patient" in roles else ""  # type: ignore[arg-type]
         subject = Subject(
             subject_id, grade=grade, paths=paths, patient_id=patient or None, source="csv", seg=seg
@@ -754,6 +753,19 @@ def _read_manifest(path: Path, *, explicit: bool) -> _Source:
         subjects.append((subject, declared))
     notes = [] if "label" in roles else [f"{path}: no label column: usable for prediction, not for training"]
     return _Source(path, "csv", subjects, None, problems, notes)
+
+
+def _manifest_path(value: str, base: Path) -> Path:
+    """A manifest cell's file: ``~`` expanded, a relative path taken from the manifest's folder.  A manifest
+    written on Windows has ``case_001\\t1.nii.gz``: on Linux a backslash is part of a file name, so where no
+    file has that name the path is read with ``/`` separators."""
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base / path
+    if "\\" in value and not path.exists():
+        posix = _manifest_path(value.replace("\\", "/"), base)
+        if posix.exists():
+            return posix
+    return path
 
 
 # --------------------------------------------------------------------------------------- per-subject checks
@@ -789,9 +801,10 @@ def _check_subject(subject: Subject, required: Sequence[str], check_headers: boo
     for modality, path in [*files, *([("seg", subject.seg)] if subject.seg else [])]:
         severity = "warning" if modality == "seg" else "error"  # a bad seg does not block classification
         if not path.is_file():
-            problems.append(
-                Problem(sid, str(path), f"{modality} file not found", "fix the path", severity=severity)
-            )
+            todo = "fix the path"
+            if "\\" in str(path):  # a Windows path (C:\\...), or a Windows-written one with no file behind it
+                todo += " (written for Windows: give a path on this machine, / separated)"
+            problems.append(Problem(sid, str(path), f"{modality} file not found", todo, severity=severity))
             continue
         if not check_headers:
             continue
