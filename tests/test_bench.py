@@ -7,7 +7,7 @@ import importlib.util
 import json
 import os
 import sys
-import time
+import types
 from pathlib import Path
 
 import pytest
@@ -29,42 +29,57 @@ from tests.conftest import REPO, run_medcli
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def test_time_it_counts_warmup_and_reports_median_min_max():
-    durations = iter([0.0, 0.03, 0.001, 0.015])  # the first call is the warm-up, never timed
+class FakeClock:
+    """bench's perf_counter, advanced by the timed functions themselves: timings exact on a busy machine
+    (real sleeps of 1 ms took over 10 ms there, failing the bounds)."""
+
+    def __init__(self, monkeypatch):
+        self.now = 0.0
+        monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_time_it_counts_warmup_and_reports_median_min_max(monkeypatch):
+    clock = FakeClock(monkeypatch)
+    durations = iter([5.0, 0.03, 0.001, 0.015])  # the first call is the warm-up, never timed
     calls = []
 
     def fn():
         calls.append(1)
-        time.sleep(next(durations))
+        clock.sleep(next(durations))
 
     t = time_it(fn, warmup=1, reps=3)
     assert len(calls) == 4 and t.reps == 3
-    assert t.min < t.median < t.max
-    assert 0.001 <= t.min < 0.01 and 0.015 <= t.median < 0.03 <= t.max
+    assert (t.min, t.median, t.max) == pytest.approx((0.001, 0.015, 0.03))
 
 
-def test_time_interleaved_alternates_variants_and_times_each_apart():
+def test_time_interleaved_alternates_variants_and_times_each_apart(monkeypatch):
+    clock = FakeClock(monkeypatch)
     calls = []
-    sleeps = {"a": iter([0.0, 0.02, 0.02]), "b": iter([0.0, 0.001, 0.001])}
+    sleeps = {"a": iter([9.0, 0.02, 0.04]), "b": iter([9.0, 0.001, 0.003])}
 
     def variant(name):
         def fn():
             calls.append(name)
-            time.sleep(next(sleeps[name]))
+            clock.sleep(next(sleeps[name]))
 
         return fn
 
     t = time_interleaved({"a": variant("a"), "b": variant("b")}, warmup=1, reps=2)
     assert calls == ["a", "b"] * 3  # warm-up round first, then A B A B
     assert t["a"].reps == t["b"].reps == 2
-    assert t["a"].min >= 0.02 > 0.01 > t["b"].max
+    assert (t["a"].min, t["a"].max, t["b"].min, t["b"].max) == pytest.approx((0.02, 0.04, 0.001, 0.003))
     with pytest.raises(ValueError):
         time_interleaved({"a": lambda: None}, reps=0)
 
 
-def test_time_it_stops_early_past_max_seconds_but_times_at_least_once():
-    t = time_it(lambda: time.sleep(0.02), warmup=0, reps=50, max_seconds=0.03)
-    assert 1 <= t.reps <= 3
+def test_time_it_stops_early_past_max_seconds_but_times_at_least_once(monkeypatch):
+    clock = FakeClock(monkeypatch)
+    t = time_it(lambda: clock.sleep(0.02), warmup=0, reps=50, max_seconds=0.03)
+    assert t.reps == 2  # past 0.03 s after the second
+    assert time_it(lambda: clock.sleep(1.0), warmup=0, reps=50, max_seconds=0.03).reps == 1
     with pytest.raises(ValueError):
         time_it(lambda: None, reps=0)
 
