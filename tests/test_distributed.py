@@ -211,11 +211,17 @@ def test_a_stopped_multi_gpu_training_says_once_what_last_pt_holds(train_env, ho
     import os
     import signal
 
+    # Ctrl-C reaches a command run in a terminal's foreground; a batch script's `medcli train ... &` runs with
+    # SIGINT ignored, and is stopped by SIGTERM (its ranks still get SIGINT: torchrun handles it, so they
+    # start with SIGINT's default, not ignored).
+    ctrl_c = how == "terminal Ctrl-C"
+    sigint = signal.SIG_DFL if ctrl_c else signal.SIG_IGN
     proc, fold = training_with_a_checkpoint(
         train_env, "ddpstop", "--loss", "ce", "--multi_gpu", "--device", "cpu", "--nproc", "2",
         start_new_session=True,  # the launcher, torchrun and the ranks: one session to look into after
+        preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
     )  # fmt: skip
-    if how == "terminal Ctrl-C":
+    if ctrl_c:
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: the foreground process group
     else:
         proc.terminate()  # the launcher alone, as `kill PID` or a scheduler signalling one process would
