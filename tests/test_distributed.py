@@ -91,7 +91,11 @@ def test_ddp_ranks_draw_their_own_dropout_and_resume_exactly(train_env):
 
 @pytest.mark.parametrize(
     ("script", "code"),
-    [("raise SystemExit(11)", 11), ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 137)],
+    [
+        ("raise SystemExit(11)", 11),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 137),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", 143),
+    ],
 )
 def test_launcher_keeps_a_failed_ranks_exit_code(script, code, capfd):
     """torchrun itself answers any failed worker with a traceback and exit code 1; medcli's launcher runs
@@ -102,7 +106,9 @@ def test_launcher_keeps_a_failed_ranks_exit_code(script, code, capfd):
     err = capfd.readouterr().err
     assert "Traceback" not in err and "ChildFailedError" not in err
     if code == 137:
-        assert "Error: rank 0 was killed by SIGKILL" in err
+        assert "Error: rank 0 was killed by SIGKILL (out of memory, if the kernel's OOM killer" in err
+    if code == 143:  # `kill` of one rank: no out-of-memory guess
+        assert "Error: rank 0 was terminated by SIGTERM (run the same command with --resume)" in err
 
 
 @pytest.mark.slow
@@ -182,8 +188,8 @@ def test_a_divergence_on_one_rank_alone_stops_the_run_instead_of_hanging(train_e
     next(sites, None)  # the fake site's clean-up
 
 
-def _processes_in_session(sid: int) -> list[str]:
-    """Command lines of the live processes in session ``sid`` (Linux /proc)."""
+def _processes_in_session(sid: int, *, pids: bool = False) -> list[str]:
+    """Command lines (or pids) of the live processes in session ``sid`` (Linux /proc)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -192,7 +198,7 @@ def _processes_in_session(sid: int) -> list[str]:
         except (OSError, IndexError):
             continue
         if int(fields[3]) == sid and fields[0] != "Z":  # session id; zombies are already gone
-            found.append(cmdline)
+            found.append(stat.parent.name if pids else cmdline)
     return found
 
 
@@ -200,14 +206,16 @@ def _processes_in_session(sid: int) -> list[str]:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 @pytest.mark.parametrize(
     ("how", "code"),
-    [("terminal Ctrl-C", 130), ("scheduler SIGTERM", 143)],
+    [("terminal Ctrl-C", 130), ("SIGTERM to the launcher", 143), ("SIGTERM to every process", 143)],
 )
 def test_a_stopped_multi_gpu_training_says_once_what_last_pt_holds(train_env, how, code):
-    """Ctrl-C at the terminal (SIGINT to the launcher's process group) or a scheduler's SIGTERM to the
-    launcher alone: torchrun stops its ranks, none is left training orphaned, and the user reads one line,
+    """Ctrl-C at the terminal (SIGINT to the launcher's process group) or a SIGTERM to the launcher alone
+    (`kill PID`): torchrun stops its ranks, none is left training orphaned, and the user reads one line,
     rank 0's, saying which epoch last.pt holds; train.log says it too.  Ctrl-C reached torchrun and every
     rank twice over (the terminal's and torchrun's), which printed torchrun's traceback and warning and
-    each rank's line; a SIGTERM killed the ranks silently (train.log just stopped)."""
+    each rank's line; a SIGTERM killed the ranks silently (train.log just stopped).  A scheduler that
+    signals every process of the job (SLURM's time limit) kills the ranks as they are: the launcher says
+    it, once, with --resume."""
     import os
     import signal
 
@@ -223,16 +231,25 @@ def test_a_stopped_multi_gpu_training_says_once_what_last_pt_holds(train_env, ho
     )  # fmt: skip
     if ctrl_c:
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: the foreground process group
+    elif how == "SIGTERM to the launcher":
+        proc.terminate()
     else:
-        proc.terminate()  # the launcher alone, as `kill PID` or a scheduler signalling one process would
+        for pid in _processes_in_session(proc.pid, pids=True):
+            os.kill(int(pid), signal.SIGTERM)
     # The ranks share the launcher's stderr: orphaned, they held it open (training on) until their
     # rendezvous store timed out, over a minute later.
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     errors = [ln for ln in err.splitlines() if ln.startswith("Error:")]
-    assert len(errors) == 1 and f"{fold / 'last.pt'} holds epoch " in errors[0], err
     assert "Traceback" not in err and "death signal" not in err
-    assert (fold / "train.log").read_text().splitlines()[-1].endswith(errors[0].removeprefix("Error: "))
+    if how == "SIGTERM to every process":
+        assert errors == [
+            "Error: terminated (SIGTERM); last.pt holds the last epoch the training finished (add --resume "
+            "to the same command to continue from there)"
+        ], err
+    else:
+        assert len(errors) == 1 and f"{fold / 'last.pt'} holds epoch " in errors[0], err
+        assert (fold / "train.log").read_text().splitlines()[-1].endswith(errors[0].removeprefix("Error: "))
     deadline = time.time() + 10
     while (left := _processes_in_session(proc.pid)) and time.time() < deadline:
         time.sleep(0.2)

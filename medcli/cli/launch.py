@@ -59,10 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             name = signal.Signals(number).name
         except ValueError:
             name = f"signal {number}"
-        console.print_error(
-            f"rank {rank} was killed by {name} (out of memory, if the kernel's OOM killer sent it: "
-            "lower --batch-size or --nproc)"
-        )
+        if number == signal.SIGTERM:  # a rank alone `kill`ed; the OOM killer sends SIGKILL
+            console.print_error(f"rank {rank} was terminated by SIGTERM (run the same command with --resume)")
+        else:
+            console.print_error(
+                f"rank {rank} was killed by {name} (out of memory, if the kernel's OOM killer sent it: "
+                "lower --batch-size or --nproc)"
+            )
         return 128 + number
     return 0
 

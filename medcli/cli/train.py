@@ -336,11 +336,18 @@ def _launch_distributed(
         # while on SIGINT it unwinds, so rank 0 says which epoch last.pt holds, in train.log too.
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=60)
+            code = proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise e from None
-        return interruption(e).exit_code  # rank 0 said where its training stopped
+        kind = interruption(e)
+        if code != 128 + signal.SIGINT:  # the ranks did not unwind on it: SIGTERMed too (SLURM signals every
+            # process of a job), they died without a word, so this launcher says it
+            raise kind(
+                f"{kind.how}; last.pt holds the last epoch the training finished",
+                hint="add --resume to the same command to continue from there",
+            ) from None
+        return kind.exit_code  # rank 0 said where its training stopped
     finally:
         os.unlink(config_path)
 
