@@ -188,18 +188,35 @@ def test_a_divergence_on_one_rank_alone_stops_the_run_instead_of_hanging(train_e
     next(sites, None)  # the fake site's clean-up
 
 
-def _processes_in_session(sid: int, *, pids: bool = False) -> list[str]:
-    """Command lines (or pids) of the live processes in session ``sid`` (Linux /proc)."""
-    found = []
+def _process_tree(root: int) -> list[int]:
+    """``root`` and its live descendants (Linux /proc), torchrun's ranks included: those run in sessions
+    of their own, so the launcher's session does not hold them."""
+    children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, IndexError):
             continue
-        if int(fields[3]) == sid and fields[0] != "Z":  # session id; zombies are already gone
-            found.append(stat.parent.name if pids else cmdline)
-    return found
+        if fields[0] != "Z":  # zombies are already gone
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
 
 
 @pytest.mark.slow
@@ -226,16 +243,18 @@ def test_a_stopped_multi_gpu_training_says_once_what_last_pt_holds(train_env, ho
     sigint = signal.SIG_DFL if ctrl_c else signal.SIG_IGN
     proc, fold = training_with_a_checkpoint(
         train_env, "ddpstop", "--loss", "ce", "--multi_gpu", "--device", "cpu", "--nproc", "2",
-        start_new_session=True,  # the launcher, torchrun and the ranks: one session to look into after
+        start_new_session=True,  # the launcher leads its process group, as a terminal's foreground job
         preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
     )  # fmt: skip
+    tree = _process_tree(proc.pid)  # the launcher, torchrun, the ranks
+    assert len(tree) >= 4, tree
     if ctrl_c:
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: the foreground process group
     elif how == "SIGTERM to the launcher":
         proc.terminate()
     else:
-        for pid in _processes_in_session(proc.pid, pids=True):
-            os.kill(int(pid), signal.SIGTERM)
+        for pid in tree:
+            os.kill(pid, signal.SIGTERM)
     # The ranks share the launcher's stderr: orphaned, they held it open (training on) until their
     # rendezvous store timed out, over a minute later.
     _, err = proc.communicate(timeout=60)
@@ -251,6 +270,6 @@ def test_a_stopped_multi_gpu_training_says_once_what_last_pt_holds(train_env, ho
         assert len(errors) == 1 and f"{fold / 'last.pt'} holds epoch " in errors[0], err
         assert (fold / "train.log").read_text().splitlines()[-1].endswith(errors[0].removeprefix("Error: "))
     deadline = time.time() + 10
-    while (left := _processes_in_session(proc.pid)) and time.time() < deadline:
+    while (left := _alive(tree)) and time.time() < deadline:
         time.sleep(0.2)
     assert left == []

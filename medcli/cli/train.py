@@ -324,9 +324,9 @@ def _launch_distributed(
     cmd = relaunch_command(args, n)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
     _info(f"Launching {n} processes with torchrun ({'NCCL' if device.type == 'cuda' else 'gloo'})")
-    # torchrun in a process group of its own: a terminal's Ctrl-C reaches this launcher alone, which passes
-    # it on once (torchrun passes it to the ranks).  In one group, torchrun and every rank got it twice over,
-    # and a rank interrupted again while it unwound printed a second, vaguer line.
+    # torchrun in a process group of its own (its ranks have sessions of their own): a terminal's Ctrl-C
+    # reaches this launcher alone, which passes it on once, and torchrun passes it to the ranks.  In one
+    # group torchrun got it twice, the terminal's and this launcher's, the second while it stopped the ranks.
     proc = subprocess.Popen(cmd, env=env, process_group=0)
     try:
         return proc.wait()
