@@ -787,3 +787,39 @@ def test_a_degenerate_header_affine_is_one_clear_error(cli, world, tmp_path):
         assert _has(r.stderr, f"{path.name}: has a degenerate affine in its header")
     r = cli("predict", paths[0].parent, "--model", world["run"] / "fold0")  # through discovery: the same
     assert r.exit_code == 3 and _has(r.stderr, "has a degenerate affine in its header")
+
+
+def test_an_interrupted_prediction_keeps_the_scans_it_did(world, tmp_path):
+    """SIGTERM (or Ctrl-C) midway through a folder of scans: the predictions made so far are written to
+    --csv and printed as a finished run's would be, and one line says how many of how many (exit 143).
+    Everything computed was thrown away: hours, for a large folder on a CPU."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "many"
+    for i in range(120):
+        write_subject(data, f"S{i:03d}", ("t1ce",), seed=i, hgg=bool(i % 2))
+    maps, csv_path = tmp_path / "maps", tmp_path / "pred.csv"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medcli", "predict", str(data), "--model", str(world["run"]),
+         "--saliency", str(maps), "--csv", str(csv_path)],
+        env={**os.environ, "NO_COLOR": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while len(list(maps.glob("*.png"))) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)  # Grad-CAM maps are written scan by scan: two scans are done
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    rows = list(csv.DictReader(csv_path.open()))
+    assert 2 <= len(rows) < 120
+    assert [r["scan_id"] for r in rows] == [f"S{i:03d}" for i in range(len(rows))]  # in input order
+    assert all(r["scan_id"] in out for r in rows)  # the table, as a finished run prints it
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("Error:")]
+    assert _has(
+        line,
+        f"Error: terminated (SIGTERM) after {len(rows)} of 120 scans; the predictions of those are in "
+        f"{csv_path} and above (run the same command again to predict every scan)",
+    )

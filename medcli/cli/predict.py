@@ -18,7 +18,7 @@ import typer
 
 from medcli.cli import console
 from medcli.data import label_to_grade
-from medcli.errors import MedcliError, PartialFailure, UsageError
+from medcli.errors import MedcliError, PartialFailure, UsageError, interruption
 from medcli.paths import default_runs_root, require_writable_dir, require_writable_file
 
 CSV_FIELDS = (
@@ -132,7 +132,14 @@ def predict_command(
     if not scans:
         _raise_all_failed(input_failures, json_out)
 
-    result = _run(predictor, scans, saliency)
+    result = predictor.empty_result()
+    try:
+        _run(predictor, scans, saliency, result)
+        stopped = None
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the scans done are reported as a finished run's
+        if not result.predictions:
+            raise
+        stopped = e
     result.failures[:0] = input_failures
     if not result.predictions:
         _raise_all_failed(result.failures, json_out)
@@ -159,6 +166,14 @@ def predict_command(
             console.warn(f"{p.scan_id}: {w}")
     for f in result.failures:
         _warn_failure(f)
+    if stopped is not None:
+        kind = interruption(stopped)
+        done = len(result.predictions) + len(result.failures) - len(input_failures)
+        kept = f"in {csv_path} and above" if csv_path is not None and not csv_stdout else "above"
+        raise kind(
+            f"{kind.how} after {done} of {len(scans)} scans; the predictions of those are {kept}",
+            hint="run the same command again to predict every scan",
+        )
     if result.failures:
         n = len(result.failures) + len(result.predictions)
         raise PartialFailure(
@@ -217,16 +232,18 @@ def _warn_failure(f) -> None:
     console.warn(f.error if f.error.startswith(f.scan_id) else f"{f.scan_id}: {f.error}")
 
 
-def _run(predictor, scans, saliency):
+def _run(predictor, scans, saliency, result) -> None:
+    """Predict ``scans`` into ``result``, with a progress bar on a terminal."""
     if not console.progress_enabled() or len(scans) < 2:
-        return predictor.predict(scans, saliency_dir=saliency)
+        predictor.predict(scans, saliency_dir=saliency, into=result)
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(
         TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console.err
     ) as bar:
         task = bar.add_task("predict", total=len(scans))
-        return predictor.predict(scans, saliency_dir=saliency, on_scan=lambda *_: bar.advance(task))
+        predictor.predict(scans, saliency_dir=saliency, on_scan=lambda *_: bar.advance(task), into=result)
 
 
 def _print_table(result) -> None:

@@ -357,15 +357,8 @@ class Predictor:
 
         return preprocess(scan.paths, self.preprocess_cfg, subject_id=scan.scan_id)
 
-    def predict(
-        self,
-        scans: Iterable[ScanInput],
-        *,
-        saliency_dir: Path | None = None,
-        on_scan: Callable[[ScanInput, ScanPrediction | ScanFailure], None] | None = None,
-    ) -> PredictResult:
-        """Predict every scan; a scan that fails is recorded (with its error) and the rest go on."""
-        result = PredictResult(
+    def empty_result(self) -> PredictResult:
+        return PredictResult(
             predictions=[],
             failures=[],
             precision=self.precision,
@@ -375,6 +368,19 @@ class Predictor:
             threshold=self.threshold,
             members=self.member_names,
         )
+
+    def predict(
+        self,
+        scans: Iterable[ScanInput],
+        *,
+        saliency_dir: Path | None = None,
+        on_scan: Callable[[ScanInput, ScanPrediction | ScanFailure], None] | None = None,
+        into: PredictResult | None = None,
+    ) -> PredictResult:
+        """Predict every scan; a scan that fails is recorded (with its error) and the rest go on.  Each
+        outcome is added to ``into`` (a fresh result if None) as it comes: a caller interrupted midway
+        (Ctrl-C) still holds every scan done."""
+        result = into if into is not None else self.empty_result()
         scans = list(scans)
         # Kept transforms pay off from a member's second forward pass on; for one pass, keeping 1 GB of
         # fresh memory costs more in page faults (~0.3 s) than transforming each weight as it is used.
