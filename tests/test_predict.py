@@ -246,6 +246,27 @@ def test_a_folder_of_freely_named_scans_is_predicted_file_by_file(cli, world, tm
     assert by_folder == {"patient1": by_file[0], "patient2": by_file[1]}
 
 
+def test_freely_named_scans_beside_their_masks_are_predicted(cli, world, tmp_path):
+    """patient1.nii.gz with patient1_seg.nii.gz: the masks made subjects with no scan ("missing t1ce") and
+    the scans were left out, so nothing was predicted.  Each scan is its mask's subject; a mask alone is
+    still set aside."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i in (1, 2):
+        (folder / f"patient{i}.nii.gz").write_bytes(_scan(world, i).read_bytes())
+        shutil.copy(_scan(world, i), folder / f"patient{i}_seg.nii.gz")  # any image stands for a mask here
+    shutil.copy(_scan(world, 3), folder / "patient3_seg.nii.gz")
+    r = cli("predict", folder, "--model", world["run"] / "fold0", "--json")
+    assert r.exit_code == 10, r.stderr  # patient3: a mask without a scan
+    out = _json(r)
+    by_folder = {p["scan_id"]: p["p_hgg"] for p in out["predictions"]}
+    assert [f["scan_id"] for f in out["failures"]] == ["patient3"]
+    assert "left out" not in r.stderr
+    r = cli("predict", _scan(world, 1), _scan(world, 2), "--model", world["run"] / "fold0", "--json")
+    by_file = [p["p_hgg"] for p in _json(r)["predictions"]]
+    assert by_folder == {"patient1": by_file[0], "patient2": by_file[1]}
+
+
 def test_freely_named_files_beside_sequence_named_ones_are_said_to_be_left_out(cli, world, tmp_path):
     folder = tmp_path / "S1"
     folder.mkdir()

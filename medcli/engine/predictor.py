@@ -680,6 +680,8 @@ def _discover_scans(
             f"{path}: {what}",
             hint=f"pass {names} files, folders of them (one per subject), or a CSV manifest",
         ) from None
+    if len(modalities) == 1:
+        _pair_masks_with_their_scans(cohort, loose, modalities[0])
     # Files the folder holds directly that no subject took: a freely named one beside sequence-named files
     # (a mask, a registration output), or one subject's files lying beside the subject folders.  Said, not
     # guessed at.
@@ -700,6 +702,21 @@ def _discover_scans(
         text = "; ".join(f"{p.file or s.subject_id}: {p.what} ({p.hint})" for p in errors) or "unusable"
         failures.append(ScanFailure(s.subject_id, text, DataError.exit_code))
     return scans, failures
+
+
+def _pair_masks_with_their_scans(cohort, loose: list[Path], modality: str) -> None:
+    """``patient1.nii.gz`` beside ``patient1_seg.nii.gz``: the seg made a subject ``patient1`` with no scan
+    (set aside: "missing t1ce") and the scan was left out as no subject's.  For a one-modality model the
+    file named exactly as such a subject is its scan."""
+    import dataclasses
+
+    by_name = {_strip_nii(p.name): p for p in loose}
+    for subject in list(cohort.excluded):
+        scan = by_name.get(subject.subject_id)
+        if subject.paths or scan is None or subject.seg is None or scan.parent != subject.seg.parent:
+            continue
+        cohort.excluded.remove(subject)
+        cohort.subjects.append(dataclasses.replace(subject, paths={modality: scan}))
 
 
 def _top_level_nifti(path: Path) -> list[Path]:
