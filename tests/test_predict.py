@@ -830,12 +830,12 @@ def test_an_interrupted_prediction_keeps_the_scans_it_did(world, tmp_path):
     )  # fmt: skip
     deadline = time.time() + 120
     while len(list(maps.glob("*.png"))) < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)  # Grad-CAM maps are written scan by scan: two scans are done
+        time.sleep(0.02)  # Grad-CAM maps are written scan by scan: two scans are (nearly) done
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     rows = list(csv.DictReader(csv_path.open()))
-    assert 2 <= len(rows) < 120
+    assert 1 <= len(rows) < 120  # the signal may come between a scan's map and its row
     assert [r["scan_id"] for r in rows] == [f"S{i:03d}" for i in range(len(rows))]  # in input order
     assert all(r["scan_id"] in out for r in rows)  # the table, as a finished run prints it
     (line,) = [ln for ln in err.splitlines() if ln.startswith("Error:")]
