@@ -810,6 +810,7 @@ def test_a_degenerate_header_affine_is_one_clear_error(cli, world, tmp_path):
     assert r.exit_code == 3 and _has(r.stderr, "has a degenerate affine in its header")
 
 
+@pytest.mark.slow
 def test_an_interrupted_prediction_keeps_the_scans_it_did(world, tmp_path):
     """SIGTERM (or Ctrl-C) midway through a folder of scans: the predictions made so far are written to
     --csv and printed as a finished run's would be, and one line says how many of how many (exit 143).
