@@ -58,7 +58,7 @@ def print_error(message: str) -> None:
     if rank() != "0":
         try:
             time.sleep(RANK_0_FIRST_S)
-        except KeyboardInterrupt:  # torchrun stopping this rank (Ctrl-C's second signal): rank 0 speaks
+        except KeyboardInterrupt:  # Ctrl-C meanwhile: the run is being stopped, and rank 0 says so
             return
     where = "" if rank() == "0" else f"rank {rank()}: "
     err.print(f"[bold red]Error:[/] {where}{escape(message)}", highlight=False, soft_wrap=True)
