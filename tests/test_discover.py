@@ -445,3 +445,23 @@ def test_files_beside_subject_folders_are_noted_as_left_out(tmp_path):
     assert any(
         "left out 1 file(s) lying beside the subject folders (S3_t1ce.nii.gz)" in n for n in cohort.notes
     )
+
+
+@pytest.mark.parametrize("layout", ["2020", "2019"])
+def test_one_subjects_folder_given_for_training_names_the_dataset_folder(cohorts, layout):
+    """`--data cohort/BraTS20_Training_001` (one subject, no grade there): the hint named name_mapping.csv
+    as something to put there; it is one subject of a cohort, whose folder is the one to pass."""
+    root = cohorts[layout]
+    subject = sorted(p for p in root.glob("*/" if layout == "2020" else "HGG/*/") if p.is_dir())[0]
+    with pytest.raises(DataError) as caught:
+        discover(subject).require_labels()
+    assert str(caught.value).endswith(f"(this is one subject's folder: pass the dataset folder, {root})")
+
+
+def test_brats_name_mapping_given_as_a_manifest_names_its_folder(cohorts):
+    with pytest.raises(DataError) as caught:
+        discover(cohorts["2020"] / "name_mapping.csv")
+    assert str(caught.value) == (
+        f"{cohorts['2020'] / 'name_mapping.csv'} is BraTS's grade table, not a subject manifest (pass the "
+        f"folder that holds it and the subject folders: {cohorts['2020']})"
+    )

@@ -223,8 +223,13 @@ class Cohort:
                 hint="use these scans with `medcli predict`, or train from BraTS 2017-2020 or a CSV "
                 "manifest with a label column",
             )
+        one = self.roots[0] if len(self.roots) == 1 and len(subjects) == 1 else None
         if self.layout.startswith("csv"):
             hint = "add a label column (LGG/HGG or 0/1) to the manifest"
+        elif one is not None and (one.parent / NAME_MAPPING).is_file():  # one subject's folder of a cohort
+            hint = f"this is one subject's folder: pass the dataset folder, {one.parent}"
+        elif one is not None and one.parent.name.upper() in CLASS_NAMES:  # BraTS 2017-2019: HGG/<subject>
+            hint = f"this is one subject's folder: pass the dataset folder, {one.parent.parent}"
         else:
             hint = (
                 f"BraTS 2019/2020 keep the grade in {NAME_MAPPING} next to the subject folders; put it "
@@ -708,6 +713,11 @@ def _read_manifest(path: Path, *, explicit: bool) -> _Source:
     roles = _manifest_columns(header)
     modality_columns: dict[str, str] = roles["modalities"]  # type: ignore[assignment]
     if "id" not in roles or not modality_columns:
+        if path.name.lower() == NAME_MAPPING:  # BraTS's own grade table, passed for the dataset
+            raise DataError(
+                f"{path} is BraTS's grade table, not a subject manifest",
+                hint=f"pass the folder that holds it and the subject folders: {path.parent}",
+            )
         raise DataError(
             f"{path} is not a subject manifest (columns: {', '.join(header) or 'none'})",
             hint="expected a subject_id column, optionally label (LGG/HGG or 0/1) and patient_id, and one "
