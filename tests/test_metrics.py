@@ -141,3 +141,20 @@ def test_summarize_folds_ignores_undefined():
         and s["sd"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
     )
     assert M.summarize_folds([None])["mean"] is None
+
+
+def test_f1_of_a_class_neither_present_nor_predicted_is_undefined():
+    """F1 = 2TP / (2TP + FP + FN) is 0/0 for a class absent from the set and never predicted: n/a, not the
+    0.000 sklearn's zero_division gave (an all-HGG test set graded all HGG showed LGG F1 0.000, as if every
+    LGG had been missed).  Absent but predicted (false positives) is a defined 0."""
+    m = M.binary_metrics([1, 1, 1], [0.9, 0.8, 0.7])
+    assert m.per_class["LGG"]["f1"] is None and m.per_class["HGG"]["f1"] == 1.0
+    assert m.f1 == 1.0 and m.f1_macro == 1.0  # the undefined class is left out of the mean
+    m = M.binary_metrics([0, 0, 0], [0.1, 0.2, 0.3])
+    assert m.f1 is None and m.per_class["LGG"]["f1"] == 1.0
+    m = M.binary_metrics([0, 0, 0], [0.1, 0.2, 0.9])  # one false HGG call
+    assert m.f1 == 0.0 and m.per_class["LGG"]["f1"] == pytest.approx(0.8)
+    # The bootstrap agrees: a replicate that drew no HGG and called none has no F1.
+    y, p = [0, 0, 1], [0.1, 0.2, 0.9]
+    reps = M.weighted_metrics(y, p, np.array([[1.0, 2.0, 0.0], [1.0, 1.0, 1.0]]))
+    assert np.isnan(reps["f1"][0]) and reps["f1"][1] == 1.0

@@ -148,7 +148,7 @@ class BinaryMetrics:
     balanced_accuracy: float | None
     sensitivity: float | None  # recall of HGG
     specificity: float | None  # recall of LGG
-    f1: float  # F1 of HGG
+    f1: float | None  # F1 of HGG; None where 0/0 (no HGG in the set and none predicted)
     f1_macro: float
     mcc: float | None
     accuracy: float
@@ -196,16 +196,19 @@ def binary_metrics(
         auc = float(skm.roc_auc_score(y, q)) if two_class else None
         bacc = float(skm.balanced_accuracy_score(y, pred)) if two_class else None
         mcc = float(skm.matthews_corrcoef(y, pred)) if two_class else None
-        f1 = float(skm.f1_score(y, pred, pos_label=1, zero_division=0))
-        f1_macro = float(skm.f1_score(y, pred, average="macro", labels=[0, 1], zero_division=0))
+        # A class with undefined F1 (below) is left out of the mean (sklearn >= 1.3's zero_division=nan).
+        f1_macro = float(skm.f1_score(y, pred, average="macro", labels=[0, 1], zero_division=np.nan))
     recall = [float(rec[c]) if support[c] > 0 else None for c in (0, 1)]
+    # F1 = 2TP / (2TP + FP + FN) is 0/0 for a class neither in the set nor ever predicted: undefined, not the
+    # 0 sklearn's zero_division puts there (an all-HGG test set predicted all HGG showed LGG F1 0.000).
+    class_f1 = [float(f1s[c]) if support[c] + cm[:, c].sum() > 0 else None for c in (0, 1)]
     per_class = {
         CLASS_NAMES[c]: {
             "support": int(support[c]),
             "sensitivity": recall[c],
             "specificity": recall[1 - c],
             "precision": float(prec[c]) if cm[:, c].sum() > 0 else None,
-            "f1": float(f1s[c]),
+            "f1": class_f1[c],
         }
         for c in (0, 1)
     }
@@ -218,7 +221,7 @@ def binary_metrics(
         balanced_accuracy=bacc,
         sensitivity=recall[1],
         specificity=recall[0],
-        f1=f1,
+        f1=class_f1[1],
         f1_macro=f1_macro,
         mcc=mcc,
         accuracy=float(skm.accuracy_score(y, pred)),
@@ -262,8 +265,8 @@ def weighted_metrics(
     """Each metric of ``CI_METRICS`` for every row of ``weights`` [B, n] at once (NaN where undefined).
 
     Row b equals sklearn's metric with ``sample_weight=weights[b]``; degenerate cases follow sklearn
-    (zero_division=0 for F1, 0 for MCC with a constant prediction) except that two-class metrics are NaN
-    when a replicate holds one class.
+    (0 for MCC with a constant prediction) except that two-class metrics are NaN when a replicate holds one
+    class, and F1 is NaN where it is 0/0 (no HGG drawn, none predicted).
     """
     y, q = _as_arrays(y_true, p)
     w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
@@ -281,7 +284,7 @@ def weighted_metrics(
     out["balanced_accuracy"] = np.where(both, (sens + spec) / 2, np.nan)
     out["accuracy"] = _safe_div(tp + tn, total)
     f1_den = 2 * tp + fp + fn
-    out["f1"] = np.where(f1_den > 0, _safe_div(2 * tp, f1_den), 0.0)
+    out["f1"] = _safe_div(2 * tp, f1_den)  # NaN where 0/0 (no HGG drawn, none predicted), as binary_metrics
     mcc_den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     mcc = np.where(mcc_den > 0, _safe_div(tp * tn - fp * fn, mcc_den), 0.0)
     out["mcc"] = np.where(both, mcc, np.nan)
