@@ -302,6 +302,11 @@ def test_train_then_eval_and_predict_agree(cli, tmp_path):
         np.testing.assert_allclose(stored.p, again.p, atol=1e-4)
     out = _json(cli("eval", run, "--json", "--n-boot", "100"))
     assert out["kind"] == "run" and out["pooled"]["n"] == 8
+    # `medcli train` then `medcli eval`: no argument means the newest run, as predict's --model does.
+    newest = cli("eval", "--json", "--n-boot", "100", env={"MEDCLI_RUNS": str(runs)})
+    assert _json(newest) == out and f"Using the newest run: {run}" in newest.stderr
+    none = cli("eval", env={"MEDCLI_RUNS": str(tmp_path / "empty")})
+    assert none.exit_code == 8 and "no trained run found under" in none.stderr
     scan = Path(data) / "BraTS20_Training_001"
     ps = [
         _json(cli("predict", scan, "--model", m, "--json"))["predictions"][0]["p_hgg"]

@@ -12,7 +12,7 @@ import typer
 
 from medcli.cli import console
 from medcli.errors import UsageError
-from medcli.paths import require_writable_dir
+from medcli.paths import default_runs_root, require_writable_dir
 
 # (key in BinaryMetrics, label) in display order; AUC and balanced accuracy first (79% of BraTS is HGG).
 ROWS = (
@@ -40,11 +40,12 @@ SHORT = {
 
 
 def eval_command(
-    target: Path = typer.Argument(
-        ...,
+    target: Path | None = typer.Argument(
+        None,
         metavar="RUN_OR_CHECKPOINT",
         help="A run directory (all folds: per fold + pooled out-of-fold), a fold directory, or a .pt "
-        "checkpoint.",
+        "checkpoint. (default: the newest run under $MEDCLI_RUNS or ./runs)",
+        show_default=False,
     ),
     data: Path | None = typer.Option(
         None, "--data", help="Data folder for --recompute or a checkpoint. (default: the one training used)"
@@ -103,6 +104,11 @@ def eval_command(
     with 95% bootstrap CIs over patients, and plots."""
     if n_boot < 0:
         raise UsageError(f"--n-boot {n_boot} is negative", hint="use 0 to skip CIs, or e.g. 1000")
+    if target is None:  # `medcli train` then `medcli eval`: the run just trained
+        from medcli.engine.predictor import newest_run
+
+        target = newest_run(default_runs_root(), what="a run directory, fold directory or .pt checkpoint")
+        console.info(f"Using the newest run: {target}")
     if bins < 1:
         raise UsageError(f"--bins {bins} must be at least 1", hint="e.g. --bins 10")
     cut = _threshold(threshold, test is not None)

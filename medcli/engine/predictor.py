@@ -466,17 +466,22 @@ class ModelSource:
         return f"{n} of {n + len(self.untrained)} folds of {self.root} ({missing}: no checkpoint yet)"
 
 
+def newest_run(runs_root: Path, checkpoint_name: str = "best.pt", *, what: str) -> Path:
+    """The run under ``runs_root`` whose fold checkpoint was written last: what predict and eval use when
+    no model is named (``what``: how to name one, for the error)."""
+    runs = [d for d in runs_root.glob("*") if d.is_dir() and any(d.glob(f"fold*/{checkpoint_name}"))]
+    if not runs:
+        raise CheckpointError(
+            f"no trained run found under {runs_root}/", hint=f"train one with `medcli train`, or pass {what}"
+        )
+    return max(runs, key=lambda d: max(p.stat().st_mtime for p in d.glob(f"fold*/{checkpoint_name}")))
+
+
 def find_checkpoints(model: Path | None, runs_root: Path, checkpoint_name: str = "best.pt") -> ModelSource:
     """Resolve ``--model``: a checkpoint file, a fold directory (its best.pt), a run directory (every
     ``fold*/best.pt``), or, when None, the newest run under ``runs_root``."""
     if model is None:
-        runs = [d for d in runs_root.glob("*") if d.is_dir() and any(d.glob(f"fold*/{checkpoint_name}"))]
-        if not runs:
-            raise CheckpointError(
-                f"no trained run found under {runs_root}/",
-                hint="train one with `medcli train`, or pass --model runs/<name> (or a .pt checkpoint)",
-            )
-        model = max(runs, key=lambda d: max(p.stat().st_mtime for p in d.glob(f"fold*/{checkpoint_name}")))
+        model = newest_run(runs_root, checkpoint_name, what="--model runs/<name> (or a .pt checkpoint)")
     model = Path(model)
     if model.is_file():
         return ModelSource([model], "checkpoint", model.parent)
