@@ -859,3 +859,21 @@ def test_multi_gpu_on_one_device_trains_here_as_a_plain_run_does(cli, train_env)
     folds = json.loads(r.stdout)["folds"]
     assert [Path(f["run_dir"]).name for f in folds] == ["fold0", "fold1"]
     assert [f["global_step"] for f in folds] == [2, 2]
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_a_seed_numpy_cannot_take_is_a_usage_error_everywhere(cli, train_env, tmp_path, seed):
+    """numpy's generator takes seeds in 0..2**32-1: --seed -1 ended train and eval in a ValueError
+    traceback (torch's overflow for larger ones), data synth too."""
+    r = cli(
+        "train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"], "--seed", seed
+    )
+    assert r.exit_code == 2 and f"--seed must be in 0..4294967295, got {seed}" in r.stderr, r.output
+    config = tmp_path / "seed.toml"
+    config.write_text(f"seed = {seed}\n")
+    r = cli("train", "--data", train_env["data"], "--out", train_env["out"], "--config", config)
+    assert r.exit_code == 2 and "--seed must be in 0..4294967295" in r.stderr, r.output
+    for command in (("eval", tmp_path), ("data", "synth", "-n", "2", tmp_path / "cohort")):
+        r = cli(*command, "--seed", seed)
+        assert r.exit_code == 2 and "Invalid value for '--seed'" in r.output, r.output
+    assert not train_env["out"].exists() and not (tmp_path / "cohort").exists()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from medcli.cli import console
+from medcli.engine.config import SEED_MAX
 
 if TYPE_CHECKING:  # pragma: no cover
     from medcli.data.discover import Cohort
@@ -51,7 +52,9 @@ def synth(
         "--layout",
         help="2020: flat folders + name_mapping.csv; 2019: HGG/ and LGG/ folders; csv: a manifest.csv.",
     ),
-    seed: int = typer.Option(0, "--seed", help="Cohort seed; subject i is the same whatever --subjects is."),
+    seed: int = typer.Option(
+        0, "--seed", min=0, max=SEED_MAX, help="Cohort seed; subject i is the same whatever --subjects is."
+    ),
     lgg_fraction: float = typer.Option(
         0.3,
         "--lgg-fraction",

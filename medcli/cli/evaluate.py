@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from medcli.cli import console
+from medcli.engine.config import SEED_MAX
 from medcli.errors import UsageError
 from medcli.paths import default_runs_root, require_writable_dir
 
@@ -86,7 +87,7 @@ def eval_command(
     n_boot: int = typer.Option(
         1000, "--n-boot", help="Bootstrap resamples over patients for 95% CIs (0: none)."
     ),
-    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Bootstrap seed."),
     bins: int = typer.Option(10, "--bins", help="Equal-width bins for ECE and the reliability diagram."),
     out: Path | None = typer.Option(
         None, "--out", help="Where plots, eval.json and predictions.csv go. (default: <target>/eval)"

@@ -82,6 +82,10 @@ def parse_modalities(value: str | list | tuple) -> tuple[str, ...]:
         raise UsageError(f"--modalities: {e.message}", hint=e.hint) from None
 
 
+SEED_MAX = 2**32 - 1
+"""The largest seed numpy's legacy generator (``np.random.seed``) accepts; seeds are 0..SEED_MAX."""
+
+
 @dataclass
 class TrainConfig:
     """The resolved recipe.  Defaults are the seed's command (minus --gpu/--multi-gpu)."""
@@ -186,6 +190,8 @@ class TrainConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"--dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0 <= self.seed <= SEED_MAX:  # numpy's and torch's generators take no other
+            raise UsageError(f"--seed must be in 0..{SEED_MAX}, got {self.seed}")
         if self.folds < 2:
             raise UsageError(f"--folds must be >= 2, got {self.folds}")
         if not 0 <= self.fold < self.folds:
