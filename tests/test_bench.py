@@ -333,6 +333,10 @@ def test_bench_rejects_unknown_section_and_bad_values(cli):
     assert r.exit_code == 2 and "--input-size 2" in r.output
     r = cli("bench", "--depth", "51")
     assert r.exit_code == 2 and "unknown model depth '51'" in r.output
+    # Negative --threads was torch's traceback; a negative --ceiling-size a section "failed" with a warning.
+    for flag in ("--threads", "--ceiling-size", "--warmup"):
+        r = cli("bench", flag, "-1")
+        assert r.exit_code == 2 and f"{flag} -1 is negative (use 0 or more)" in r.output, r.output
 
 
 def test_bench_list(cli):

@@ -112,9 +112,9 @@ def bench(
     device: str = typer.Option(
         "auto", "--device", help="Model sections on: auto (CUDA if present), cpu, cuda or cuda:N."
     ),
-    threads: int = typer.Option(0, "--threads", help="torch threads (default: torch's choice)."),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's choice)."),
     ceiling_size: int = typer.Option(
-        0, "--ceiling-size", help="Volume side of the ceiling's Conv3d (default: 24 on CPU, 48 on GPU)."
+        0, "--ceiling-size", help="Volume side of the ceiling's Conv3d (0: 24 on CPU, 48 on GPU)."
     ),
     json_out: bool = typer.Option(False, "--json", help="Print only the JSON report on stdout."),
 ) -> None:
@@ -149,8 +149,9 @@ def bench(
     ):
         if value < low:
             raise UsageError(f"{flag} {value} is too small", hint=f"use {low} or more")
-    if warmup < 0:
-        raise UsageError(f"--warmup {warmup} is negative", hint="use 0 or more")
+    for flag, value in (("--warmup", warmup), ("--threads", threads), ("--ceiling-size", ceiling_size)):
+        if value < 0:
+            raise UsageError(f"{flag} {value} is negative", hint="use 0 or more")
     from medcli.models import MODELS, model_name
 
     if model_name(depth) not in MODELS:
