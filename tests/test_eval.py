@@ -207,6 +207,12 @@ def test_bad_targets(cli, tmp_path):
     assert r.exit_code == 2
 
 
+def test_a_fold_the_run_does_not_have_names_those_it_has(cli, run):
+    root, _ = run
+    r = cli("eval", root, "--fold", "9")
+    assert r.exit_code == 2 and _has(r.stderr, f"{root} has no fold 9 (its folds: 0, 1, 2)"), r.stderr
+
+
 # ------------------------------------------------------------------------------------ recompute from best.pt
 
 

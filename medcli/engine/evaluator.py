@@ -390,7 +390,8 @@ def evaluate(
     if target.kind == "run" and fold is not None:
         wanted = [d for d in target.fold_dirs if fold_number(d.name) == fold]
         if not wanted:
-            raise UsageError(f"{target.path} has no fold{fold}/", hint="list the run directory for its folds")
+            have = ", ".join(str(fold_number(d.name)) for d in target.fold_dirs)
+            raise UsageError(f"{target.path} has no fold {fold}", hint=f"its folds: {have}")
         target = Target("fold", wanted[0], wanted)
 
     folds: list[FoldPredictions] = []
