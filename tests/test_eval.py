@@ -205,6 +205,9 @@ def test_bad_targets(cli, tmp_path):
     assert r.exit_code == 2 and _has(r.stderr, "val_predictions.csv")
     r = cli("eval", tmp_path / "emptyrun", "--tune-threshold", "magic")
     assert r.exit_code == 2
+    for n in ("-1", "3"):  # 3 resamples gave every interval n/a, unexplained
+        r = cli("eval", tmp_path / "emptyrun", "--n-boot", n)
+        assert r.exit_code == 2 and _has(r.stderr, f"--n-boot {n}: an interval takes at least 10 resamples")
 
 
 def test_a_fold_the_run_does_not_have_names_those_it_has(cli, run):

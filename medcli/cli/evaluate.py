@@ -103,8 +103,13 @@ def eval_command(
     """Evaluate a fold, a checkpoint or a whole CV run on its validation data, or on a held-out set with
     --test: AUC, balanced accuracy, sensitivity/specificity, F1, MCC, Brier, ECE and the confusion matrix,
     with 95% bootstrap CIs over patients, and plots."""
-    if n_boot < 0:
-        raise UsageError(f"--n-boot {n_boot} is negative", hint="use 0 to skip CIs, or e.g. 1000")
+    from medcli.engine.metrics import MIN_BOOT
+
+    if n_boot < 0 or 0 < n_boot < MIN_BOOT:  # fewer resamples give no interval (metrics.bootstrap_ci)
+        raise UsageError(
+            f"--n-boot {n_boot}: an interval takes at least {MIN_BOOT} resamples",
+            hint="use 0 to skip CIs, or e.g. 1000 (the default)",
+        )
     if target is None:  # `medcli train` then `medcli eval`: the run just trained
         from medcli.engine.predictor import newest_run
 

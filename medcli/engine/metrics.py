@@ -307,6 +307,10 @@ def _weighted_auc(pos: np.ndarray, q: np.ndarray, w: np.ndarray) -> np.ndarray:
     return _safe_div(num, wpos.sum(axis=1) * wneg.sum(axis=1))
 
 
+MIN_BOOT = 10
+"""The fewest defined bootstrap replicates a metric's interval is taken from."""
+
+
 def bootstrap_ci(
     y_true,
     p,
@@ -330,7 +334,7 @@ def bootstrap_ci(
     cis: dict[str, dict[str, float | int | None]] = {}
     for name in CI_METRICS:
         vals = reps[name][np.isfinite(reps[name])]
-        if vals.size < max(10, n_boot // 10):  # too few defined replicates for an interval
+        if vals.size < max(MIN_BOOT, n_boot // 10):  # too few defined replicates for an interval
             cis[name] = {"low": None, "high": None, "n_valid": int(vals.size)}
             continue
         lo, hi = np.quantile(vals, [alpha, 1 - alpha])
