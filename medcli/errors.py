@@ -110,6 +110,19 @@ def interruption(e: KeyboardInterrupt) -> type[Interrupted]:
     return Terminated if isinstance(e, TerminateSignal) else Interrupted
 
 
+PEER_GONE = "stopped: another process of this run failed (its error line says why)"
+
+
+def peer_rank_gone(e: BaseException) -> bool:
+    """A collective that failed because another torchrun rank exited (a rank-local error such as a NaN
+    loss): gloo reports the closed connection, NCCL an aborted communicator.  Said as ``PEER_GONE``."""
+    import os
+
+    text = str(e)
+    markers = ("Connection closed by peer", "Connection reset by peer", "remote worker", "NCCL communicator")
+    return "LOCAL_RANK" in os.environ and any(m in text for m in markers)
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "other error",

@@ -13,6 +13,7 @@ import torch
 from conftest import run_medcli, training_with_a_checkpoint
 
 from medcli.cli.launch import relaunch_command
+from medcli.errors import PEER_GONE
 
 pytest_plugins = ("helpers_train",)  # tiny_cohort, shared_cache, train_env
 
@@ -185,6 +186,10 @@ def test_a_divergence_on_one_rank_alone_stops_the_run_instead_of_hanging(train_e
         ["Error: stopped: another process of this run failed (its error line says why)"],
     )
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+    # Rank 0 writes train.log: left in the all-reduce, it says so (unless torchrun stopped it first), not
+    # in gloo's words ("Connection closed by peer [127.0.0.1]:50846 ... GLHF!").
+    end = (train_env["out"] / "resnettiny-t1ce-ranknan" / "fold0" / "train.log").read_text().splitlines()[-1]
+    assert " epoch 1/3 · " in end or end.endswith(" error: " + PEER_GONE), end
     next(sites, None)  # the fake site's clean-up
 
 

@@ -18,7 +18,15 @@ from typer.core import TyperCommand, TyperGroup
 from medcli import __version__, pywarnings
 from medcli.allocator import keep_freed_memory
 from medcli.cli import console
-from medcli.errors import EXIT_CODES, Interrupted, MedcliError, TerminateSignal, interruption
+from medcli.errors import (
+    EXIT_CODES,
+    PEER_GONE,
+    Interrupted,
+    MedcliError,
+    TerminateSignal,
+    interruption,
+    peer_rank_gone,
+)
 
 
 class MedcliGroup(TyperGroup):
@@ -61,7 +69,7 @@ def known_failure(e: BaseException, command: str | None) -> str | None:
     path that cannot be read or written, memory exhausted), or None: anything else is a bug and keeps its
     traceback."""
     if peer_rank_gone(e):  # under torchrun: another rank failed first and printed why
-        return "stopped: another process of this run failed (its error line says why)"
+        return PEER_GONE
     if isinstance(e, OSError):  # a path that cannot be read or written, a full disk
         where = f": {e.filename}" if e.filename else ""
         return (
@@ -81,14 +89,6 @@ _MEMORY_HINTS = {
     "eval": "leave out --tta, or score one fold's model at a time; the input size is the model's own",
     "bench": "pass a smaller --input-size or --batch-size",
 }
-
-
-def peer_rank_gone(e: BaseException) -> bool:
-    """A collective that failed because another torchrun rank exited (a rank-local error such as a NaN
-    loss): gloo reports the closed connection, NCCL an aborted communicator."""
-    text = str(e)
-    markers = ("Connection closed by peer", "Connection reset by peer", "remote worker", "NCCL communicator")
-    return "LOCAL_RANK" in os.environ and any(m in text for m in markers)
 
 
 def worker_died(e: BaseException) -> str | None:

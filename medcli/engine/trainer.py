@@ -48,6 +48,7 @@ from medcli.engine.events import (
 from medcli.engine.optim import create_optimizer, create_schedule, set_backbone_frozen, train_mode
 from medcli.engine.runs import FoldDir, RunLog
 from medcli.errors import (
+    PEER_GONE,
     CheckpointError,
     DataError,
     DeviceError,
@@ -56,6 +57,7 @@ from medcli.errors import (
     UsageError,
     WeightsError,
     interruption,
+    peer_rank_gone,
 )
 
 CLASS_NAMES = ("LGG", "HGG")
@@ -241,11 +243,12 @@ def train(
                 error = _compile_failure(e) if cfg.compile else None
                 if log is not None:
                     shown = error or e
-                    log.write(
-                        f"error: {shown}"
-                        if isinstance(shown, MedcliError)
-                        else f"error: {type(shown).__name__}: {shown}"
-                    )
+                    if isinstance(shown, MedcliError):
+                        log.write(f"error: {shown}")
+                    elif peer_rank_gone(shown):  # not gloo's "Connection closed by peer [...] GLHF!"
+                        log.write(f"error: {PEER_GONE}")
+                    else:
+                        log.write(f"error: {type(shown).__name__}: {shown}")
                 if error is not None:
                     raise error from e
                 raise
