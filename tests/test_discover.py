@@ -443,8 +443,39 @@ def test_files_beside_subject_folders_are_noted_as_left_out(tmp_path):
     cohort = discover(root, modalities=("t1ce",))
     assert [s.subject_id for s in cohort.subjects] == ["S1", "S2"]
     assert any(
-        "left out 1 file(s) lying beside the subject folders (S3_t1ce.nii.gz)" in n for n in cohort.notes
+        "left out 1 file(s) lying beside the subject folders (S3_t1ce.nii.gz)" in n for n in cohort.left_out
     )
+
+
+def test_every_sequence_spelling_medcli_knows_names_a_file(tmp_path):
+    """`--modalities t1gd` was accepted (an alias of t1ce) but a file `S1_T1Gd.nii.gz` (UPenn-GBM's naming)
+    was no sequence's, so its subject silently vanished; likewise `_t2-flair`."""
+    root = tmp_path / "data"
+    write_subject(root, "S1", ("T1Gd", "t2-flair"))
+    write_subject(root, "S2", ("t1-gd", "FLAIR"), sep="-")
+    cohort = discover(root, modalities=("t1ce", "flair"))
+    by_id = {s.subject_id: s for s in cohort.subjects}
+    assert set(by_id) == {"S1", "S2"}, cohort.problems
+    assert by_id["S1"].paths == {"t1ce": root / "S1/S1_T1Gd.nii.gz", "flair": root / "S1/S1_t2-flair.nii.gz"}
+    assert by_id["S2"].paths == {"t1ce": root / "S2/S2-t1-gd.nii.gz", "flair": root / "S2/S2-FLAIR.nii.gz"}
+
+
+def test_folders_of_scans_not_named_by_sequence_beside_subject_folders_are_left_out_aloud(tmp_path):
+    """S3/S3_t1_ce.nii.gz beside S1/ and S2/: a folder no subject came from was passed over without a word
+    (data index counted 2 subjects and no problem)."""
+    root = tmp_path / "data"
+    for sid in ("S1", "S2"):
+        write_subject(root, sid, ("t1ce",))
+    write_volume(root / "S3" / "S3_t1_ce.nii.gz")
+    (root / "empty").mkdir()
+    (root / "notes").mkdir()
+    (root / "notes" / "readme.txt").write_text("not scans")
+    cohort = discover(root, modalities=("t1ce",))
+    assert [s.subject_id for s in cohort.subjects] == ["S1", "S2"]
+    assert cohort.left_out == [
+        f"{root}: left out 1 folder(s) whose NIfTI files are not named by sequence (S3); name them "
+        "<id>_t1ce.nii.gz (t1, t1ce, t2, flair; t1c, t1gd, t2f, ... too)"
+    ]
 
 
 @pytest.mark.parametrize("layout", ["2020", "2019"])

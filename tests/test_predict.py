@@ -286,7 +286,12 @@ def test_a_subjects_files_beside_subject_folders_are_said_to_be_left_out(cli, wo
     r = cli("predict", tmp_path / "d", "--model", world["run"] / "fold0", "--json")
     assert r.exit_code == 0, r.stderr
     assert [p["scan_id"] for p in _json(r)["predictions"]] == ["BraTS20_Training_001"]
-    assert _has(r.stderr, "left out 1 NIfTI file(s) that are no subject's (BraTS20_Training_002_t1ce.nii.gz)")
+    assert _has(
+        r.stderr, "left out 1 file(s) lying beside the subject folders (BraTS20_Training_002_t1ce.nii.gz)"
+    )
+    assert (
+        r.stderr.count("BraTS20_Training_002_t1ce.nii.gz") == 1
+    )  # said once (by discovery, not predict too)
 
 
 def test_a_folder_of_freely_named_scans_for_a_multimodal_model(cli, two_channel_run, tmp_path):

@@ -171,7 +171,7 @@ def index(
         console.print_json(cohort.to_dict())
     else:
         _render_cohort(cohort, list_subjects)
-    for note in cohort.notes:
+    for note in [*cohort.left_out, *cohort.notes]:
         console.info(note)
     cohort.require_usable()
 

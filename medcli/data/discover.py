@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from medcli.data import CLASS_NAMES, MODALITIES, canonical_modality, grade_to_label, parse_grade
+from medcli.data import (
+    CLASS_NAMES,
+    MODALITIES,
+    MODALITY_ALIASES,
+    canonical_modality,
+    grade_to_label,
+    parse_grade,
+)
 from medcli.errors import DataError
 
 DICOM_HINT = (
@@ -58,7 +65,10 @@ def looks_like_dicom(path: Path, probe: int = 20) -> bool:
 NAME_MAPPING = "name_mapping.csv"
 
 # `BraTS20_Training_001_t1ce.nii.gz`, `Brats18_2013_0_1_seg.nii`, `BraTS-GLI-00000-000-t1c.nii.gz`.
-MODALITY_FILE = re.compile(r"[_-](t1|t1ce|t2|flair|seg|t1n|t1c|t2w|t2f)\.nii(\.gz)?$", re.IGNORECASE)
+# `<id>_<sequence>.nii.gz`: every spelling canonical_modality knows (BraTS's, BraTS 2023's, T1Gd as in
+# UPenn-GBM), longest first so `_t2-flair` is one token, not `_t2` + `-flair`.
+_FILE_TOKENS = sorted({*MODALITIES, *MODALITY_ALIASES, "seg"}, key=len, reverse=True)
+MODALITY_FILE = re.compile(rf"[_-]({'|'.join(map(re.escape, _FILE_TOKENS))})\.nii(\.gz)?$", re.IGNORECASE)
 # BraTS20_Training_355 names its segmentation `W39_1998.09.19_Segm.nii`.
 ODD_SEG_FILE = re.compile(r"segm?\.nii(\.gz)?$", re.IGNORECASE)
 NIFTI_FILE = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
@@ -168,6 +178,9 @@ class Cohort:
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     required_modalities: tuple[str, ...] | None = None
+    # Files and folders under the roots that are no subject's (said by every command, predict's included;
+    # ``notes`` are about grades and merges, which prediction does not need).
+    left_out: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.subjects)
@@ -249,6 +262,7 @@ class Cohort:
             "excluded": [s.subject_id for s in self.excluded],
             "problems": [p.to_dict() for p in self.problems],
             "notes": list(self.notes),
+            "left_out": list(self.left_out),
         }
 
 
@@ -321,6 +335,7 @@ def discover(
         problems=problems,
         notes=notes,
         required_modalities=required,
+        left_out=[n for src in found for n in src.left_out],
     )
 
 
@@ -337,6 +352,7 @@ class _Source:
     mapping: _NameMapping | None = None
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # Cohort.left_out
 
 
 def _scan(root: Path, depth: int) -> list[_Source]:
@@ -375,10 +391,17 @@ def _scan(root: Path, depth: int) -> list[_Source]:
     subject_dirs = [d for d in subdirs if _has_modality_files(d)]
     if subject_dirs:
         source = _flat_source(root, subject_dirs, mapping)
+        unnamed = [d.name for d in subdirs if d not in subject_dirs and _has_nifti(d)]
+        if unnamed:  # folders beside the subject folders whose scans say no sequence: say so
+            shown = ", ".join(unnamed[:3]) + (", ..." if len(unnamed) > 3 else "")
+            source.left_out.append(
+                f"{root}: left out {len(unnamed)} folder(s) whose NIfTI files are not named by sequence "
+                f"({shown}); name them <id>_t1ce.nii.gz (t1, t1ce, t2, flair; t1c, t1gd, t2f, ... too)"
+            )
         stray = sorted(p.name for p in root.iterdir() if p.is_file() and MODALITY_FILE.search(p.name))
         if stray:  # a subject's files beside the subject folders belong to no subject: say so
             shown = ", ".join(stray[:3]) + (", ..." if len(stray) > 3 else "")
-            source.notes.append(
+            source.left_out.append(
                 f"{root}: left out {len(stray)} file(s) lying beside the subject folders ({shown}); "
                 "move each into its subject's folder"
             )
@@ -407,6 +430,10 @@ def _csv_files(root: Path) -> list[Path]:
 
 def _has_modality_files(folder: Path) -> bool:
     return any(MODALITY_FILE.search(p.name) for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _has_nifti(folder: Path) -> bool:
+    return any(NIFTI_FILE.search(p.name) for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def _release_of(subject_id: str) -> str | None:

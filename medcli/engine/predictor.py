@@ -685,15 +685,16 @@ def _discover_scans(
             f"{path}: {what}",
             hint=f"pass {names} files, folders of them (one per subject), or a CSV manifest",
         ) from None
+    notes.extend(cohort.left_out)  # files and folders under it that are no subject's
     if len(modalities) == 1:
         _pair_masks_with_their_scans(cohort, loose, modalities[0])
-    # Files the folder holds directly that no subject took: a freely named one beside sequence-named files
-    # (a mask, a registration output), or one subject's files lying beside the subject folders.  Said, not
-    # guessed at.
+    # Freely named files the folder holds directly that no subject took (a mask, a registration output,
+    # beside sequence-named files): said, not guessed at.  Sequence-named ones lying beside the subject
+    # folders are discovery's to say (cohort.left_out).
     used = {
         f.resolve() for s in (*cohort.subjects, *cohort.excluded) for f in (*s.paths.values(), s.seg) if f
     }
-    left = [p for p in top if p.resolve() not in used]
+    left = [p for p in loose if p.resolve() not in used]
     if left:
         shown = ", ".join(p.name for p in left[:3]) + (", ..." if len(left) > 3 else "")
         notes.append(

@@ -316,7 +316,7 @@ def _prepare_data(cfg: TrainConfig, fold_dir: FoldDir, precision: Precision, emi
     pcfg = PreprocessConfig(modalities=tuple(cfg.modalities), input_size=tuple(cfg.input_size))
     cohort = discover(Path(cfg.data), modalities=cfg.modalities)
     subjects = cohort.require_labels()
-    for note in cohort.notes:  # what discovery merged or passed over (2019+2020 patients kept once, ...)
+    for note in [*cohort.left_out, *cohort.notes]:  # what discovery passed over or merged
         emit(Info(note))
     _warn_left_out(cohort, subjects, cfg.data, emit)
     splits = _load_or_make_splits(cfg, subjects, fold_dir)
