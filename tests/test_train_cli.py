@@ -877,3 +877,22 @@ def test_a_seed_numpy_cannot_take_is_a_usage_error_everywhere(cli, train_env, tm
         r = cli(*command, "--seed", seed)
         assert r.exit_code == 2 and "Invalid value for '--seed'" in r.output, r.output
     assert not train_env["out"].exists() and not (tmp_path / "cohort").exists()
+
+
+def test_starting_from_a_checkpoint_that_saw_this_folds_validation_patients_warns(cli, train_env):
+    """--pretrained-path to a medcli checkpoint of the same cohort: fold 0's model trained on fold 1's
+    validation patients, so fine-tuning it on fold 1 gives optimistic validation metrics; it loaded
+    silently ("73/73 keys loaded").  The same fold of the same split saw none of them: no warning."""
+    base = _one_step(train_env)
+    assert cli(*base, "--fold", "0").exit_code == 0
+    start = train_env["out"] / "resnettiny-t1ce-ldam" / "fold0" / "last.pt"
+    r = cli(*base, "--fold", "1", "--name", "leaky", "--pretrained-path", start)
+    assert r.exit_code == 0, r.stderr
+    assert (
+        f"WARNING: the starting weights {start} (fold 0 of a medcli run) were trained on 5 of this fold's 5 "
+        "validation patients: this fold's validation metrics, and the best.pt chosen on them, will be "
+        "optimistic" in " ".join(r.stderr.split())
+    )
+    r = cli(*base, "--fold", "0", "--name", "clean", "--pretrained-path", start)
+    assert r.exit_code == 0, r.stderr
+    assert "starting weights" not in r.stderr

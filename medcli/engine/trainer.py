@@ -224,7 +224,9 @@ def train(
             if hasattr(loss_fn, "describe"):
                 emit(Info(f"Loss: {loss_fn.describe()}"))
 
-            model, pretrained_sha = _build_model(cfg, emit, fetch)
+            model, start = _build_model(cfg, emit, fetch)
+            pretrained_sha = start.sha256 if start is not None else None
+            _warn_start_saw_validation(cfg, start, data, emit)
             _warn_other_start(fold_dir, pretrained_sha, emit)
             _warn_other_settings(fold_dir, cfg, emit)
             if log is not None:
@@ -580,9 +582,10 @@ def resolve_pretrained(cfg: TrainConfig) -> str:
     return fetch_command(entry)
 
 
-def _build_model(cfg: TrainConfig, emit: Callback, fetch: str) -> tuple[nn.Module, str | None]:
+def _build_model(cfg: TrainConfig, emit: Callback, fetch: str) -> tuple[nn.Module, Any]:
     """create_model + load_pretrained, announced in the seed's words with true numbers (``fetch``: the
-    command that downloads the release for this depth, for a missing file)."""
+    command that downloads the release for this depth, for a missing file); the model and the load's
+    report (None without starting weights)."""
     from medcli.models import create_model, load_pretrained
     from medcli.weights.manifest import load_manifest
 
@@ -597,7 +600,7 @@ def _build_model(cfg: TrainConfig, emit: Callback, fetch: str) -> tuple[nn.Modul
         head=cfg.head,
         zero_init_last=cfg.zero_init_last,
     )
-    sha = None
+    report = None
     if cfg.pretrained_path:
         emit(Info(f"Loading MedicalNet pretrained weights from: {cfg.pretrained_path}"))
         report = load_pretrained(model, cfg.pretrained_path, require=cfg.require_pretrained, fetch=fetch)
@@ -619,7 +622,6 @@ def _build_model(cfg: TrainConfig, emit: Callback, fetch: str) -> tuple[nn.Modul
             if cfg.require_pretrained:
                 raise IncompleteLoadError(message, hint="run `medcli weights verify` on the file")
             emit(Warning(message + "; the rest starts from random initialization"))
-        sha = report.sha256
     elif load_manifest().for_depth(cfg.depth) is None:  # `tiny`: nothing to start from
         emit(Info(f"MedicalNet released no {name} weights: training from random initialization"))
     else:
@@ -627,7 +629,40 @@ def _build_model(cfg: TrainConfig, emit: Callback, fetch: str) -> tuple[nn.Modul
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     emit(Info(f"Model created: {total / 1e6:.2f}M total params, {trainable / 1e6:.2f}M trainable"))
-    return model, sha
+    return model, report
+
+
+def _warn_start_saw_validation(cfg: TrainConfig, start: Any, data: FoldData, emit: Callback) -> None:
+    """Starting weights that are a medcli checkpoint trained on this fold's validation patients (another
+    split of the same cohort, say) have seen them: the fold's validation metrics, and best.pt chosen on
+    them, are then optimistic.  Said with the count where the checkpoint's split file lies beside it."""
+    from medcli.data.splits import Splits
+
+    if start is None or not start.exists or start.medcli_fold is None:
+        return
+    source = Path(cfg.pretrained_path)
+    val_patients = {s.patient_id for s in data.val_subjects}
+    try:
+        old = Splits.load(source.resolve().parent.parent / "splits.json")
+        old_train, _ = old.fold(int(start.medcli_fold))
+    except (MedcliError, ValueError, TypeError):
+        old = None
+    if old is not None:
+        seen = {old.patients.get(s, s) for s in old_train} & val_patients
+        if not seen:
+            return
+        what = f"were trained on {len(seen)} of this fold's {len(val_patients)} validation patients"
+    elif start.medcli_data and Path(start.medcli_data).resolve() == Path(cfg.data).resolve():
+        what = "were trained on this cohort (no split file beside them says on which patients)"
+    else:
+        return
+    emit(
+        Warning(
+            f"the starting weights {source} (fold {start.medcli_fold} of a medcli run) {what}: this fold's "
+            "validation metrics, and the best.pt chosen on them, will be optimistic; start from MedicalNet's "
+            "weights, or from a checkpoint that never saw these patients"
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------- the loop

@@ -260,6 +260,9 @@ class LoadReport:
     sha256: str | None = None
     format: str | None = None  # "legacy pickle" | "zip"
     container: str | None = None  # "state_dict" | "model" | "direct"
+    # A medcli checkpoint's own training: the fold and data it was trained on (None for other files).
+    medcli_fold: int | None = None
+    medcli_data: str | None = None
     prefix_stripped: str = ""
     release: dict | None = None
     detected_arch: str | None = None
@@ -441,6 +444,9 @@ def load_pretrained(
         report.warnings.append(release_warning)
 
     raw_state, report.container = _find_state_dict(obj, path)
+    if report.container == "model" and isinstance(obj.get("config"), dict):
+        report.medcli_fold = obj.get("fold", obj["config"].get("fold"))
+        report.medcli_data = obj["config"].get("data")
     state, report.prefix_stripped = _strip_prefix(raw_state)
     report.file_entries = len(state)
     detected = detect_architecture(state)
