@@ -265,6 +265,18 @@ def test_freely_named_scans_beside_their_masks_are_predicted(cli, world, tmp_pat
     r = cli("predict", _scan(world, 1), _scan(world, 2), "--model", world["run"] / "fold0", "--json")
     by_file = [p["p_hgg"] for p in _json(r)["predictions"]]
     assert by_folder == {"patient1": by_file[0], "patient2": by_file[1]}
+    # The same pairs in subject folders (case1/patient1.nii.gz + case1/patient1_seg.nii.gz).
+    nested = tmp_path / "cases"
+    for i in (1, 2):
+        (nested / f"case{i}").mkdir(parents=True)
+        for name in (f"patient{i}.nii.gz", f"patient{i}_seg.nii.gz"):
+            shutil.copy(folder / name, nested / f"case{i}" / name)
+    r = cli("predict", nested, "--model", world["run"] / "fold0", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert {p["scan_id"]: p["p_hgg"] for p in _json(r)["predictions"]} == {
+        "case1": by_file[0],
+        "case2": by_file[1],
+    }
 
 
 def test_freely_named_files_beside_sequence_named_ones_are_said_to_be_left_out(cli, world, tmp_path):

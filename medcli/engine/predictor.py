@@ -687,7 +687,7 @@ def _discover_scans(
         ) from None
     notes.extend(cohort.left_out)  # files and folders under it that are no subject's
     if len(modalities) == 1:
-        _pair_masks_with_their_scans(cohort, loose, modalities[0])
+        _pair_masks_with_their_scans(cohort, modalities[0])
     # Freely named files the folder holds directly that no subject took (a mask, a registration output,
     # beside sequence-named files): said, not guessed at.  Sequence-named ones lying beside the subject
     # folders are discovery's to say (cohort.left_out).
@@ -710,16 +710,22 @@ def _discover_scans(
     return scans, failures
 
 
-def _pair_masks_with_their_scans(cohort, loose: list[Path], modality: str) -> None:
-    """``patient1.nii.gz`` beside ``patient1_seg.nii.gz``: the seg made a subject ``patient1`` with no scan
-    (set aside: "missing t1ce") and the scan was left out as no subject's.  For a one-modality model the
-    file named exactly as such a subject is its scan."""
+def _pair_masks_with_their_scans(cohort, modality: str) -> None:
+    """``patient1.nii.gz`` beside ``patient1_seg.nii.gz`` (loose, or in a subject folder): the seg made a
+    subject with no scan (set aside: "missing t1ce") and the scan was passed over.  For a one-modality model
+    the file named as the mask less its ``_seg`` is the subject's scan."""
     import dataclasses
 
-    by_name = {_strip_nii(p.name): p for p in loose}
+    from medcli.data.discover import MODALITY_FILE
+
     for subject in list(cohort.excluded):
-        scan = by_name.get(subject.subject_id)
-        if subject.paths or scan is None or subject.seg is None or scan.parent != subject.seg.parent:
+        if subject.paths or subject.seg is None or not (named := MODALITY_FILE.search(subject.seg.name)):
+            continue
+        stem = subject.seg.name[: named.start()]
+        scan = next(
+            (f for f in (subject.seg.parent / f"{stem}{x}" for x in (".nii.gz", ".nii")) if f.is_file()), None
+        )
+        if scan is None:
             continue
         cohort.excluded.remove(subject)
         cohort.subjects.append(dataclasses.replace(subject, paths={modality: scan}))
