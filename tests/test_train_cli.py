@@ -893,6 +893,8 @@ def test_starting_from_a_checkpoint_that_saw_this_folds_validation_patients_warn
         "validation patients: this fold's validation metrics, and the best.pt chosen on them, will be "
         "optimistic" in " ".join(r.stderr.split())
     )
+    assert "Starting weights loaded: a medcli checkpoint (fold 0 of its run)" in r.stderr
+    assert "MedicalNet pretrained weights loaded" not in r.stderr
     r = cli(*base, "--fold", "0", "--name", "clean", "--pretrained-path", start)
     assert r.exit_code == 0, r.stderr
     assert "starting weights" not in r.stderr

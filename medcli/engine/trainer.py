@@ -610,7 +610,9 @@ def _build_model(cfg: TrainConfig, emit: Callback, fetch: str) -> tuple[nn.Modul
         emit(Info(report.summary_line()))
         for w in report.warnings:
             emit(Warning(w))
-        if report.ok:
+        if report.ok and report.medcli_fold is not None:  # not a MedicalNet release: do not call it one
+            emit(Info(f"Starting weights loaded: a medcli checkpoint (fold {report.medcli_fold} of its run)"))
+        elif report.ok:
             emit(Info("MedicalNet pretrained weights loaded successfully!"))
         elif report.exists:
             from medcli.errors import IncompleteLoadError
