@@ -423,6 +423,45 @@ def _held_out_set(root, n=4):
     return manifest
 
 
+def test_a_held_out_folder_says_what_it_did_not_score(cli, trained, tmp_path):
+    """A test folder with a folder of scans not named by sequence: that folder is no subject, so the metrics
+    are over the others; eval said nothing of it (data prepare neither)."""
+    import csv
+
+    from helpers_predict import write_subject
+
+    from medcli.data.synth import NAME_MAPPING_HEADER_2020
+
+    root = tmp_path / "held"
+    with open(root.parent / "mapping.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(NAME_MAPPING_HEADER_2020)
+        for i in range(4):
+            write_subject(root, f"Held_{i:03d}", ("t1ce",), seed=100 + i, hgg=i % 2 == 1)
+            w.writerow(["HGG" if i % 2 else "LGG", "NA", "NA", "NA", "NA", f"Held_{i:03d}"])
+    (root.parent / "mapping.csv").rename(root / "name_mapping.csv")
+    write_subject(root, "Held_004", ("scan",))  # Held_004/Held_004_scan.nii.gz: no sequence named
+    r = cli(
+        "eval",
+        trained["run"],
+        "--test",
+        root,
+        "--json",
+        "--n-boot",
+        "0",
+        "--no-plots",
+        "--out",
+        tmp_path / "e",
+    )
+    assert r.exit_code == 0, r.stderr
+    assert _json(r)["pooled"]["n"] == 4
+    note = f"{root}: left out 1 folder(s) whose NIfTI files are not named by sequence (Held_004)"
+    assert _has(r.stderr, note)
+    r = cli("data", "prepare", root, "--cache", tmp_path / "cache", "--input-size", "16")
+    assert r.exit_code == 0, r.stderr
+    assert _has(r.stderr, note)
+
+
 def test_a_held_out_set_is_scored_by_the_fold_ensemble(cli, trained, tmp_path):
     """`eval RUN --test DATA`: each scan's P(HGG) is predict's ensemble mean, the metrics are scikit-learn's
     on them, and the output goes beside (not over) the run's own evaluation."""

@@ -92,6 +92,8 @@ def prepare(
         console.print_json(summary)
     else:
         _render(summary)
+    for note in cohort.left_out:  # files and folders under the root that are no subject's
+        console.info(note)
     if report.failed and not (report.cached or report.already_cached):
         raise DataError(
             f"no subject could be preprocessed (first: {report.failed[0][0]}: {report.failed[0][1]})",

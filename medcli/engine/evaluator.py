@@ -577,7 +577,7 @@ def evaluate_test(
             hint=f"fix or remove them (`medcli data index {test_data}` lists each): metrics over the rest "
             "would not be over the set you named",
         )
-    notes: list[str] = []
+    notes: list[str] = list(cohort.left_out)  # what under the test folder is no subject's: not scored
     unlabelled = len(cohort.subjects) - len(subjects)
     if unlabelled:
         notes.append(
