@@ -321,8 +321,14 @@ def test_train_then_eval_and_predict_agree(cli, tmp_path):
         _json(cli("predict", scan, "--model", m, "--json"))["predictions"][0]["p_hgg"]
         for m in (run / "fold0", run / "fold1")
     ]
-    both = _json(cli("predict", scan, "--model", run, "--json"))["predictions"][0]["p_hgg"]
-    assert both == pytest.approx(np.mean(ps), abs=1e-6)
+    both = cli("predict", scan, "--model", run, "--json")
+    assert _json(both)["predictions"][0]["p_hgg"] == pytest.approx(np.mean(ps), abs=1e-6)
+    # A subject of the run's own split: its prediction is graded, and said to be no held-out estimate.
+    assert _has(
+        both.stderr,
+        f"1 of the 1 scans share an id with subjects of the split the model was trained with "
+        f"({run / 'splits.json'}; e.g. BraTS20_Training_001): trained or validated on",
+    )
 
 
 def test_predict_uses_the_threshold_eval_tuned(cli, trained, tmp_path):
@@ -476,8 +482,10 @@ def test_a_held_out_set_is_scored_by_the_fold_ensemble(cli, trained, tmp_path):
     assert out["kind"] == "test" and out["test"]["members"] == 2 and out["pooled"]["n"] == 4
     table = list(csv.DictReader((run / "eval" / "test-held" / "predictions.csv").open()))
     p = {t["subject_id"]: float(t["p_hgg"]) for t in table}
-    pr = _json(cli("predict", held, "--model", run, "--json"))
+    held_pr = cli("predict", held, "--model", run, "--json")
+    pr = _json(held_pr)
     assert {q["scan_id"]: q["p_hgg"] for q in pr["predictions"]} == pytest.approx(p, abs=1e-6)
+    assert "trained or validated on" not in held_pr.stderr  # held out: nothing to say
     y = [int(t["label"]) for t in table]
     assert out["pooled"]["auc"] == pytest.approx(skm.roc_auc_score(y, [float(t["p_hgg"]) for t in table]))
     assert out["pooled"]["ci"]["auc"]["low"] <= out["pooled"]["auc"] <= out["pooled"]["ci"]["auc"]["high"]

@@ -161,6 +161,7 @@ def predict_command(
         if saliency is not None:
             console.info(f"Grad-CAM maps (NIfTI on each scan's grid + PNG) written to {saliency}/")
         _point_to_eval(result, source, inputs)
+    _note_scans_it_trained_on(result, source)
     for p in result.predictions:
         for w in p.warnings:
             console.warn(f"{p.scan_id}: {w}")
@@ -208,6 +209,29 @@ def _point_to_eval(result, source, inputs) -> None:
         f"{agree} of {len(labelled)} labelled scans graded as labelled; for metrics with confidence "
         f"intervals (and a check that the scans are held out): `medcli eval {source.root} --test {where}`"
     )
+
+
+def _note_scans_it_trained_on(result, source) -> None:
+    """Scans named as subjects of the run's split were trained or validated on: their P(HGG) is no
+    held-out estimate (eval --test refuses such a set; predict grades them, and says so)."""
+    from medcli.data.splits import Splits
+
+    split_file = next(
+        (p for p in (source.root / "splits.json", source.root.parent / "splits.json") if p.is_file()), None
+    )
+    if split_file is None:
+        return
+    try:
+        split = Splits.load(split_file)
+    except MedcliError:
+        return
+    seen = [p.scan_id for p in result.predictions if p.scan_id in split.labels]
+    if seen:
+        console.info(
+            f"{len(seen)} of the {len(result.predictions)} scans share an id with subjects of the split the "
+            f"model was trained with ({split_file}; e.g. {seen[0]}): trained or validated on, so their "
+            "predictions are no held-out estimate"
+        )
 
 
 def _raise_all_failed(failures, json_out: bool = False) -> None:
