@@ -104,6 +104,9 @@ def test_cli_list_and_check(cli):
     assert rows[("ldam", "medcli")]["status"] == "builtin"
     table = cli("plugins", "list")
     assert table.exit_code == 0 and "poly1" in table.stdout and "weighted-ce" in table.stdout
+    # `medcli plugins` alone is that list (it printed the group's help, as if nothing were installed).
+    alone = cli("plugins")
+    assert alone.exit_code == 0 and alone.stdout == table.stdout
     only_plugins = _json_rows(cli("plugins", "list", "--json", "--no-builtins"))
     assert all(dist != "medcli" for _, dist in only_plugins)
 

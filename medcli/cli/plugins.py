@@ -76,9 +76,15 @@ def _print_table(records, group: str) -> None:
 def register(root: typer.Typer) -> None:
     """Add the `plugins` group to the root app."""
     sub = typer.Typer(
-        help="Installed plugins (loss functions) and their status.",
-        no_args_is_help=True,
+        help="Installed plugins (loss functions) and their status (`medcli plugins` alone: the list).",
+        invoke_without_command=True,
         rich_markup_mode="rich",
     )
+
+    @sub.callback()
+    def default(ctx: typer.Context) -> None:
+        if ctx.invoked_subcommand is None:  # `medcli plugins`: what it holds, rather than its help
+            ctx.invoke(list_plugins, check=False, builtins=True, as_json=False)
+
     sub.command("list")(list_plugins)
     root.add_typer(sub, name="plugins")
