@@ -215,10 +215,9 @@ def _note_scans_it_trained_on(result, source) -> None:
     """Scans named as subjects of the run's split were trained or validated on: their P(HGG) is no
     held-out estimate (eval --test refuses such a set; predict grades them, and says so)."""
     from medcli.data.splits import Splits
+    from medcli.engine.runs import split_file_of
 
-    split_file = next(
-        (p for p in (source.root / "splits.json", source.root.parent / "splits.json") if p.is_file()), None
-    )
+    split_file = split_file_of(source.root)
     if split_file is None:
         return
     try:

@@ -41,7 +41,7 @@ import numpy as np
 
 from medcli.atomic import atomic_write_text
 from medcli.engine import metrics as M
-from medcli.engine.runs import fold_number, missing_folds
+from medcli.engine.runs import fold_number, missing_folds, split_file_of
 from medcli.errors import CheckpointError, DataError, UsageError
 
 PREDICTIONS_FILE = "val_predictions.csv"
@@ -584,9 +584,7 @@ def evaluate_test(
             f"{unlabelled} subject{'s' if unlabelled > 1 else ''} under {test_data} not scored: no grade "
             f"(`medcli data index {test_data}` lists them)"
         )
-    split_file = next(
-        (p for p in (source.root / "splits.json", source.root.parent / "splits.json") if p.is_file()), None
-    )
+    split_file = split_file_of(source.root)
     if split_file is not None:
         split = Splits.load(split_file)
         seen_patients = set(split.patients.values())

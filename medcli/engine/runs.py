@@ -52,6 +52,12 @@ def fold_number(name: str) -> int:
     return int(digits) if digits else -1
 
 
+def split_file_of(root: Path) -> Path | None:
+    """The ``splits.json`` a model source was trained with: its run's (``root`` a run directory, or a fold
+    directory inside one), or None."""
+    return next((p for p in (root / "splits.json", root.parent / "splits.json") if p.is_file()), None)
+
+
 def missing_folds(run_root: Path, fold_dirs: Iterable[Path]) -> list[int]:
     """The folds of the run's split (``splits.json``) absent from ``fold_dirs``: using fewer folds than the
     run has is legitimate (``train --fold 0`` first), but worth saying.  No valid split: nothing missing."""
