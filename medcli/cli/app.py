@@ -253,6 +253,10 @@ def main() -> None:
     keep_freed_memory()  # before any tensor: see medcli.allocator
     if "LOCAL_RANK" not in os.environ:  # under torchrun, the launcher's SIGTERM stops a rank as it is
         signal.signal(signal.SIGTERM, _raise_terminate)
+    else:  # torchrun's SIGINT (Ctrl-C, or a scheduler's SIGTERM passed on): every rank stops at one batch
+        from medcli import stopping
+
+        signal.signal(signal.SIGINT, stopping.on_sigint)
     app(prog_name="medcli")
 
 

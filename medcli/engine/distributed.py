@@ -71,6 +71,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def stop_agreed(device: torch.device) -> None:
+    """KeyboardInterrupt on every rank at once when any rank was sent SIGINT (``medcli.stopping``): called by
+    every rank at the same points (each batch), so ranks stop together, never one inside a collective that
+    another left.  A no-op in a single process, where SIGINT raises where it lands."""
+    from medcli import stopping
+
+    if world_size() > 1 and all_reduce_sum(float(stopping.requested()), device) > 0:
+        raise KeyboardInterrupt
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s object on every rank (e.g. an error raised on rank 0 while preparing the run)."""
     if not is_initialized():

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from medcli import pywarnings
+from medcli import pywarnings, stopping
 from medcli.engine import checkpoint as ckpt_io
 from medcli.engine import distributed as dist
 from medcli.engine import speed
@@ -763,7 +763,7 @@ def _fit(
     )
     scale = cfg.ldam_s if cfg.head == "cosine" else 1.0
     stopped_early = False
-    with _resume_hint_on_interrupt(fold_dir, cfg, state):
+    with _resume_hint_on_interrupt(fold_dir, cfg, state), stopping.deferred():
         for epoch in range(state.epoch + 1, cfg.epochs):
             if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
                 break
@@ -1073,6 +1073,7 @@ def train_one_epoch(
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(loader):
+        dist.stop_agreed(device)  # Ctrl-C under DDP: every rank stops here, at the same batch
         x, y = batch[0], batch[1]
         x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
         y = torch.as_tensor(y).to(device, non_blocking=True).long()
@@ -1134,6 +1135,7 @@ def predict_loader(
     fmt = torch.channels_last_3d if precision.channels_last else torch.contiguous_format
     rows: list[tuple[str, int, list[float]]] = []
     for x, y, ids in loader:
+        dist.stop_agreed(device)
         x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
         with autocast(device, precision):
             logits = model(x).float().cpu()
