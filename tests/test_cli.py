@@ -86,6 +86,18 @@ def test_medcli_error_becomes_one_line_and_exit_code(monkeypatch):
     assert len(lines) == 1 and "NaN voxels" in lines[0] and "fix the file" in lines[0]
 
 
+def test_user_text_is_printed_as_given_not_as_emoji(cli, tmp_path):
+    """Rich turned `:x:` into ❌: `--device cuda:x` was reported as `cuda❌`; a scan named `a:x:b` too."""
+    r = cli("bench", "--device", "cuda:x")
+    assert r.exit_code == 9 and "--device cuda:x: not a device" in r.stderr and "❌" not in r.stderr
+    from medcli.cli import console
+
+    for printer in (console.out, console.err):
+        with printer.capture() as captured:
+            printer.print("case:x:1 :smile:")
+        assert captured.get().strip() == "case:x:1 :smile:"
+
+
 def test_help_paragraphs_wrap_to_the_terminal_not_to_the_source(cli):
     # `weights verify`'s docstring wraps its second paragraph at 110 columns in the source; on a wide
     # terminal that paragraph must come out as one line, not broken where the source broke it.

@@ -15,9 +15,10 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-# Width is only a fallback for non-terminals (CI logs); Rich measures real terminals itself.
-out = Console(soft_wrap=False)
-err = Console(stderr=True)
+# Width is only a fallback for non-terminals (CI logs); Rich measures real terminals itself.  No emoji codes:
+# user text (`--device cuda:x`, a scan named `a:x:b`) must not turn into pictures (`cuda❌`).
+out = Console(soft_wrap=False, emoji=False)
+err = Console(stderr=True, emoji=False)
 
 _state = {"verbose": False}
 
