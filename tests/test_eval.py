@@ -205,6 +205,9 @@ def test_bad_targets(cli, tmp_path):
     assert r.exit_code == 2 and _has(r.stderr, "val_predictions.csv")
     r = cli("eval", tmp_path / "emptyrun", "--tune-threshold", "magic")
     assert r.exit_code == 2
+    for flag in ("--precision", "--device"):  # they set how a model runs; stored predictions run none
+        r = cli("eval", tmp_path / "emptyrun", flag, "fp8")
+        assert r.exit_code == 2 and _has(r.stderr, f"{flag} applies to --recompute and --test")
     for n in ("-1", "3"):  # 3 resamples gave every interval n/a, unexplained
         r = cli("eval", tmp_path / "emptyrun", "--n-boot", n)
         assert r.exit_code == 2 and _has(r.stderr, f"--n-boot {n}: an interval takes at least 10 resamples")

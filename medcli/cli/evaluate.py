@@ -120,6 +120,13 @@ def eval_command(
     cut = _threshold(threshold, test is not None)
     if test is None and tta:
         raise UsageError("--tta applies to --test", hint="add --test DATA, or leave --tta out")
+    if not (recompute or test is not None):  # the stored predictions need no model run: nothing to set
+        for flag, value in (("--precision", precision), ("--device", device)):
+            if value != "auto":
+                raise UsageError(
+                    f"{flag} applies to --recompute and --test (the stored predictions run no model)",
+                    hint=f"add --recompute, or leave {flag} out",
+                )
     if test is not None and tune_threshold not in (None, "none"):
         raise UsageError(
             "--tune-threshold with --test would choose the threshold on the test set",
