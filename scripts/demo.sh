@@ -39,8 +39,8 @@ echo "== 4. a held-out set: $HELDOUT new subjects (BraTS 2019 layout, another se
 $BIN/medcli data synth "$DEMO/heldout" --subjects "$HELDOUT" --small --layout 2019 --seed 1
 $BIN/medcli eval "$DEMO/runs/demo/fold0" --test "$DEMO/heldout"
 
-echo "== 5. predict one subject folder (its T1ce, T2 and FLAIR scans) with the fold's best checkpoint =="
-subject=$(ls -d "$DEMO"/data/*/ | head -n 1)
+echo "== 5. predict one held-out subject folder (its T1ce, T2 and FLAIR scans) with the fold's best checkpoint =="
+subject=$(ls -d "$DEMO"/heldout/*/*/ | head -n 1)
 $BIN/medcli predict "$subject" --model "$DEMO/runs/demo/fold0"
 
 echo "== done in $(( $(date +%s) - start )) s: see $DEMO/runs/demo/fold0/ (metrics.csv, curves.png, best.pt) =="

@@ -41,4 +41,5 @@ def test_demo_script_runs_the_main_job_end_to_end(tmp_path):
     assert json.loads((fold / held / "eval.json").read_text())["pooled"]["n"] == 6
     assert "held-out test set" in proc.stdout
     assert "== done in" in proc.stdout
-    assert "P(HGG)" in proc.stdout  # the prediction table of step 5
+    assert "P(HGG)" in proc.stdout  # the prediction table of step 5: a held-out subject's
+    assert "BraTS19_SYN_" in proc.stdout and "trained or validated on" not in proc.stderr
