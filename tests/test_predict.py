@@ -246,6 +246,17 @@ def test_a_folder_of_freely_named_scans_is_predicted_file_by_file(cli, world, tm
     assert by_folder == {"patient1": by_file[0], "patient2": by_file[1]}
 
 
+def test_a_scan_name_with_brackets_is_printed_as_it_is(cli, world, tmp_path):
+    """Rich read `[/x]` in a subject id as a closing tag (a MarkupError traceback instead of the table) and
+    `[post]` in a file name as a style (dropped from the name)."""
+    shutil.copy(_scan(world), tmp_path / "T1 [post].nii.gz")
+    manifest = tmp_path / "m.csv"  # a manifest's subject id may hold what a file name cannot
+    manifest.write_text(f"subject_id,t1ce\ncase[/x],{_scan(world, 2)}\n")
+    r = cli("predict", tmp_path / "T1 [post].nii.gz", manifest, "--model", world["run"] / "fold0")
+    assert r.exit_code == 0, r.output
+    assert "T1 [post]" in r.stdout and "case[/x]" in r.stdout
+
+
 def test_freely_named_scans_beside_their_masks_are_predicted(cli, world, tmp_path):
     """patient1.nii.gz with patient1_seg.nii.gz: the masks made subjects with no scan ("missing t1ce") and
     the scans were left out, so nothing was predicted.  Each scan is its mask's subject; a mask alone is

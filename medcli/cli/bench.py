@@ -45,7 +45,7 @@ def _speed_table(report: dict):
         for mode, fig in figures["modes"].items():
             if "skipped" in fig:
                 reason = "no native bf16" if "bf16" in fig["skipped"] else fig["skipped"]
-                table.add_row(name, mode, f"[dim]skipped: {reason}[/]", "", "", "", "")
+                table.add_row(name, mode, console.styled(f"skipped: {reason}", "dim"), "", "", "", "")
                 continue
             frac = fig.get("fraction_of_ceiling")
             table.add_row(
@@ -67,7 +67,11 @@ def _targets_table(report: dict):
     for row in report["targets"]:
         style = _STATUS_STYLE.get(row["status"], "")
         table.add_row(
-            str(row["issue"]), row["target"], row["reached"], f"[{style}]{row['status']}[/]", row["note"]
+            str(row["issue"]),
+            row["target"],
+            row["reached"],
+            console.styled(row["status"], style),
+            row["note"],
         )
     return table
 
@@ -76,14 +80,15 @@ def render(report: dict) -> None:
     """The human-readable report on stdout."""
 
     m = report["machine"]
-    console.out.print(
-        f"[bold]{m['cpu']}[/] · {m['cores']} cores, {m['threads']} torch threads · {m['cpu_capability']} · "
+    line = console.styled(m["cpu"], "bold")
+    line.append(
+        f" · {m['cores']} cores, {m['threads']} torch threads · {m['cpu_capability']} · "
         f"native bf16: {m['native_bf16']}"
         + (f" · CUDA: {m['cuda']}" if m["cuda"] else "")
         + f" · torch {m['torch']} · model sections on {report['options']['device']}"
-        + f" · {report['total_s']:.0f} s",
-        highlight=False,
+        + f" · {report['total_s']:.0f} s"
     )
+    console.out.print(line, highlight=False)
     console.out.print(_targets_table(report))
     console.out.print(_speed_table(report))
     for name, figures in report["sections"].items():
@@ -177,13 +182,14 @@ def bench(
 
     def on_section(name: str, figures) -> None:
         if figures is None:
-            console.err.print(f"[dim]bench: {name} ...[/]", highlight=False)
+            console.err.print(f"bench: {name} ...", style="dim", highlight=False)
         elif "error" in figures:
             console.warn(f"bench: {name} failed: {figures['error']}")
         else:
             console.err.print(
-                f"[dim]bench: {name} done in {figures.get('section_s', 0):.0f} s, "
-                f"peak RSS {figures.get('peak_rss_mb', 0):.0f} MB[/]",
+                f"bench: {name} done in {figures.get('section_s', 0):.0f} s, "
+                f"peak RSS {figures.get('peak_rss_mb', 0):.0f} MB",
+                style="dim",
                 highlight=False,
             )
 

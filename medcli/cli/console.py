@@ -17,8 +17,10 @@ from rich.markup import escape
 
 # Width is only a fallback for non-terminals (CI logs); Rich measures real terminals itself.  No emoji codes:
 # user text (`--device cuda:x`, a scan named `a:x:b`) must not turn into pictures (`cuda❌`).
-out = Console(soft_wrap=False, emoji=False)
-err = Console(stderr=True, emoji=False)
+# No markup either: text is printed as it is (a scan named `a[/b]` crashed a table; `T1 [post]` lost its
+# bracket); medcli's own styles are explicit (``styled``, or ``markup=True`` on a line it wrote itself).
+out = Console(soft_wrap=False, emoji=False, markup=False)
+err = Console(stderr=True, emoji=False, markup=False)
 
 _state = {"verbose": False}
 
@@ -38,7 +40,7 @@ def info(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]WARNING:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err.print(f"[yellow]WARNING:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
 
 
 def rank() -> str:
@@ -62,7 +64,14 @@ def print_error(message: str) -> None:
         except KeyboardInterrupt:  # Ctrl-C meanwhile: the run is being stopped, and rank 0 says so
             return
     where = "" if rank() == "0" else f"rank {rank()}: "
-    err.print(f"[bold red]Error:[/] {where}{escape(message)}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]Error:[/] {where}{escape(message)}", highlight=False, markup=True, soft_wrap=True)
+
+
+def styled(text: str, style: str):
+    """A table cell in a style, its text as it is (the consoles take no markup)."""
+    from rich.text import Text
+
+    return Text(text, style=style)
 
 
 def print_json(data: Any) -> None:

@@ -219,6 +219,10 @@ def _render_cohort(cohort: Cohort, list_subjects: bool) -> None:
         for column in ("", "subject", "file", "problem", "what to do"):
             problems.add_column(column, overflow="fold")
         for p in [*errors, *warnings]:
-            mark = "[red]error[/]" if p.severity == "error" else "[yellow]warning[/]"
+            mark = (
+                console.styled("error", "red")
+                if p.severity == "error"
+                else console.styled("warning", "yellow")
+            )
             problems.add_row(mark, p.subject or "—", Path(p.file).name if p.file else "", p.what, p.hint)
         console.out.print(problems)

@@ -56,7 +56,6 @@ def list_plugins(
 
 
 def _print_table(records, group: str) -> None:
-    from rich.markup import escape
 
     table = console.table(f"{group} (use with --loss NAME)")
     table.add_column("name", no_wrap=True)
@@ -65,9 +64,8 @@ def _print_table(records, group: str) -> None:
     table.add_column("details", overflow="fold")
     for r in records:
         style = _STYLE.get(r.status, "")
-        status = f"[{style}]{r.status}[/]" if style else r.status
-        # Plugin code and metadata are not ours: never let them inject Rich markup.
-        table.add_row(escape(r.name), status, escape(r.source), escape(r.error or r.summary))
+        # Plugin code and metadata are not ours: printed as they are (the console takes no markup).
+        table.add_row(r.name, console.styled(r.status, style), r.source, r.error or r.summary)
     if not records:
         table.caption = "no losses found"
     console.out.print(table)

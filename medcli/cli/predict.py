@@ -285,7 +285,7 @@ def _print_table(result) -> None:
     if show_label:
         table.add_column("true grade")
     for p in result.predictions:
-        row = [p.scan_id, f"[bold]{p.grade}[/]", f"{p.p_hgg:.3f}"]
+        row = [p.scan_id, console.styled(p.grade, "bold"), f"{p.p_hgg:.3f}"]
         if spread:
             row += [f"{p.p_sd:.3f}", f"{p.p_min:.3f}–{p.p_max:.3f}"]
         if show_label:

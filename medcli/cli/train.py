@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.markup import escape
 
 from medcli.cli import console
 from medcli.engine.config import TrainConfig
@@ -311,7 +310,7 @@ def _launch_distributed(
                 hint="drop --multi-gpu, or add --device cpu to run the same DDP path on CPU processes (gloo)",
             )
     if n < 2:
-        _warn(f"--multi-gpu: only {n} device(s); training in one process on {device}")
+        console.warn(f"--multi-gpu: only {n} device(s); training in one process on {device}")
         return None
 
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("model", "head", "fold", "in_channels")}
@@ -397,10 +396,6 @@ def _print_summary(summary: dict[str, Any]) -> None:
     console.info(f"Next: `medcli eval {run_dir}`, then `medcli predict SCAN --model {run_dir}`")
 
 
-def _warn(message: str) -> None:
-    console.err.print(f"[yellow]WARNING:[/] {escape(message)}", highlight=False, soft_wrap=True)
-
-
 def _info(message: str) -> None:
     """console.info without wrapping: an epoch line stays one line in CI logs (and above live bars)."""
     console.err.print(f"INFO: {message}", highlight=False, markup=False, soft_wrap=True)
@@ -430,7 +425,7 @@ class Renderer:
             if event.message in self.shown:
                 return
             self.shown.add(event.message)
-            (_info if isinstance(event, ev.Info) else _warn)(event.message)
+            (_info if isinstance(event, ev.Info) else console.warn)(event.message)
         elif isinstance(event, ev.FoldStarted):
             _info(event.describe())
             if console.progress_enabled():

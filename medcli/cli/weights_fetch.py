@@ -276,7 +276,7 @@ def _print_fetch_table(rows: list[dict]) -> None:
             r["action"], "corrupt copy replaced, verified"
         )
         name = r["name"] or f"your file (ResNet-{r['depth']})"
-        table.add_row(name, f"[green]{status}[/]", _mib(r["size"]), r["path"])
+        table.add_row(name, console.styled(status, "green"), _mib(r["size"]), r["path"])
     console.out.print(table)
 
 
@@ -314,9 +314,10 @@ def list_weights(
     table.add_column("local copy")
     table.add_column("file", overflow="fold")
     for label, (e, c) in zip(labels, rows, strict=True):
-        state = {"verified": "[green]verified[/]", "absent": "[dim]absent[/]"}.get(
-            c.state, f"[red]corrupt: {c.reason}[/]"
-        )
+        state = {
+            "verified": console.styled("verified", "green"),
+            "absent": console.styled("absent", "dim"),
+        }.get(c.state, console.styled(f"corrupt: {c.reason}", "red"))
         path = c.path.name if c.path.parent == home else str(c.path)
         table.add_row(label, _mib(e.size), state, path)
     console.out.print(table)
