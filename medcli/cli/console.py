@@ -17,7 +17,7 @@ from rich.markup import escape
 
 # Width is only a fallback for non-terminals (CI logs); Rich measures real terminals itself.  No emoji codes:
 # user text (`--device cuda:x`, a scan named `a:x:b`) must not turn into pictures (`cuda❌`).
-# No markup either: text is printed as it is (a scan named `a[/b]` crashed a table; `T1 [post]` lost its
+# No markup either: text is printed as it is (a subject id `case[/x]` crashed a table; `T1 [post]` lost its
 # bracket); medcli's own styles are explicit (``styled``, or ``markup=True`` on a line it wrote itself).
 out = Console(soft_wrap=False, emoji=False, markup=False)
 err = Console(stderr=True, emoji=False, markup=False)
