@@ -35,7 +35,8 @@ def verbose() -> bool:
 
 
 def info(message: str) -> None:
-    """An INFO line on stderr (the seed's log voice)."""
+    """An INFO line on stderr (the seed's log voice), never wrapped: an epoch line stays one line in CI
+    logs (and above live bars)."""
     err.print(f"INFO: {message}", highlight=False, markup=False, soft_wrap=True)
 
 

@@ -110,11 +110,6 @@ def eval_command(
             f"--n-boot {n_boot}: an interval takes at least {MIN_BOOT} resamples",
             hint="use 0 to skip CIs, or e.g. 1000 (the default)",
         )
-    if target is None:  # `medcli train` then `medcli eval`: the run just trained
-        from medcli.engine.predictor import newest_run
-
-        target = newest_run(default_runs_root(), what="a run directory, fold directory or .pt checkpoint")
-        console.info(f"Using the newest run: {target}")
     if bins < 1:
         raise UsageError(f"--bins {bins} must be at least 1", hint="e.g. --bins 10")
     cut = _threshold(threshold, test is not None)
@@ -127,6 +122,11 @@ def eval_command(
                     f"{flag} applies to --recompute and --test (the stored predictions run no model)",
                     hint=f"add --recompute, or leave {flag} out",
                 )
+    if target is None:  # `medcli train` then `medcli eval`: the run just trained
+        from medcli.engine.predictor import newest_run
+
+        target = newest_run(default_runs_root(), what="a run directory, fold directory or .pt checkpoint")
+        console.info(f"Using the newest run: {target}")
     if test is not None and tune_threshold not in (None, "none"):
         raise UsageError(
             "--tune-threshold with --test would choose the threshold on the test set",

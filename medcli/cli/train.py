@@ -322,7 +322,7 @@ def _launch_distributed(
     args += ["--resume"] * resume + ["--force"] * force + ["--json"] * json_out
     cmd = relaunch_command(args, n)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
-    _info(f"Launching {n} processes with torchrun ({'NCCL' if device.type == 'cuda' else 'gloo'})")
+    console.info(f"Launching {n} processes with torchrun ({'NCCL' if device.type == 'cuda' else 'gloo'})")
     # torchrun in a process group of its own (its ranks have sessions of their own): a terminal's Ctrl-C
     # reaches this launcher alone, which passes it on once, and torchrun passes it to the ranks.  In one
     # group torchrun got it twice, the terminal's and this launcher's, the second while it stopped the ranks.
@@ -396,11 +396,6 @@ def _print_summary(summary: dict[str, Any]) -> None:
     console.info(f"Next: `medcli eval {run_dir}`, then `medcli predict SCAN --model {run_dir}`")
 
 
-def _info(message: str) -> None:
-    """console.info without wrapping: an epoch line stays one line in CI logs (and above live bars)."""
-    console.err.print(f"INFO: {message}", highlight=False, markup=False, soft_wrap=True)
-
-
 class Renderer:
     """Turns trainer events into INFO lines, Rich progress (terminal) or one line per epoch (logs).
 
@@ -425,9 +420,9 @@ class Renderer:
             if event.message in self.shown:
                 return
             self.shown.add(event.message)
-            (_info if isinstance(event, ev.Info) else console.warn)(event.message)
+            (console.info if isinstance(event, ev.Info) else console.warn)(event.message)
         elif isinstance(event, ev.FoldStarted):
-            _info(event.describe())
+            console.info(event.describe())
             if console.progress_enabled():
                 self._start_progress(event)
         elif isinstance(event, ev.EpochStarted) and self.progress is not None:
@@ -443,7 +438,7 @@ class Renderer:
                 sps=f"{event.samples_per_s:.2f}",
             )
         elif isinstance(event, ev.EpochEnded):
-            _info(event.line)
+            console.info(event.line)
             if self.progress is not None:
                 self.progress.advance(self.epoch_task)
         elif isinstance(event, ev.FoldFinished):

@@ -639,14 +639,16 @@ def _warn_start_saw_validation(cfg: TrainConfig, start: Any, data: FoldData, emi
     split of the same cohort, say) have seen them: the fold's validation metrics, and best.pt chosen on
     them, are then optimistic.  Said with the count where the checkpoint's split file lies beside it."""
     from medcli.data.splits import Splits
+    from medcli.engine.runs import split_file_of
 
     if start is None or not start.exists or start.medcli_fold is None:
         return
     source = Path(cfg.pretrained_path)
     val_patients = {s.patient_id for s in data.val_subjects}
+    split_file = split_file_of(source.resolve().parent)
     try:
-        old = Splits.load(source.resolve().parent.parent / "splits.json")
-        old_train, _ = old.fold(int(start.medcli_fold))
+        old = Splits.load(split_file) if split_file else None
+        old_train, _ = old.fold(int(start.medcli_fold)) if old else ([], [])
     except (MedcliError, ValueError, TypeError):
         old = None
     if old is not None:
