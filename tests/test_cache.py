@@ -384,3 +384,34 @@ def test_cli_data_cache_reports_and_prunes(cli, tmp_path):
     assert not list(cache.config_dir(CFG).glob("B-*")) and list(cache.config_dir(CFG).glob("A-*"))
     empty = cli("data", "cache", "--cache", tmp_path / "nowhere")
     assert empty.exit_code == 0 and "no preprocessed arrays" in empty.stderr
+
+
+def test_prune_judges_only_what_medcli_wrote(tmp_path, cli):
+    """`--cache` pointed at a folder that also holds other things (a project folder, say): files and folders
+    medcli never names are neither listed nor deleted, and JSON that is not an object is not a traceback."""
+    from medcli.data.cache import inspect_cache, prune_cache
+
+    cache, _ = _two_subject_cache(tmp_path)
+    results = cache.root / "results"
+    results.mkdir()
+    (results / "config.json").write_text('{"lr": 0.1}')
+    (results / "weights.bin").write_bytes(b"important")
+    notes = cache.root / "notes"
+    notes.mkdir()
+    (notes / "summary.json").write_text('{"a": 1}')
+    (notes / "list.json").write_text("[1, 2]")
+    (notes / ".env").write_text("secret")
+    os.utime(notes / ".env", (1, 1))
+    ours = cache.config_dir(CFG)
+    (ours / "README.txt").write_text("a note someone left")  # not an entry name: not ours to judge
+    (ours / "x-0123456789abcdef.json").write_text("[1, 2]")  # an entry's name, but damaged (not an object)
+    os.utime(ours / "x-0123456789abcdef.json", (1, 1))
+
+    [folder] = inspect_cache(cache.root)
+    assert folder.entries == 2 and folder.stale == [ours / "x-0123456789abcdef.json"]
+    listed = cli("data", "cache", "--cache", cache.root, "--json")
+    assert listed.exit_code == 0, listed.stderr
+    prune_cache(cache.root)
+    kept = [results / "config.json", results / "weights.bin", notes / "summary.json", notes / "list.json"]
+    assert all(p.exists() for p in [*kept, notes / ".env", ours / "README.txt"])
+    assert inspect_cache(cache.root)[0].entries == 2

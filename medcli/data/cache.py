@@ -290,6 +290,13 @@ def _prepare_in_processes(
 
 ORPHAN_MIN_AGE_S = 3600.0
 
+# Only what medcli writes is ever judged (and so ever deleted): a settings folder is named by a 16-hex-digit
+# hash, an entry by ``<subject>-<16 hex digits>.json|.npy``, a temp file by ``atomic_path`` as
+# ``.<entry file>.<random>.tmp``.  `--cache` pointed at a folder holding other things leaves them alone.
+_FOLDER_NAME = re.compile(r"[0-9a-f]{16}")
+_ENTRY_NAME = re.compile(r".+-[0-9a-f]{16}\.(json|npy)")
+_TEMP_NAME = re.compile(r"\..+\.(json|npy)\.[^.]+\.tmp")
+
 
 @dataclass
 class CacheFolder:
@@ -315,6 +322,10 @@ class CacheFolder:
             "stale_bytes": self.stale_bytes,
             "stale_reason": self.stale_reason,
         }
+
+
+def _written_by_medcli(name: str) -> bool:
+    return name == "config.json" or bool(_ENTRY_NAME.fullmatch(name) or _TEMP_NAME.fullmatch(name))
 
 
 def _size(path: Path) -> int:
@@ -351,7 +362,7 @@ def _folder_stale_reason(folder: Path) -> tuple[dict[str, Any] | None, str | Non
         return None, "its config.json is unreadable"
     try:
         key = PreprocessConfig.from_dict(config).key()
-    except (MedcliError, TypeError, ValueError):
+    except (MedcliError, TypeError, ValueError, AttributeError):  # AttributeError: not a JSON object
         return config, "its config.json is from another medcli version"
     if key != folder.name:
         return config, "its config.json is from another medcli version (the settings hash differs)"
@@ -367,25 +378,25 @@ def inspect_cache(root: str | Path, *, min_age_s: float = ORPHAN_MIN_AGE_S) -> l
         return []
     now = time.time()
     folders = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and _FOLDER_NAME.fullmatch(p.name)):
         config, reason = _folder_stale_reason(folder)
         info = CacheFolder(folder.name, folder, config, stale_reason=reason)
-        files = sorted(p for p in folder.iterdir() if p.is_file())
+        files = sorted(p for p in folder.iterdir() if p.is_file() and _written_by_medcli(p.name))
         if reason is not None:
             info.stale = files
             info.stale_bytes = sum(_size(p) for p in files)
             folders.append(info)
             continue
         for p in files:  # an atomic writer's temp files, left by a killed process
-            if p.name.startswith(".") and now - _mtime(p, now) > min_age_s:
+            if _TEMP_NAME.fullmatch(p.name) and now - _mtime(p, now) > min_age_s:
                 info.stale.append(p)
-        stems = sorted({p.stem for p in files if p.suffix in (".json", ".npy") and p.name != "config.json"})
+        stems = sorted({p.stem for p in files if _ENTRY_NAME.fullmatch(p.name)})
         for stem in stems:
             pair = [q for q in (folder / f"{stem}.json", folder / f"{stem}.npy") if q.exists()]
             try:
                 sources = json.loads((folder / f"{stem}.json").read_text()).get("sources") or []
                 current = _sources_current(sources)
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError, TypeError):  # AttributeError/TypeError: not ours
                 current = None  # no (readable) JSON yet: maybe a writer is between its two files
             if current and len(pair) == 2:
                 info.entries += 1
@@ -411,7 +422,7 @@ def prune_cache(root: str | Path, *, min_age_s: float = ORPHAN_MIN_AGE_S) -> tup
                 continue
             files += 1
             freed += size
-        remaining = [p for p in info.path.iterdir() if p.name != "config.json"]
+        remaining = [p for p in info.path.iterdir() if p.name != "config.json"]  # anything, ours or not
         if not remaining:
             (info.path / "config.json").unlink(missing_ok=True)
             try:
