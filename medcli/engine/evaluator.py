@@ -217,11 +217,10 @@ def _load_split(checkpoint: Path, meta: dict[str, Any], subjects) -> Any:
     """The split the checkpoint was trained with: the run's splits.json, checked against split_hash."""
     from medcli.data.splits import Splits, make_splits
 
-    for candidate in (checkpoint.parent.parent / "splits.json", checkpoint.parent / "splits.json"):
-        if candidate.is_file():
-            splits = Splits.load(candidate)
-            where = str(candidate)
-            break
+    split_file = split_file_of(checkpoint.parent)
+    if split_file is not None:
+        splits = Splits.load(split_file)
+        where = str(split_file)
     else:
         cfg = meta.get("config") or {}
         splits = make_splits(subjects, k=int(cfg.get("folds", 5)), seed=int(cfg.get("seed", 0)))
