@@ -496,3 +496,42 @@ def test_brats_name_mapping_given_as_a_manifest_names_its_folder(cohorts):
         f"{cohorts['2020'] / 'name_mapping.csv'} is BraTS's grade table, not a subject manifest (pass the "
         f"folder that holds it and the subject folders: {cohorts['2020']})"
     )
+
+
+@pytest.mark.parametrize("layout", ["2020", "2019"])
+def test_a_stray_scan_in_a_dataset_one_level_down_keeps_its_subjects(cohorts, layout, tmp_path):
+    """A release unzipped one level down (dl/MICCAI_BraTS2020_TrainingData/) with one scan dropped beside its
+    subjects: the dataset folder itself was taken for one (ungraded) subject and the cohort vanished."""
+    dataset = copy_tree(cohorts[layout], tmp_path / "dl" / "MICCAI_BraTS2020_TrainingData")
+    write_volume(dataset / "stray_t1ce.nii.gz")
+    cohort = discover(tmp_path / "dl", modalities=("t1ce",))
+    assert sorted((s.subject_id, s.grade) for s in cohort.subjects) == sorted(_truth(dataset).items())
+    if layout == "2020":
+        assert any("lying beside the subject folders (stray_t1ce.nii.gz)" in n for n in cohort.left_out)
+
+
+def test_graded_layouts_name_what_they_leave_out(cohorts, tmp_path):
+    """BraTS 2017-2019 (HGG/, LGG/): a stray scan, a folder of scans not named by sequence, beside the grade
+    folders or inside one, became no subject without a word (the flat 2020 layout said so)."""
+    root = copy_tree(cohorts["2019"], tmp_path / "g")
+    write_volume(root / "HGG" / "Odd_1" / "scan.nii.gz")
+    write_volume(root / "HGG" / "Loose_t1ce.nii.gz")
+    write_volume(root / "Extra" / "foo.nii.gz")
+    write_volume(root / "Top_t2.nii.gz")
+    (root / "._Top_t1ce.nii.gz").write_bytes(b"\0" * 4096)  # macOS's resource fork of a copy: not a scan
+    cohort = discover(root, modalities=("t1ce",))
+    assert len(cohort.subjects) == N
+    assert sorted(cohort.left_out) == sorted(
+        [
+            f"{root}: left out 1 folder(s) whose NIfTI files are not named by sequence (Extra); name them "
+            "<id>_t1ce.nii.gz (t1, t1ce, t2, flair; t1c, t1gd, t2f, ... too)",
+            f"{root}: left out 1 file(s) lying beside the subject folders (Top_t2.nii.gz); move each into "
+            "its subject's folder",
+            f"{root / 'HGG'}: left out 1 folder(s) whose NIfTI files are not named by sequence (Odd_1); "
+            "name them <id>_t1ce.nii.gz (t1, t1ce, t2, flair; t1c, t1gd, t2f, ... too)",
+            f"{root / 'HGG'}: left out 1 file(s) lying beside the subject folders (Loose_t1ce.nii.gz); move "
+            "each into its subject's folder",
+        ]
+    )
+    hgg_alone = discover(root / "HGG", modalities=("t1ce",))
+    assert len(hgg_alone.left_out) == 2 and all(n.startswith(f"{root / 'HGG'}:") for n in hgg_alone.left_out)

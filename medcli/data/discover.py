@@ -387,30 +387,44 @@ def _scan(root: Path, depth: int) -> list[_Source]:
         # One grade folder of a 2017-2019 release given on its own (e.g. .../HGG): the grade is its name.
         parent_mapping = root.parent / NAME_MAPPING
         mapping = _NameMapping.read(parent_mapping) if parent_mapping.is_file() else None
-        return [_graded_source(root.parent, {root.name.upper(): root}, mapping)]
-    subject_dirs = [d for d in subdirs if _has_modality_files(d)]
+        return [_graded_source(root.parent, {root.name.upper(): root}, mapping, whole=False)]
+    # A folder holding subject folders is a dataset, not a subject, even with a stray scan of its own (a
+    # release unzipped one level down, one file dropped beside its subjects): looked into below.
+    subject_dirs = [d for d in subdirs if _has_modality_files(d) and not _holds_subjects(d)]
     if subject_dirs:
         source = _flat_source(root, subject_dirs, mapping)
-        unnamed = [d.name for d in subdirs if d not in subject_dirs and _has_nifti(d)]
-        if unnamed:  # folders beside the subject folders whose scans say no sequence: say so
-            shown = ", ".join(unnamed[:3]) + (", ..." if len(unnamed) > 3 else "")
-            source.left_out.append(
-                f"{root}: left out {len(unnamed)} folder(s) whose NIfTI files are not named by sequence "
-                f"({shown}); name them <id>_t1ce.nii.gz (t1, t1ce, t2, flair; t1c, t1gd, t2f, ... too)"
-            )
-        stray = sorted(p.name for p in root.iterdir() if p.is_file() and MODALITY_FILE.search(p.name))
-        if stray:  # a subject's files beside the subject folders belong to no subject: say so
-            shown = ", ".join(stray[:3]) + (", ..." if len(stray) > 3 else "")
-            source.left_out.append(
-                f"{root}: left out {len(stray)} file(s) lying beside the subject folders ({shown}); "
-                "move each into its subject's folder"
-            )
+        source.left_out += _left_out_beside(root, [d for d in subdirs if d not in subject_dirs])
         return [source]
     if _has_modality_files(root):  # one subject's folder, or several subjects' files side by side
         return [_loose_files_source(root)]
     if depth < 2:
         return [src for d in subdirs for src in _scan(d, depth + 1)]
     return []
+
+
+def _left_out_beside(folder: Path, others: Iterable[Path]) -> list[str]:
+    """Lines naming what lies beside the subject folders in ``folder`` and became no subject: ``others``
+    (its other sub-folders) that hold NIfTI files, and scans lying loose in ``folder`` itself."""
+    lines = []
+    unnamed = [d.name for d in others if _has_nifti(d)]
+    if unnamed:  # folders whose scans say no sequence
+        shown = ", ".join(unnamed[:3]) + (", ..." if len(unnamed) > 3 else "")
+        lines.append(
+            f"{folder}: left out {len(unnamed)} folder(s) whose NIfTI files are not named by sequence "
+            f"({shown}); name them <id>_t1ce.nii.gz (t1, t1ce, t2, flair; t1c, t1gd, t2f, ... too)"
+        )
+    stray = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and MODALITY_FILE.search(p.name)
+    )
+    if stray:  # a subject's files beside the subject folders belong to no subject
+        shown = ", ".join(stray[:3]) + (", ..." if len(stray) > 3 else "")
+        lines.append(
+            f"{folder}: left out {len(stray)} file(s) lying beside the subject folders ({shown}); "
+            "move each into its subject's folder"
+        )
+    return lines
 
 
 def _subdirs(root: Path) -> list[Path]:
@@ -430,6 +444,13 @@ def _csv_files(root: Path) -> list[Path]:
 
 def _has_modality_files(folder: Path) -> bool:
     return any(MODALITY_FILE.search(p.name) for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _holds_subjects(folder: Path) -> bool:
+    """``folder`` is a dataset: its grade folders, ``name_mapping.csv`` or subject folders say so."""
+    if (folder / NAME_MAPPING).is_file():
+        return True
+    return any(d.name.upper() in CLASS_NAMES or _has_modality_files(d) for d in _subdirs(folder))
 
 
 def _has_nifti(folder: Path) -> bool:
@@ -486,14 +507,21 @@ def _subject_files(
     return paths, seg, problems
 
 
-def _graded_source(root: Path, graded: dict[str, Path], mapping: _NameMapping | None) -> _Source:
-    """BraTS 2017/2018/2019: the parent folder is the grade."""
+def _graded_source(
+    root: Path, graded: dict[str, Path], mapping: _NameMapping | None, *, whole: bool = True
+) -> _Source:
+    """BraTS 2017/2018/2019: the parent folder is the grade (``whole``: ``root`` was given, not one of its
+    grade folders alone, so what lies beside the grade folders is said too)."""
     subjects, problems = [], []
+    others = [d for d in _subdirs(root) if d not in graded.values()]
+    left_out = _left_out_beside(root, others) if whole else []
     for grade, folder in sorted(graded.items()):
+        not_subjects = []
         for d in _subdirs(folder):
             paths, seg, file_problems = _subject_files(d)
             if not paths and seg is None:
-                continue  # not a subject folder
+                not_subjects.append(d)
+                continue
             problems.extend(file_problems)
             if mapping is not None:
                 mapped = mapping.grade_of(d.name)
@@ -508,10 +536,11 @@ def _graded_source(root: Path, graded: dict[str, Path], mapping: _NameMapping | 
                         )
                     )
             subjects.append((Subject(d.name, grade=grade, paths=paths, seg=seg), MODALITIES))
+        left_out += _left_out_beside(folder, not_subjects)
     layout = _layout_name((s.subject_id for s, _ in subjects), "brats-graded")
     for s, _ in subjects:
         s.source = layout
-    return _Source(root, layout, subjects, mapping, problems)
+    return _Source(root, layout, subjects, mapping, problems, left_out=left_out)
 
 
 def _flat_source(root: Path, subject_dirs: list[Path], mapping: _NameMapping | None) -> _Source:
