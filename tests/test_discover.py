@@ -535,3 +535,33 @@ def test_graded_layouts_name_what_they_leave_out(cohorts, tmp_path):
     )
     hgg_alone = discover(root / "HGG", modalities=("t1ce",))
     assert len(hgg_alone.left_out) == 2 and all(n.startswith(f"{root / 'HGG'}:") for n in hgg_alone.left_out)
+
+
+def test_manifest_duplicates_never_pass_silently(tmp_path):
+    """One row repeated with another grade was kept with the first grade without a word; ids differing in
+    case (c1, C1) were reported yet c1 stayed usable; one scan under two ids could sit in train and val."""
+    for sid in ("c1", "c2", "c3", "c4"):
+        write_volume(tmp_path / sid / f"{sid}_t1ce.nii.gz")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "subject_id,label,t1ce\n"
+        "c1,HGG,c1/c1_t1ce.nii.gz\n"
+        "c1,LGG,c1/c1_t1ce.nii.gz\n"  # the same row, another grade
+        "c2,LGG,c2/c2_t1ce.nii.gz\n"
+        "C2,LGG,c3/c3_t1ce.nii.gz\n"  # c2 again, in another case
+        "c4,HGG,c4/c4_t1ce.nii.gz\n"
+        "c5,HGG,c4/c4_t1ce.nii.gz\n"  # c4's scan under another id
+        "c4,HGG,c4/c4_t1ce.nii.gz\n"  # a row repeated as it is: harmless, said nothing
+    )
+    cohort = discover(manifest)
+    assert [s.subject_id for s in cohort.subjects] == ["c4"]
+    assert "different grades (HGG and LGG)" in _problem(cohort, "c1").what
+    assert "found twice (also C2 in csv)" in _problem(cohort, "c2").what
+    assert "also subject c4's" in _problem(cohort, "c5").what
+    assert not [p for p in cohort.problems if p.subject == "c4"]
+
+
+def test_one_folder_given_twice_by_two_spellings_is_one_cohort(cohorts, monkeypatch):
+    monkeypatch.chdir(cohorts["2020"].parent)
+    cohort = discover(cohorts["2020"].name, cohorts["2020"])
+    assert len(cohort.subjects) == N and not cohort.excluded, cohort.problems

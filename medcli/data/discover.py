@@ -668,22 +668,46 @@ def _dedupe(
                 parent[find(other)] = find(ids[0])
 
     kept: dict[str, tuple[Subject, tuple[str, ...]]] = {}
+    owner: dict[Path, str] = {}  # each scan file's subject: one file under two ids would sit in both folds
     dropped: Counter[tuple[str, str]] = Counter()
     for src in sources:
         for subject, declared in src.subjects:
+            where = str(next(iter(subject.paths.values()), "")) or None
             key = find(subject.subject_id.lower())
             if key not in kept:
                 kept[key] = (subject, declared)
+                shared = [owner[f] for f in _resolved(subject.paths) if f in owner]
+                if shared:
+                    problems.append(
+                        Problem(
+                            subject.subject_id,
+                            where,
+                            f"its scan is also subject {shared[0]}'s (the same file under two ids)",
+                            "give each scan one subject: remove or fix the duplicate row",
+                        )
+                    )
+                owner.update(dict.fromkeys(_resolved(subject.paths), subject.subject_id))
                 continue
             other = kept[key][0]
-            if other.subject_id == subject.subject_id and other.paths == subject.paths:
-                continue  # the same folder reached twice (e.g. a root and its parent)
+            if other.subject_id == subject.subject_id and _resolved(other.paths) == _resolved(subject.paths):
+                if other.grade != subject.grade:  # one scan, two grades: which is true cannot be guessed
+                    problems.append(
+                        Problem(
+                            other.subject_id,
+                            where,
+                            f"listed twice with different grades ({other.grade or 'none'} and "
+                            f"{subject.grade or 'none'})",
+                            "keep the row with the right grade and remove the other",
+                        )
+                    )
+                continue  # the same folder reached twice (e.g. a root and its parent, a row repeated)
             if other.source == subject.source:
+                # Said of the kept one: ids that differ only in case (c1, C1) are one subject's too.
                 problems.append(
                     Problem(
-                        subject.subject_id,
-                        str(next(iter(subject.paths.values()), "")) or None,
-                        f"subject id found twice (also {other.subject_id} in {other.source})",
+                        other.subject_id,
+                        where,
+                        f"subject id found twice (also {subject.subject_id} in {subject.source})",
                         "remove the duplicate folder or manifest row",
                     )
                 )
@@ -695,6 +719,11 @@ def _dedupe(
         what = f"{n} {old} subjects reappear" if n != 1 else f"1 {old} subject reappears"
         notes.append(f"{what} in {new} (linked by {NAME_MAPPING}); kept the {new} copy once")
     return list(kept.values())
+
+
+def _resolved(paths: dict[str, Path]) -> list[Path]:
+    """A subject's scan files as absolute real paths: a folder given as ``data`` and ``$PWD/data`` is one."""
+    return [Path(os.path.realpath(p)) for p in paths.values()]
 
 
 def _release_rank(layout: str) -> int:
