@@ -565,3 +565,19 @@ def test_one_folder_given_twice_by_two_spellings_is_one_cohort(cohorts, monkeypa
     monkeypatch.chdir(cohorts["2020"].parent)
     cohort = discover(cohorts["2020"].name, cohorts["2020"])
     assert len(cohort.subjects) == N and not cohort.excluded, cohort.problems
+
+
+@pytest.mark.parametrize("edit", ["lower", "upper", "semicolons"])
+def test_name_mapping_as_a_spreadsheet_saved_it(cohorts, tmp_path, edit):
+    """name_mapping.csv opened and saved in a spreadsheet (header case changed, or semicolons): the whole
+    cohort was refused as 'not a BraTS name_mapping.csv'."""
+    root = copy_tree(cohorts["2020"], tmp_path / "c")
+    path = root / "name_mapping.csv"
+    header, *rows = path.read_text().splitlines()
+    if edit == "semicolons":
+        lines = [line.replace(",", ";") for line in (header, *rows)]
+    else:
+        lines = [header.lower() if edit == "lower" else header.upper(), *rows]
+    path.write_text("\n".join(lines) + "\n")
+    cohort = discover(root)
+    assert {s.subject_id: s.grade for s in cohort.subjects} == _truth(root)

@@ -609,18 +609,23 @@ class _NameMapping:
 
     @classmethod
     def read(cls, path: Path) -> _NameMapping:
-        try:
+        try:  # as a spreadsheet may have saved it: semicolons, another case in the header
             with open(path, newline="", encoding="utf-8-sig") as f:
-                rows = list(csv.DictReader(f))
+                rows = list(csv.DictReader(f, dialect=_dialect(path, f)))
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise DataError(f"cannot read {path}: {e}", hint="restore the file from the BraTS release") from e
-        columns = {c.strip() for c in (rows[0].keys() if rows else [])}
-        if rows and ("Grade" not in columns or not any(c.endswith("subject_ID") for c in columns)):
+        columns = {(c or "").strip() for c in (rows[0].keys() if rows else [])}
+        lower = {c.lower() for c in columns}
+        if rows and ("grade" not in lower or not any(c.endswith("subject_id") for c in lower)):
             raise DataError(
                 f"{path} is not a BraTS name_mapping.csv (columns: {', '.join(sorted(columns))})",
                 hint="expected Grade,BraTS_2017_subject_ID,...,BraTS_2020_subject_ID",
             )
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in rows]
+
+        def column(name: str) -> str:
+            return "Grade" if name.strip().lower() == "grade" else name.strip()
+
+        rows = [{column(k or ""): (v or "").strip() for k, v in row.items()} for row in rows]
         return cls(path, rows)
 
     def row_index(self, subject_id: str) -> int | None:
