@@ -581,3 +581,14 @@ def test_name_mapping_as_a_spreadsheet_saved_it(cohorts, tmp_path, edit):
     path.write_text("\n".join(lines) + "\n")
     cohort = discover(root)
     assert {s.subject_id: s.grade for s in cohort.subjects} == _truth(root)
+
+
+def test_one_subjects_folder_is_not_said_to_lack_the_name_mapping_beside_it(cohorts):
+    root = cohorts["2020"]
+    subject = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    cohort = discover(subject)
+    assert len(cohort.subjects) == 1
+    assert cohort.notes == [
+        f"{subject}: one subject's folder, without its grade (that is in {root / 'name_mapping.csv'}): "
+        f"usable for prediction; pass the dataset folder, {root}, to train"
+    ]

@@ -581,7 +581,14 @@ def _loose_files_source(folder: Path) -> _Source:
         if m and not p.name.startswith(".") and p.is_file():
             groups[p.name[: m.start()]].append(p)
     if len(groups) == 1:
-        return _flat_source(folder.parent, [folder], None)
+        source = _flat_source(folder.parent, [folder], None)
+        mapping = folder.parent / NAME_MAPPING
+        if mapping.is_file():  # the grade is there; the note must not say it is not
+            source.notes = [
+                f"{folder}: one subject's folder, without its grade (that is in {mapping}): usable for "
+                f"prediction; pass the dataset folder, {folder.parent}, to train"
+            ]
+        return source
     layout = _layout_name(groups, "files")
     subjects, problems = [], []
     for prefix, entries in sorted(groups.items()):
