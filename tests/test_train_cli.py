@@ -133,6 +133,31 @@ def test_a_scan_that_fails_preprocessing_stops_training_and_names_the_command_th
     listed = cli(*command.split()[1:])
     assert listed.exit_code != 0 and subject in listed.stdout + listed.stderr
 
+    # Doing as told (removing the subject) trains: the split made before the stop was used by no fold.
+    shutil.rmtree(scan.parent)
+    again = cli("train", "--data", data, "--out", train_env["out"], *train_env["tiny"], "--max-steps", "1")
+    assert again.exit_code == 0, again.output
+    said = " ".join(again.stderr.split())
+    assert "was made again: no fold has trained on it (the cohort changed since" in said
+    # Once a fold has trained on it, a changed cohort is an error again.
+    shutil.rmtree(sorted(p for p in data.iterdir() if p.is_dir())[0])
+    changed = cli("train", "--data", data, "--out", train_env["out"], *train_env["tiny"], "--fold", "1")
+    assert changed.exit_code == 3 and "the cohort changed since" in changed.stderr
+
+
+def test_an_unwritable_cache_is_a_usage_error_before_any_work(cli, train_env, tmp_path, monkeypatch):
+    """MEDCLI_CACHE naming a file: every subject was preprocessed, then blamed ('could not be preprocessed'),
+    and the run's splits.json was left behind."""
+    blocker = tmp_path / "cachefile"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MEDCLI_CACHE", str(blocker))
+    result = cli("train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"])
+    assert result.exit_code == 2, result.output
+    assert f"MEDCLI_CACHE {blocker}: is a file, not a folder" in result.stderr
+    assert not train_env["out"].exists()
+    prepared = cli("data", "prepare", train_env["data"], "--cache", blocker, "--input-size", "16")
+    assert prepared.exit_code == 2 and f"--cache {blocker}: is a file, not a folder" in prepared.stderr
+
 
 def test_subjects_left_out_of_training_are_named(cli, train_env, tmp_path):
     """A subject discover sets aside (a truncated scan) is not trained on, and the log says so; one that

@@ -14,6 +14,7 @@ import typer
 
 from medcli.cli import console
 from medcli.errors import DataError, PartialFailure, UsageError
+from medcli.paths import require_writable_dir
 
 # `--cache`, shared with `medcli data cache`.
 CACHE_OPTION = typer.Option(
@@ -70,6 +71,7 @@ def prepare(
         input_size=parse_size(input_size),
     )
     store = PreprocessCache(cache)
+    require_writable_dir(store.root, "--cache" if cache is not None else "MEDCLI_CACHE")  # before any work
     cohort = discover(root, modalities=cfg.modalities)
     subjects = cohort.require_usable()
     skipped = {s.subject_id: _reason(cohort, s.subject_id) for s in cohort.excluded}

@@ -22,7 +22,7 @@ import typer
 from medcli.cli import console
 from medcli.engine.config import TrainConfig
 from medcli.errors import DataError, DeviceError, UsageError, interruption
-from medcli.paths import default_data_root, default_runs_root, require_writable_dir
+from medcli.paths import cache_dir, default_data_root, default_runs_root, require_writable_dir
 
 _D = TrainConfig.__dataclass_fields__  # defaults shown in --help come from the one place they live
 
@@ -182,6 +182,7 @@ def train_command(
     settings["data"] = os.path.abspath(os.path.expanduser(settings.get("data") or default_data_root()))
     settings["out"] = str(settings.get("out") or default_runs_root())
     require_writable_dir(settings["out"], "--out")  # now, not after the data are prepared
+    require_writable_dir(cache_dir(), "MEDCLI_CACHE")  # the preprocessed arrays go there
     settings = {k: v for k, v in settings.items() if v is not None or k == "pretrained_path"}
     from medcli.losses import parse_loss_options  # torch-free; KEY=VALUE strings (CLI) or a TOML table
 

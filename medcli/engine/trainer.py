@@ -321,7 +321,7 @@ def _prepare_data(cfg: TrainConfig, fold_dir: FoldDir, precision: Precision, emi
     for note in [*cohort.left_out, *cohort.notes]:  # what discovery passed over or merged
         emit(Info(note))
     _warn_left_out(cohort, subjects, cfg.data, emit)
-    splits = _load_or_make_splits(cfg, subjects, fold_dir)
+    splits = _load_or_make_splits(cfg, subjects, fold_dir, emit)
     train_ids, val_ids = splits.fold(cfg.fold)
     by_id = {s.subject_id: s for s in subjects}
     missing = [i for i in (*train_ids, *val_ids) if i not in by_id]
@@ -469,21 +469,40 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def _load_or_make_splits(cfg: TrainConfig, subjects: Sequence[Any], fold_dir: FoldDir):
+def _load_or_make_splits(cfg: TrainConfig, subjects: Sequence[Any], fold_dir: FoldDir, emit: Callback):
     """``runs/<name>/splits.json``: made once (rank 0), then reused by every fold and resume of the run.
 
-    A cohort that changed since (subjects added/removed/relabelled) or another k/seed is an error.
+    A cohort that changed since (subjects added/removed/relabelled) or another k/seed is an error, once a
+    fold has trained on the split; a split no fold has used yet (the first training stopped at a bad scan,
+    which the user then removed) is simply made again.
     """
     from medcli.data.splits import ensure_splits
 
     splits = None
     if dist.is_main():
         fold_dir.run_root.mkdir(parents=True, exist_ok=True)
-        splits = ensure_splits(fold_dir.splits, subjects, k=cfg.folds, seed=cfg.seed)
+        try:
+            splits = ensure_splits(fold_dir.splits, subjects, k=cfg.folds, seed=cfg.seed)
+        except MedcliError as e:
+            if not fold_dir.splits.exists() or _split_in_use(fold_dir):
+                raise
+            emit(Info(f"{fold_dir.splits} was made again: no fold has trained on it ({e.message})"))
+            fold_dir.splits.unlink()
+            splits = ensure_splits(fold_dir.splits, subjects, k=cfg.folds, seed=cfg.seed)
     dist.barrier()
     return (
         splits if splits is not None else ensure_splits(fold_dir.splits, subjects, k=cfg.folds, seed=cfg.seed)
     )
+
+
+def _split_in_use(fold_dir: FoldDir) -> bool:
+    """Whether a fold of the run has a checkpoint made on its split, or another fold is training now."""
+    from medcli.locking import holder
+
+    root = fold_dir.run_root
+    if any(root.glob("fold*/last.pt")) or any(root.glob("fold*/best.pt")):
+        return True
+    return any(holder(lock) for lock in root.glob(".fold*.lock") if lock != fold_dir.lock)
 
 
 # ------------------------------------------------------------------------------------------ loss & model
