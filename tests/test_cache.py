@@ -415,3 +415,52 @@ def test_prune_judges_only_what_medcli_wrote(tmp_path, cli):
     kept = [results / "config.json", results / "weights.bin", notes / "summary.json", notes / "list.json"]
     assert all(p.exists() for p in [*kept, notes / ".env", ours / "README.txt"])
     assert inspect_cache(cache.root)[0].entries == 2
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_workers_start_is_one_line_and_leaves_no_process(cohort, tmp_path):
+    """Ctrl-C reaches every process of the group: workers still importing torch in their initializer
+    printed "Exception in initializer" with a traceback; now the parent alone answers, with one line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medcli", *map(str, _prepare(cohort, tmp_path / "c", "t1ce")), "-j", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while len(_children(proc.pid)) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    workers = _children(proc.pid)
+    time.sleep(0.3)  # inside the workers' initializer (torch's import takes seconds)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: the foreground process group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Exception in initializer" not in err, err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+    assert "run the same command again" in err and "download" not in err  # nothing was downloading
+    time.sleep(1)
+    assert not [w for w in workers if _alive(w)]
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie (exited, not yet reaped by a container's init) is not running
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False

@@ -49,9 +49,10 @@ class MedcliGroup(TyperGroup):
             kind = interruption(e)
             if console.rank() != "0":  # torchrun passed the signal to every rank: rank 0 says it
                 raise typer.Exit(kind.exit_code) from None
+            resumes = " (a partial download resumes)" if ctx.invoked_subcommand == "weights" else ""
             console.print_error(
                 f"{kind.how}; files are written atomically, so nothing half-written is in place: run the "
-                "same command again (a partial download resumes)"
+                f"same command again{resumes}"
             )
             raise typer.Exit(kind.exit_code) from None
 

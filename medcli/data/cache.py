@@ -22,6 +22,7 @@ import hashlib
 import json
 import multiprocessing
 import re
+import signal
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -200,6 +201,13 @@ def _prepare_one(cache: PreprocessCache, subject_id: str, paths: dict, cfg: Prep
 
 
 def _init_worker() -> None:
+    # Ctrl-C reaches the whole process group: the parent alone answers it (cancels what is left, says one
+    # line); a worker stopped while it imports printed a traceback.  It started with SIGINT blocked (see
+    # _prepare_in_processes) and now ignores it for good.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     # One intra-op thread per worker process: N workers on N cores, not N×N threads.
     import torch
 
@@ -274,11 +282,24 @@ def _prepare_in_processes(
 ) -> None:
     # spawn, not fork: the parent may hold torch/OpenMP threads, which do not survive a fork reliably.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, mp_context=context) as pool:
-        futures = {pool.submit(_prepare_one, cache, sid, paths, cfg): sid for sid, paths in todo}
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, mp_context=context)
+    try:
+        # Workers start on submit, inheriting the signal mask: SIGINT stays blocked in them until their
+        # initializer ignores it (in the parent it is only held back for these milliseconds).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            futures = {pool.submit(_prepare_one, cache, sid, paths, cfg): sid for sid, paths in todo}
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         for future in as_completed(futures):
             exc = future.exception()
             record(futures[future], exc if exc is not None else future.result())
+    except BaseException:  # Ctrl-C, SIGTERM: stop now, not after the queued subjects (writes are atomic)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in multiprocessing.active_children():
+            worker.terminate()
+        raise
+    pool.shutdown()
 
 
 # --- looking after the cache (`medcli data cache`) -------------------------------------------------------
