@@ -592,3 +592,37 @@ def test_one_subjects_folder_is_not_said_to_lack_the_name_mapping_beside_it(coho
         f"{subject}: one subject's folder, without its grade (that is in {root / 'name_mapping.csv'}): "
         f"usable for prediction; pass the dataset folder, {root}, to train"
     ]
+
+
+def test_a_subject_folder_that_cannot_be_read_is_left_out_not_fatal(cohorts):
+    """chmod 000 on one subject's folder: discovery raised PermissionError for the whole cohort.  In a real
+    process; as root, one without the capabilities that let root read any folder."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root reads every folder, and setpriv (util-linux) is not here to drop that")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    for layout in ("2020", "2019"):
+        root = cohorts[layout]
+        locked = sorted(root.glob("*/BraTS*" if layout == "2019" else "BraTS*"))[0]
+        locked.chmod(0o000)
+        try:
+            result = subprocess.run(
+                [*prefix, sys.executable, "-m", "medcli", "data", "index", str(root), "--json"],
+                capture_output=True,
+                text=True,
+            )
+        finally:
+            locked.chmod(0o755)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert len(report["subjects"]) == N - 1
+        assert report["left_out"] == [
+            f"{locked.parent}: left out 1 folder(s) that cannot be read ({locked.name}); check their "
+            "permissions (ls -ld)"
+        ]

@@ -406,6 +406,14 @@ def _left_out_beside(folder: Path, others: Iterable[Path]) -> list[str]:
     """Lines naming what lies beside the subject folders in ``folder`` and became no subject: ``others``
     (its other sub-folders) that hold NIfTI files, and scans lying loose in ``folder`` itself."""
     lines = []
+    others = list(others)
+    unreadable = [d.name for d in others if _entries(d) is None]
+    if unreadable:  # one subject's folder without read permission must not cost the whole cohort
+        shown = ", ".join(unreadable[:3]) + (", ..." if len(unreadable) > 3 else "")
+        lines.append(
+            f"{folder}: left out {len(unreadable)} folder(s) that cannot be read ({shown}); check their "
+            "permissions (ls -ld)"
+        )
     unnamed = [d.name for d in others if _has_nifti(d)]
     if unnamed:  # folders whose scans say no sequence
         shown = ", ".join(unnamed[:3]) + (", ..." if len(unnamed) > 3 else "")
@@ -442,19 +450,28 @@ def _csv_files(root: Path) -> list[Path]:
     )
 
 
+def _entries(folder: Path) -> list[Path] | None:
+    """What ``folder`` holds, or None when it cannot be listed (no permission)."""
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return None
+
+
 def _has_modality_files(folder: Path) -> bool:
-    return any(MODALITY_FILE.search(p.name) for p in folder.iterdir() if not p.name.startswith("."))
+    return any(MODALITY_FILE.search(p.name) for p in _entries(folder) or () if not p.name.startswith("."))
 
 
 def _holds_subjects(folder: Path) -> bool:
     """``folder`` is a dataset: its grade folders, ``name_mapping.csv`` or subject folders say so."""
     if (folder / NAME_MAPPING).is_file():
         return True
-    return any(d.name.upper() in CLASS_NAMES or _has_modality_files(d) for d in _subdirs(folder))
+    subdirs = [p for p in _entries(folder) or () if p.is_dir() and not p.name.startswith(".")]
+    return any(d.name.upper() in CLASS_NAMES or _has_modality_files(d) for d in subdirs)
 
 
 def _has_nifti(folder: Path) -> bool:
-    return any(NIFTI_FILE.search(p.name) for p in folder.iterdir() if not p.name.startswith("."))
+    return any(NIFTI_FILE.search(p.name) for p in _entries(folder) or () if not p.name.startswith("."))
 
 
 def _release_of(subject_id: str) -> str | None:
@@ -477,7 +494,7 @@ def _subject_files(
     ``entries`` (files of subject ``name`` lying beside other subjects' files)."""
     files: dict[str, list[Path]] = defaultdict(list)
     odd_seg: list[Path] = []
-    for p in sorted(folder.iterdir() if entries is None else entries):
+    for p in sorted((_entries(folder) or []) if entries is None else entries):  # unreadable: no subject
         if p.name.startswith(".") or not p.is_file():
             continue
         m = MODALITY_FILE.search(p.name)
