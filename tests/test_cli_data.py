@@ -56,6 +56,7 @@ def test_synth_refuses_a_non_empty_folder(cli, cohort):
         (["--shape", "24,24"], "--shape"),
         (["--layout", "2017"], "unknown layout"),
         (["--lgg-fraction", "2"], "lgg-fraction"),
+        (["--small", "--shape", "32,32,32"], "--small (64,64,48) and --shape 32,32,32 both set the size"),
     ],
 )
 def test_synth_bad_options(cli, tmp_path, args, message):

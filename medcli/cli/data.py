@@ -15,6 +15,7 @@ import typer
 
 from medcli.cli import console
 from medcli.engine.config import SEED_MAX
+from medcli.errors import UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from medcli.data.discover import Cohort
@@ -43,8 +44,8 @@ def register(root: typer.Typer) -> None:
 def synth(
     out: Path = typer.Argument(..., help="Folder to create (must be new or empty).", show_default=False),
     subjects: int = typer.Option(60, "--subjects", "-n", min=1, help="Number of subjects."),
-    shape: str = typer.Option(
-        "240,240,155", "--shape", help="Volume size X,Y,Z in voxels (BraTS: 240,240,155)."
+    shape: str | None = typer.Option(
+        None, "--shape", help="Volume size X,Y,Z in voxels. (default: 240,240,155, BraTS's)"
     ),
     small: bool = typer.Option(False, "--small", help="64,64,48 volumes: a demo cohort in seconds."),
     layout: str = typer.Option(
@@ -78,7 +79,9 @@ def synth(
     """
     from medcli.data.synth import SMALL_SHAPE, parse_shape, synth_cohort, validate_options
 
-    size = SMALL_SHAPE if small else parse_shape(shape)
+    if small and shape is not None:  # one of them would be ignored
+        raise UsageError(f"--small (64,64,48) and --shape {shape} both set the size", hint="give one of them")
+    size = SMALL_SHAPE if small else parse_shape(shape or "240,240,155")
     workers = workers or min(8, os.cpu_count() or 1)  # output is identical whatever the worker count
     validate_options(out, subjects, size, layout, lgg_fraction, label_noise, workers)
     console.info(
