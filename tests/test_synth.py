@@ -191,7 +191,7 @@ def test_full_size_subject_is_generated_and_timed():
 def test_an_interrupted_synth_leaves_no_half_cohort(tmp_path, existed):
     """SIGTERM (or Ctrl-C, or an error) mid-way: OUT is gone again (or empty, if it was an empty folder),
     so no training finds half a cohort and the same command can run again."""
-    out = tmp_path / "cohort"
+    out = tmp_path / "new" / "cohort" if not existed else tmp_path / "cohort"
     if existed:
         out.mkdir()
     proc = subprocess.Popen(
@@ -219,4 +219,4 @@ def test_an_interrupted_synth_leaves_no_half_cohort(tmp_path, existed):
     proc.terminate()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
-    assert (list(out.iterdir()) == []) if existed else not out.exists()
+    assert (list(out.iterdir()) == []) if existed else not (tmp_path / "new").exists()  # parents made too

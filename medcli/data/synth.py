@@ -40,7 +40,7 @@ import numpy as np
 from medcli.atomic import atomic_write_bytes, atomic_write_text
 from medcli.data import CLASS_NAMES, MODALITIES
 from medcli.errors import UsageError
-from medcli.paths import require_writable_dir
+from medcli.paths import folder_for_now, require_writable_dir
 
 FULL_SHAPE: tuple[int, int, int] = (240, 240, 155)
 SMALL_SHAPE: tuple[int, int, int] = (64, 64, 48)
@@ -375,18 +375,17 @@ def synth_cohort(
     out = Path(out)
     layout = str(layout).lower()
     validate_options(out, n_subjects, shape, layout, lgg_fraction, label_noise, workers)
-    existed = out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        return _synth_into(out, n_subjects, shape, layout, seed, lgg_fraction, label_noise, workers, progress)
-    except BaseException:
-        # Interrupted (Ctrl-C, SIGTERM) or failed: no half cohort stays behind for a training to find, and
-        # the same command can run again.  OUT was new or empty (validate_options), so nothing else is lost.
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-        if not existed:
-            out.rmdir()
-        raise
+    with folder_for_now(out):  # OUT and the parents made for it go again if nothing stays in them
+        try:
+            return _synth_into(
+                out, n_subjects, shape, layout, seed, lgg_fraction, label_noise, workers, progress
+            )
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM) or failed: no half cohort stays behind for a training to find,
+            # and the same command can run again.  OUT was new or empty (validate_options): nothing is lost.
+            for child in out.iterdir():
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            raise
 
 
 def _synth_into(
