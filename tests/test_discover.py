@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -626,3 +627,20 @@ def test_a_subject_folder_that_cannot_be_read_is_left_out_not_fatal(cohorts):
             f"{locked.parent}: left out 1 folder(s) that cannot be read ({locked.name}); check their "
             "permissions (ls -ld)"
         ]
+
+
+@pytest.mark.parametrize("layout", ["2020", "2019"])
+def test_patients_name_mapping_lists_but_the_folder_lacks_are_noted(cohorts, tmp_path, layout):
+    """An unzip that stopped part-way looked like a smaller cohort, without a word."""
+    root = copy_tree(cohorts[layout], tmp_path / "c")
+    gone = sorted(p for p in root.glob("BraTS*" if layout == "2020" else "*/BraTS*"))[:2]
+    for folder in gone:
+        shutil.rmtree(folder)
+    cohort = discover(root)
+    assert len(cohort.subjects) == N - 2
+    [note] = [n for n in cohort.notes if "are not here" in n]
+    assert note == (
+        f"{root}: 2 of the {N} patients name_mapping.csv lists are not here (e.g. {gone[0].name}): an "
+        "incomplete download or unzip?"
+    )
+    assert not [n for n in discover(cohorts[layout]).notes if "are not here" in n]

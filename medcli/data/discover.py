@@ -557,7 +557,8 @@ def _graded_source(
     layout = _layout_name((s.subject_id for s, _ in subjects), "brats-graded")
     for s, _ in subjects:
         s.source = layout
-    return _Source(root, layout, subjects, mapping, problems, left_out=left_out)
+    notes = _absent_note(root, mapping, [s.subject_id for s, _ in subjects]) if mapping and whole else []
+    return _Source(root, layout, subjects, mapping, problems, notes, left_out=left_out)
 
 
 def _flat_source(root: Path, subject_dirs: list[Path], mapping: _NameMapping | None) -> _Source:
@@ -579,6 +580,8 @@ def _flat_source(root: Path, subject_dirs: list[Path], mapping: _NameMapping | N
                 )
             )
         subjects.append((Subject(d.name, grade=grade, paths=paths, seg=seg, source=layout), MODALITIES))
+    if mapping is not None:
+        notes += _absent_note(root, mapping, [d.name for d in subject_dirs])
     if layout in _UNGRADED_RELEASES:
         notes.append(f"{root}: {layout} data carry no LGG/HGG grade: usable for prediction, not for training")
     elif mapping is None:
@@ -663,6 +666,23 @@ class _NameMapping:
             return parse_grade(self.rows[i].get("Grade"), where=f"{self.path} row {i + 2}")
         except DataError:
             return None
+
+
+def _absent_note(root: Path, mapping: _NameMapping, found: Iterable[str]) -> list[str]:
+    """A note when ``name_mapping.csv`` lists patients none of whose ids is a subject here: a download or
+    unzip that stopped part-way looks like a smaller cohort otherwise."""
+    have = {i.lower() for i in found}
+    absent = []
+    for row in mapping.rows:
+        ids = [v for k, v in row.items() if k.lower().endswith("subject_id") and _present(v)]
+        if ids and not any(i.lower() in have for i in ids):
+            absent.append(ids[-1])  # the newest release's id: the one this folder would use
+    if not absent:
+        return []
+    return [
+        f"{root}: {len(absent)} of the {len(mapping.rows)} patients {NAME_MAPPING} lists are not here (e.g. "
+        f"{absent[0]}): an incomplete download or unzip?"
+    ]
 
 
 def _present(value: str | None) -> bool:
