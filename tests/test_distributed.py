@@ -278,3 +278,26 @@ def test_a_stopped_multi_gpu_training_says_once_what_last_pt_holds(train_env, ho
     while (left := _alive(tree)) and time.time() < deadline:
         time.sleep(0.2)
     assert left == []
+
+
+@pytest.mark.slow
+def test_no_pretrained_reaches_the_ranks(train_env):
+    """--no-pretrained was dropped on the way to the ranks (TOML has no null), so with the release's file
+    present a from-scratch ablation silently started from pretrained weights."""
+    from medcli.models import create_model
+    from medcli.weights.manifest import load_manifest
+
+    release = Path(train_env["env"]["MEDCLI_HOME"]) / "weights" / load_manifest().for_depth(10).file
+    release.parent.mkdir(parents=True)
+    backbone = {k: v for k, v in create_model(10).state_dict().items() if not k.startswith("fc.")}
+    torch.save({"state_dict": backbone}, release)
+    tiny = [a if a != "tiny" else "10" for a in train_env["tiny"]]
+    result = run_medcli(
+        "train", "--data", train_env["data"], "--out", train_env["out"], *tiny, "--no-pretrained",
+        "--loss", "ce", "--epochs", "1", "--max-steps", "1", "--multi_gpu", "--device", "cpu", "--nproc", "2",
+        env=train_env["env"], timeout=400,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    log = (train_env["out"] / "resnet10-t1ce-ce" / "fold0" / "train.log").read_text()
+    assert "--no-pretrained: training from random initialization" in log
+    assert "Loading MedicalNet" not in log and "Loading MedicalNet" not in result.stderr

@@ -321,6 +321,9 @@ def _launch_distributed(
         config_path = fh.name
     args = ["train", "--config", config_path, "--fold", fold_spec]
     args += ["--resume"] * resume + ["--force"] * force + ["--json"] * json_out
+    # TOML has no null: a None setting is left out and the ranks take the option's default, which is None
+    # for all but --pretrained-path ('auto').  Said as the flag, or the ranks would load the release.
+    args += ["--no-pretrained"] * ("pretrained_path" in settings and settings["pretrained_path"] is None)
     cmd = relaunch_command(args, n)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
     console.info(f"Launching {n} processes with torchrun ({'NCCL' if device.type == 'cuda' else 'gloo'})")
