@@ -11,17 +11,24 @@ succeed.  Behaviours:
     html-body       200, Content-Type application/octet-stream, but the body is a web page
     drop:N          send the headers for the full response, N body bytes, then close the connection
     stall:N         send N body bytes, then go silent (until the server stops)
+    cut:N           no Content-Length (the body ends when the connection closes): N body bytes, then close
+    gzip            200, the whole file gzip-compressed with its compressed Content-Length (a server that
+                    ignores ``Accept-Encoding: identity``)
 
 Every request is recorded in ``mirror.requests`` as ``{"path", "range", "status", "sent"}``.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import json
 import re
 import socket
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 HTML = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Please sign in</body></html>\n"
 
@@ -87,6 +94,8 @@ def _handler(mirror: FakeMirror):
             if kind in ("html", "html-body"):
                 ctype = "text/html; charset=utf-8" if kind == "html" else "application/octet-stream"
                 return self._reply(record, 200, HTML, ctype)
+            if kind == "gzip":
+                return self._reply(record, 200, gzip.compress(data), extra={"Content-Encoding": "gzip"})
 
             start = 0
             match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
@@ -99,20 +108,25 @@ def _handler(mirror: FakeMirror):
             extra = {"Accept-Ranges": "bytes"}
             if start:
                 extra["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-            limit = int(arg) if kind in ("drop", "stall") else None
-            self._reply(record, status, body, extra=extra, limit=limit)
-            if kind == "drop":
+            limit = int(arg) if kind in ("drop", "stall", "cut") else None
+            if kind == "cut":
+                extra["Connection"] = "close"
+            self._reply(record, status, body, extra=extra, limit=limit, length=kind != "cut")
+            if kind in ("drop", "cut"):
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
             elif kind == "stall":
                 mirror._stop.wait(30)
                 self.close_connection = True
 
-        def _reply(self, record, status, body, ctype="application/octet-stream", extra=None, limit=None):
+        def _reply(
+            self, record, status, body, ctype="application/octet-stream", extra=None, limit=None, length=True
+        ):
             record["status"] = status
             self.send_response(status)
             self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
+            if length:
+                self.send_header("Content-Length", str(len(body)))
             for k, v in (extra or {}).items():
                 self.send_header(k, v)
             self.end_headers()
@@ -125,3 +139,30 @@ def _handler(mirror: FakeMirror):
                 pass
 
     return Handler
+
+
+# ------------------------------------------------------------------------------------ a site's manifest
+def write_manifest(path: Path, entries: list[dict], default: str) -> Path:
+    """A ``MEDCLI_WEIGHTS_MANIFEST`` file listing ``entries`` (see :func:`manifest_entry`)."""
+    path.write_text(
+        json.dumps({"format": "medcli-weights-manifest/1", "default": default, "weights": entries})
+    )
+    return path
+
+
+def manifest_entry(name: str, file: str, data: bytes | Path, urls: list[str], depth: int = 10) -> dict:
+    """A release of ``data`` (bytes, or a file's; its size and SHA-256) for :func:`write_manifest`."""
+    if isinstance(data, Path):
+        with open(data, "rb") as f:
+            size, sha = data.stat().st_size, hashlib.file_digest(f, "sha256").hexdigest()
+    else:
+        size, sha = len(data), hashlib.sha256(data).hexdigest()
+    return {
+        "name": name,
+        "depth": depth,
+        "datasets": 8,
+        "file": file,
+        "size": size,
+        "sha256": sha,
+        "urls": urls,
+    }

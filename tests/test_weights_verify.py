@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
 from helpers_models import medicalnet_file
+from helpers_weights import manifest_entry, write_manifest
 
 from medcli.models.synthetic import medicalnet_state_dict
 
@@ -52,7 +54,15 @@ def test_verify_resnet50_released_layout(cli, r50_file):
     assert re.search(r"layer3\W+114\W+0\W+0\W+0\W+0", out)
 
 
+def _site_releases(monkeypatch, tmp_path, *releases: tuple[str, int, object]) -> None:
+    """A manifest whose releases (name, depth, file) are these generated files; the first is the default."""
+    entries = [manifest_entry(name, f"{name}.pth", path, [], depth=depth) for name, depth, path in releases]
+    manifest = write_manifest(tmp_path / "manifest.json", entries, default=releases[0][0])
+    monkeypatch.setenv("MEDCLI_WEIGHTS_MANIFEST", str(manifest))
+
+
 def test_verify_default_path_is_the_seeds(cli, r50_file, tmp_path, monkeypatch):
+    _site_releases(monkeypatch, tmp_path, ("r50", 50, r50_file))
     (tmp_path / "pretrained").mkdir()
     (tmp_path / "pretrained" / "medicalnet_resnet50_3d.pth").symlink_to(r50_file)
     monkeypatch.chdir(tmp_path)
@@ -73,14 +83,49 @@ def test_verify_default_path_follows_depth(cli, tmp_path, tmp_path_factory, monk
         str(home / "weights" / "resnet_10_23dataset.pth") in line and "medcli weights fetch resnet10" in line
     )
 
+    r10 = medicalnet_file(tmp_path_factory, 10)  # made the release, so its copy verifies
+    _site_releases(monkeypatch, tmp_path, ("r50", 50, r10), ("resnet10", 10, r10))
     (home / "weights").mkdir(parents=True)
-    (home / "weights" / "resnet_10_23dataset.pth").symlink_to(medicalnet_file(tmp_path_factory, 10))
+    (home / "weights" / "resnet10.pth").symlink_to(r10)
     result = cli("weights", "verify", "--depth", "10")
     assert result.exit_code == 0, result.output
     assert "missing 2 (fc.weight, fc.bias)" in result.stdout
 
     none = cli("weights", "verify", "--depth", "tiny")  # no release of that depth: name a file
     assert none.exit_code == 2 and "no weights for depth tiny" in _one_error_line(none)
+
+
+@pytest.mark.parametrize("damage", ["appended", "same size"])
+def test_verify_of_the_release_copy_that_is_not_the_release_exits_4(
+    cli, tmp_path, tmp_path_factory, monkeypatch, damage
+):
+    """Without PATH, verify checks the copy `list` reports and `train --pretrained-path auto` loads: one that
+    is not the release (bytes appended, or changed at the same size) is corrupt, even if torch reads it."""
+    r10 = medicalnet_file(tmp_path_factory, 10)
+    monkeypatch.setenv("MEDCLI_HOME", str(tmp_path / "home"))
+    _site_releases(monkeypatch, tmp_path, ("r50", 50, r10), ("resnet10", 10, r10))
+    copy = tmp_path / "home" / "weights" / "resnet10.pth"
+    copy.parent.mkdir(parents=True)
+    data = bytearray(r10.read_bytes())
+    if damage == "appended":
+        data += b"\0" * 5000
+    else:
+        data[-8] ^= 1  # the low byte of a value near the end: still loads
+    copy.write_bytes(data)
+    named = cli("weights", "verify", copy, "--depth", "10")  # a file you name may be your own: it loads
+    assert named.exit_code == 0, named.output
+    if damage == "same size":  # ... with a clear word that it is not the release
+        assert "but a different SHA-256: a modified or corrupt copy" in named.stderr
+
+    result = cli("weights", "verify", "--depth", "10")
+    assert result.exit_code == 4, result.output
+    line = _one_error_line(result)
+    assert f"{copy} is a corrupt copy of resnet10" in line and "medcli weights fetch resnet10" in line
+    assert ("size" if damage == "appended" else "sha256") in line and result.stdout == ""
+    listed = json.loads(cli("weights", "list", "--json").stdout)
+    assert [r["local"]["state"] for r in listed if r["name"] == "resnet10"] == ["corrupt"]  # they agree
+    shutil.copy(r10, copy)
+    assert cli("weights", "verify", "--depth", "10").exit_code == 0
 
 
 def test_verify_json_is_only_json(cli, r50_file):
@@ -120,6 +165,7 @@ def test_verify_missing_file_exits_4(cli, tmp_path):
     assert result.exit_code == 4
     line = _one_error_line(result)
     assert "not found" in line and "absent.pth" in line and "medcli weights fetch" in line
+    assert "check the path" in line  # a path you gave: first check it, not only "fetch"
     assert result.stdout == ""
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from medcli.cli import console
-from medcli.errors import IncompleteLoadError, UsageError
+from medcli.errors import IncompleteLoadError, UsageError, WeightsError
 
 if TYPE_CHECKING:  # pragma: no cover
     from medcli.models.pretrained import LoadReport
@@ -75,6 +75,7 @@ def verify(
     # meta-tensor op imports torch's symbolic-shape machinery (2-3 s).
     model = create_model(depth, in_channels=in_channels, num_classes=num_classes, head=head)
     fetch = "medcli weights fetch"
+    entry = None  # the release, when checking its local copy
     if path is None:
         from medcli.weights.manifest import fetch_command, weights_for_depth
 
@@ -82,7 +83,18 @@ def verify(
         if path is None:
             raise UsageError(f"MedicalNet released no weights for depth {depth}", hint="pass a file to check")
         fetch = fetch_command(entry)
+        actual = path.stat().st_size if path.is_file() else None
+        if actual is not None and entry.size is not None and actual != entry.size:  # free: before loading
+            raise _corrupt_copy(path, entry, f"size {actual:,} bytes, expected {entry.size:,}", fetch)
+    elif not path.exists():
+        raise WeightsError(
+            f"weights file not found: {path}",
+            hint="check the path, or download a release with `medcli weights fetch` (`medcli weights list`)",
+        )
     report = load_pretrained(model, path, require=True, fetch=fetch)
+    if entry is not None and report.sha256 != entry.sha256:
+        why = f"sha256 {(report.sha256 or '')[:12]}…, expected {entry.sha256[:12]}…"
+        raise _corrupt_copy(path, entry, why, fetch)
 
     if json_out:
         data = report.to_dict()
@@ -97,6 +109,15 @@ def verify(
         render_load_report(report)
     if not report.ok:
         raise IncompleteLoadError(f"{path}: {report.summary_line()}", hint=incomplete_hint(report))
+
+
+def _corrupt_copy(path: Path, entry, why: str, fetch: str) -> WeightsError:
+    """The release's own copy is not the release: `list` calls it corrupt, and `train --pretrained-path
+    auto` would start from it, so `verify` fails too (a file of your own belongs at another path)."""
+    return WeightsError(
+        f"{path} is a corrupt copy of {entry.name} ({why})",
+        hint=f"re-fetch it with `{fetch}`, which replaces it",
+    )
 
 
 def render_load_report(report: LoadReport, *, to_stderr: bool = False, full: bool | None = None) -> None:

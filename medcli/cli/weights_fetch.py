@@ -6,8 +6,10 @@ check after a fetch uses ``medcli.models`` and is imported inside the command, s
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -31,11 +33,13 @@ def fetch(
         "Default: resnet50_23dataset.",
         show_default=False,
     ),
-    dest: Path | None = typer.Option(
+    # A string, not a Path: Path() drops the trailing slash that says "a folder" (`--dest weights/`).
+    dest: str | None = typer.Option(
         None,
         "--dest",
-        help="File (or existing directory) to write. Default: pretrained/medicalnet_resnet50_3d.pth for the "
-        "default release, $MEDCLI_HOME/weights/<file> for the others.",
+        help="File to write, or a folder (existing, or ending in /) to put the release's file in. Default: "
+        "pretrained/medicalnet_resnet50_3d.pth for the default release, $MEDCLI_HOME/weights/<file> for the "
+        "others.",
         show_default=False,
     ),
     url: str | None = typer.Option(
@@ -69,7 +73,7 @@ def fetch(
     Interrupted downloads resume (HTTP Range) when run again; mirrors are tried in order; a verified file
     is not downloaded twice.  Proxies work through HTTPS_PROXY / NO_PROXY.
     """
-    from medcli.weights.manifest import install_path, load_manifest, weights_dir
+    from medcli.weights.manifest import load_manifest
     from medcli.weights.verify import normalize_sha256
 
     manifest = load_manifest()
@@ -83,57 +87,61 @@ def fetch(
         entries = list(manifest.entries)
     else:
         entries = [manifest.get(name) if name else manifest.default]
-        if dest:  # before a 176 MiB download, not after it
-            require_writable_file(_resolve_dest(dest, entries[0].file), "--dest")
     if sha256 and not url:
         raise UsageError(
             "--sha256 checks the file given with --url",
             hint=f"the manifest already holds {entries[0].name}'s checksum; add --url URL, or drop --sha256",
         )
     expected_sha = normalize_sha256(sha256) if sha256 else None
+    if expected_sha and expected_sha != entries[0].sha256 and not dest:
+        # The install path is where `list`, `verify` and `train --pretrained-path auto` look for the
+        # release: a file of your own there would be called corrupt, replaced, or used as the release.
+        raise UsageError(
+            f"--sha256 names a file of your own, not {entries[0].name}: it needs --dest",
+            hint="add --dest FILE; the release's install path holds only the verified release",
+        )
+    # Every output path before any work (a 176 MiB download), not after it.
+    targets = [_target(entry, dest, all_) for entry in entries]
+    for target in targets:
+        _require_writable(target, dest, all_)
     connect_timeout = min(timeout, 10.0)
+    render = "none" if json_out else "summary" if all_ else "full"
 
     results: list[dict] = []
     failures: list[str] = []
-    for entry in entries:
-        if dest:
-            target = _resolve_dest(dest, entry.file)
-        else:
-            target = weights_dir() / entry.file if all_ else install_path(entry)
+    for entry, target in zip(entries, targets, strict=True):
         own_file = expected_sha is not None and expected_sha != entry.sha256
+        loaded: list = []  # the load report, once the check has run
+        check_part = partial(_check_loads, entry.depth, shown=target, own_file=own_file, into=loaded)
         try:
-            result = _fetch_one(
-                target,
-                [url] if url else _sources(entry, target),
-                sha256=expected_sha or entry.sha256,
-                size=None if own_file else entry.size,
-                force=force,
-                timeout=(connect_timeout, timeout),
-                retries=retries,
-            )
+            try:
+                result = _fetch_one(
+                    target,
+                    [url] if url else _sources(entry, target),
+                    sha256=expected_sha or entry.sha256,
+                    size=None if own_file else entry.size,
+                    force=force,
+                    timeout=(connect_timeout, timeout),
+                    retries=retries,
+                    # Checked before it is moved into place: a file that fails leaves --dest as it was.
+                    accept=check_part if check else None,
+                )
+                # A present release was checked when it was fetched; a file of your own is checked every
+                # time, since its checksum says nothing of which ResNet it fits.
+                if check and own_file and result.action == "present":
+                    _check_loads(entry.depth, target, shown=target, own_file=own_file, into=loaded)
+            except IncompleteLoadError:
+                if loaded:  # which keys did not load
+                    _render(loaded[0], render)
+                raise
             # A file of the user's own (--sha256) is not the release; NAME only says which ResNet loads it.
             row = {"name": None if own_file else entry.name, "depth": entry.depth, **result.to_dict()}
             if not (all_ or json_out):
                 _print_fetch_table([row])
-            # A present release was checked when it was fetched; a file of your own is checked every time,
-            # since its checksum says nothing of which ResNet it fits (a wrong NAME keeps the file).
-            if check and (result.action != "present" or own_file):
+            if loaded:
                 # One fetch: the full key report (a result, on stdout); --all: one summary line each.
-                render = "none" if json_out else "summary" if all_ else "full"
-                try:
-                    row["load"] = _check_loads(
-                        entry.depth, result.path, own_file=own_file, render=render
-                    ).to_dict()
-                except WeightsError as e:
-                    if not own_file or isinstance(e, IncompleteLoadError):
-                        raise
-                    # Your checksum vouches for the bytes, not that they are weights: a file no ResNet
-                    # can load is of no use at --dest.
-                    result.path.unlink(missing_ok=True)
-                    raise type(e)(
-                        f"{e.message}; removed it",
-                        hint=f"check that --url gives MedicalNet weights for a ResNet-{entry.depth}",
-                    ) from e
+                _render(loaded[0], render)
+                row["load"] = loaded[0].to_dict()
             results.append(row)
         except MedcliError as e:
             if not all_:
@@ -162,9 +170,30 @@ def _sources(entry, target: Path) -> list[str]:
     return [*local, *entry.urls]
 
 
-def _resolve_dest(dest: Path, file_name: str) -> Path:
-    dest = dest.expanduser()
-    return dest / file_name if dest.is_dir() else dest
+def _target(entry, dest: str | None, all_: bool) -> Path:
+    """Where ``entry`` goes: ``--dest``, else ``$MEDCLI_HOME/weights`` (``--all``), else its install path."""
+    from medcli.weights.manifest import install_path, weights_dir
+
+    if dest:
+        # A trailing slash means a folder even before it exists: the release's file goes inside it.
+        path = Path(dest).expanduser()
+        return path / entry.file if path.is_dir() or dest.endswith(("/", os.sep)) else path
+    return weights_dir() / entry.file if all_ else install_path(entry)
+
+
+def _require_writable(target: Path, dest: str | None, all_: bool) -> None:
+    """A usage error now for a target that is a folder or lies under a file, not a failure after the
+    download."""
+    if dest:
+        require_writable_file(target, "--dest")
+        return
+    if target.is_file():  # a verified release (say, in a read-only shared folder) needs no writing
+        return
+    try:
+        require_writable_file(target, "the install path")
+    except UsageError as e:
+        elsewhere = "set MEDCLI_HOME to another folder" if all_ else "choose another file with --dest"
+        raise UsageError(e.message, hint=f"move what is there out of the way, or {elsewhere}") from None
 
 
 def _fetch_one(target: Path, urls: list[str], **options):
@@ -176,10 +205,11 @@ def _fetch_one(target: Path, urls: list[str], **options):
     if result.action == "present":
         console.info(f"{target} is present and verified; not downloading (--force downloads again)")
     else:
+        # A local copy, or a complete .part from an earlier run, transfers nothing: no rate to show.
         rate = result.bytes_transferred / max(result.seconds, 1e-9) / 2**20
+        speed = f" ({rate:.1f} MiB/s)" if result.bytes_transferred else ""
         console.info(
-            f"{target.name}: {_mib(result.size)} verified in {result.seconds:.1f}s "
-            f"({rate:.1f} MiB/s) → {target}"
+            f"{target.name}: {_mib(result.size)} verified in {result.seconds:.1f}s{speed} → {target}"
         )
     return result
 
@@ -232,14 +262,20 @@ def _progress(label: str):
         yield update
 
 
-def _check_loads(depth: int, path: Path, *, own_file: bool, render: str):
-    """Load the fetched file into a ResNet of its depth: the checksum says the bytes are right, this says
-    medcli can use them.  ``render``: "full" (the `weights verify` report), "summary" (one line) or "none"."""
+def _check_loads(depth: int, path: Path, *, shown: Path, own_file: bool, into: list) -> None:
+    """Load ``path`` (the verified ``.part``, or a present file) into a ResNet of its depth: the checksum says
+    the bytes are right, this says medcli can use them.  The report is appended to ``into`` (also when the
+    load is incomplete: the caller prints which keys failed).  Messages name ``shown``, the file asked for."""
     import torch
 
-    from medcli.cli.weights import render_load_report
     from medcli.models import create_model, load_pretrained
     from medcli.models.pretrained import incomplete_hint
+
+    staged = path != shown
+
+    def named(message: str) -> str:
+        # A failing .part is removed, so name the file the user asked for, and say it was not installed.
+        return message.replace(str(path), str(shown)) + ("; not installed" if staged else "")
 
     with torch.device("meta"):  # skip the random init: the weights replace it
         model = create_model(depth=depth, num_classes=2)
@@ -247,20 +283,31 @@ def _check_loads(depth: int, path: Path, *, own_file: bool, render: str):
         report = load_pretrained(model.to_empty(device="cpu"), path, require=True)
     except IncompleteLoadError as e:  # e.g. another depth's file
         raise IncompleteLoadError(
-            f"{path}: checksum verified, but it does not fit a ResNet-{depth}: {e.message}",
+            named(f"{path}: checksum verified, but it does not fit a ResNet-{depth}: {e.message}"),
             hint="give the NAME of a release with the file's depth (`medcli weights list`), or --no-check",
         ) from e
-    if render == "full":
-        render_load_report(report)
-    elif render == "summary":
-        console.info(f"{path}: {report.summary_line()}")
+    except WeightsError as e:
+        # Your checksum vouches for the bytes, not that they are weights.
+        hint = f"check that --url gives MedicalNet weights for a ResNet-{depth}" if own_file else e.hint
+        raise WeightsError(named(e.message), hint=hint) from e
+    report.path = str(shown)
+    into.append(report)
     if not report.ok:
         what = "your file" if own_file else "the verified release"
         raise IncompleteLoadError(
-            f"{path}: {what} does not load completely into a ResNet-{depth}: {report.summary_line()}",
+            named(f"{shown}: {what} does not load completely into a ResNet-{depth}: {report.summary_line()}"),
             hint=incomplete_hint(report),
         )
-    return report
+
+
+def _render(report, render: str) -> None:
+    """``render``: "full" (the `weights verify` report), "summary" (one line) or "none"."""
+    from medcli.cli.weights import render_load_report
+
+    if render == "full":
+        render_load_report(report)
+    elif render == "summary":
+        console.info(f"{report.path}: {report.summary_line()}")
 
 
 def _print_fetch_table(rows: list[dict]) -> None:

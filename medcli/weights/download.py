@@ -13,7 +13,10 @@ file, or the complete verified new one.
   weights, wrong size, wrong checksum) moves on to the next mirror.  When every mirror failed,
   ``DownloadError`` names each URL and what happened there.
 - A ``file://`` URL or a plain local path is copied through the same verification (a file a user
-  downloaded in a browser).
+  downloaded in a browser).  Any other scheme than http(s) is a ``UsageError`` before any work.
+- What is not the weights is named from its first bytes: a web page, a Git LFS pointer.
+- ``accept(part)``, when given, runs on the verified ``.part`` before it is moved into place (the caller's
+  load check): if it raises, ``dest`` is left as it was and the ``.part`` is removed.
 - Proxies, ``REQUESTS_CA_BUNDLE`` and ``.netrc`` work as requests reads them from the environment.
 - One fetch per destination at a time: ``<dest>.lock`` (an advisory ``flock``) keeps a second
   ``medcli weights fetch`` from writing into the same ``.part``; it fails at once, saying so.
@@ -38,7 +41,7 @@ from urllib.parse import unquote, urlparse
 import requests
 
 from medcli import __version__
-from medcli.errors import DownloadError
+from medcli.errors import DownloadError, UsageError
 from medcli.weights.verify import CHUNK, check_file, sha256_file
 
 ProgressFn = Callable[[int, "int | None"], None]
@@ -49,6 +52,9 @@ MAX_BACKOFF = 60.0
 TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 USER_AGENT = f"medcli/{__version__} python-requests/{requests.__version__}"
 WEB_PAGE = "the server returned a web page, not the weights — the link may need a browser login"
+LOCAL_WEB_PAGE = "the file is a web page (HTML), not the weights: the browser saved a page, not the download"
+LFS_POINTER = "a Git LFS pointer file, not the weights: its repository's large files were never pulled"
+PROXY_FAILED = "could not go through the proxy"
 
 
 @dataclass
@@ -131,9 +137,11 @@ def fetch(
     progress: ProgressFn | None = None,
     notify: NotifyFn | None = None,
     session: requests.Session | None = None,
+    accept: Callable[[Path], object] | None = None,
 ) -> FetchResult:
     """Download the file with SHA-256 ``sha256`` (and ``size`` bytes, if known) from the first of ``urls``
     that serves it, into ``dest``.  A verified ``dest`` is kept as is unless ``force``."""
+    _check_urls(urls)
     dest = Path(dest)
     sha256 = sha256.lower()
     notices: list[str] = []
@@ -173,8 +181,19 @@ def fetch(
         try:
             for url in urls:
                 say(f"{'copying' if _local_source(url) else 'downloading'} {url} → {dest}")
-                why = _try_mirror(job, url, retries=retries, backoff=backoff, say=say)
+                try:
+                    why = _try_mirror(job, url, retries=retries, backoff=backoff, say=say)
+                except DownloadError as e:  # this disk, not the mirror (e.g. full): no other mirror helps
+                    raise DownloadError(e.message + _kept(part), hint=e.hint) from e
                 if why is None:
+                    if accept is not None:
+                        try:
+                            accept(part)
+                        except Exception:
+                            # Verified bytes the caller cannot use: dest keeps what it had, and no complete
+                            # .part is left for a later fetch (or --no-check) to install unchecked.
+                            part.unlink(missing_ok=True)
+                            raise
                     os.replace(part, dest)
                     return FetchResult(
                         dest,
@@ -187,21 +206,35 @@ def fetch(
                         seconds=time.monotonic() - start,
                         notices=notices,
                     )
-                failures.append(f"{url}: {why}")
+                failures.append((url, why))
                 if url != urls[-1]:
                     say(f"{_host(url)} failed ({why}); trying the next mirror")
         finally:
             if own_session:
                 session.close()
 
-        if part.exists() and part.stat().st_size == 0:
-            part.unlink()
-        kept = (
-            " (the partial download is kept: run the same command again to resume)" if part.exists() else ""
-        )
-        raise DownloadError(
-            f"could not download {dest.name}: " + "; ".join(failures) + kept, hint=_hint(failures)
-        )
+        said = "; ".join(f"{url}: {why}" for url, why in failures)
+        verb = "copy" if all(_local_source(url) for url in urls) else "download"
+        raise DownloadError(f"could not {verb} {dest.name}: {said}{_kept(part)}", hint=_hint(failures))
+
+
+def _kept(part: Path) -> str:
+    """Remove an empty ``.part``; for one with bytes in it, say it is kept for resuming."""
+    if part.exists() and part.stat().st_size == 0:
+        part.unlink()
+    return " (the partial download is kept: run the same command again to resume)" if part.exists() else ""
+
+
+def _check_urls(urls: Sequence[str]) -> None:
+    """A URL no retry can fix (``ftp://``, a typo such as ``htps://``, ``http://`` without a host) is a
+    usage error at once, not retries with backoff ending in requests' exception name."""
+    for url in urls:
+        parsed = urlparse(url)
+        if _local_source(url) is None and (parsed.scheme not in ("http", "https") or not parsed.netloc):
+            raise UsageError(
+                f"cannot download from {url}: medcli fetches http:// and https:// URLs and local files",
+                hint="give an https://host/path URL, a file:// URL or a local file's path",
+            )
 
 
 def _try_mirror(job: _Job, url: str, *, retries: int, backoff: float, say: NotifyFn) -> str | None:
@@ -235,13 +268,13 @@ def _download_once(job: _Job, url: str, say: NotifyFn) -> None:
     digest, size = _copy_local(job, local, part) if local is not None else _http_once(job, url, part, say)
     if digest == job.sha256 and (job.size is None or size == job.size):
         return
-    looks_html = _starts_like_html(part)
+    what = _sniff(_head(part), local=local is not None)
     part.unlink(missing_ok=True)
     if job.resumed_from:  # the kept prefix may come from another version of the file: one clean retry
         job.resumed_from = 0
         raise _Restart("checksum mismatch after resuming")
-    if looks_html:
-        raise _NextMirror(WEB_PAGE)
+    if what:
+        raise _NextMirror(what)
     expected = f"{job.size:,} bytes, " if job.size is not None else ""
     raise _NextMirror(
         f"checksum mismatch: got {size:,} bytes, sha256 {digest[:12]}…; expected {expected}"
@@ -262,8 +295,10 @@ def _http_once(job: _Job, url: str, part: Path, say: NotifyFn) -> tuple[str, int
         headers["Range"] = f"bytes={offset}-"
     try:
         r = job.session.get(url, headers=headers, stream=True, timeout=job.timeout)
+    except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema) as e:
+        raise _NextMirror(f"invalid URL ({_short(e)})") from e  # the same on every attempt
     except requests.RequestException as e:
-        raise _Retry(_describe(e, job.timeout)) from e
+        raise _Retry(_describe(e, job.timeout, url)) from e
 
     with r:
         if r.status_code == 416 and offset:
@@ -277,6 +312,10 @@ def _http_once(job: _Job, url: str, part: Path, say: NotifyFn) -> tuple[str, int
             raise _NextMirror(WEB_PAGE)
 
         length = _int_header(r, "Content-Length")
+        if r.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+            # A server that ignores Accept-Encoding: identity; requests decodes the body, so the length
+            # counts compressed bytes, not the file's.  Size and SHA-256 are still checked at the end.
+            length = None
         if r.status_code == 206:
             start, total = _content_range(r)
             if start != offset:
@@ -290,7 +329,11 @@ def _http_once(job: _Job, url: str, part: Path, say: NotifyFn) -> tuple[str, int
             offset, hasher, total = 0, hashlib.sha256(), length
             job.resumed_from = 0
         if total is not None and job.size is not None and total != job.size:
-            raise _NextMirror(f"the server offers {total:,} bytes, expected {job.size:,} (a different file)")
+            # Often not another release but a page or an LFS pointer in its place: the first bytes say.
+            what = _sniff(_first_bytes(r))
+            raise _NextMirror(
+                what or f"the server offers {total:,} bytes, expected {job.size:,} (a different file)"
+            )
         total = total if total is not None else job.size
 
         done = offset
@@ -299,26 +342,31 @@ def _http_once(job: _Job, url: str, part: Path, say: NotifyFn) -> tuple[str, int
         try:
             with open(part, "ab" if offset else "wb") as f, _Tee(f.write, hasher.update) as sink:
                 for chunk in r.iter_content(CHUNK):
-                    if done == 0 and chunk.lstrip()[:1] == b"<":
-                        raise _NextMirror(WEB_PAGE)
+                    if done == 0 and (what := _sniff(chunk)):
+                        raise _NextMirror(what)
                     sink.write(chunk)
                     done += len(chunk)
                     job.received += len(chunk)
                     if job.progress:
                         job.progress(done, total)
         except requests.RequestException as e:  # (a subclass of OSError: caught first)
-            raise _Retry(f"{_describe(e, job.timeout)} after {done / 2**20:.1f} MiB") from e
+            raise _Retry(f"{_describe(e, job.timeout, url)} after {done / 2**20:.1f} MiB") from e
         except OSError as e:
             raise _cannot_write(part, e) from e
-    if length is not None and done - offset < length:  # urllib3 usually raises first; be sure
-        raise _Retry(f"connection closed after {done:,} of {offset + length:,} bytes")
+    # Where the body should end: Content-Length, else the expected size (a body that ends when the server
+    # closes the connection has no length of its own).  Short is a cut transfer: retry, resuming.
+    end = offset + length if length is not None else total
+    if end is not None and done < end:
+        raise _Retry(f"connection closed after {done:,} of {end:,} bytes")
     return hasher.hexdigest(), done
 
 
 def _copy_local(job: _Job, src: Path, part: Path) -> tuple[str, int]:
     """Copy a local file into ``part`` through the same hashing (a file downloaded in a browser)."""
+    if src.is_dir():
+        raise _NextMirror("a folder, not a weights file")
     if not src.is_file():
-        raise _NextMirror(f"no such file: {src}")
+        raise _NextMirror("no such file")
     total = src.stat().st_size
     hasher = hashlib.sha256()
     done = 0
@@ -330,6 +378,7 @@ def _copy_local(job: _Job, src: Path, part: Path) -> tuple[str, int]:
                 if job.progress:
                     job.progress(done, total)
     except OSError as e:
+        part.unlink(missing_ok=True)  # a copy never resumes: what it wrote is of no use
         raise DownloadError(
             f"cannot copy {src} to {part}: {e.strerror or e}", hint="check both paths and the free space"
         ) from e
@@ -400,7 +449,7 @@ def _local_source(url: str) -> Path | None:
     return None
 
 
-def _describe(e: Exception, timeout: tuple[float, float]) -> str:
+def _describe(e: Exception, timeout: tuple[float, float], url: str) -> str:
     """A short description of a requests failure.  requests wraps urllib3's errors (a read timeout mid-body
     arrives as a ConnectionError, a DNS failure inside MaxRetryError), so look through the chain of causes."""
     chain: list[BaseException] = []
@@ -414,6 +463,10 @@ def _describe(e: Exception, timeout: tuple[float, float]) -> str:
             None,
         )
     names = {type(c).__name__ for c in chain}
+    refused = any(isinstance(c, ConnectionRefusedError) for c in chain)
+    if isinstance(e, requests.exceptions.ProxyError):  # not the host's fault: name the proxy
+        proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url)) or "proxy"
+        return f"{PROXY_FAILED} {proxy} ({'connection refused' if refused else _short(chain[-1])})"
     if "ConnectTimeoutError" in names or isinstance(e, requests.ConnectTimeout):
         return f"connection timed out after {timeout[0]:g}s"
     if "ReadTimeoutError" in names or isinstance(e, requests.ReadTimeout):
@@ -422,7 +475,7 @@ def _describe(e: Exception, timeout: tuple[float, float]) -> str:
         return "connection dropped mid-file"
     if "NameResolutionError" in names:
         return "host name not resolved (offline, or a proxy is needed: set HTTPS_PROXY)"
-    if any(isinstance(c, ConnectionRefusedError) for c in chain):
+    if refused:
         return "connection refused"
     if isinstance(e, requests.exceptions.SSLError):
         return f"TLS error ({_short(chain[-1])}); behind a proxy, set REQUESTS_CA_BUNDLE to its certificate"
@@ -436,14 +489,25 @@ def _short(e: Exception, limit: int = 160) -> str:
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
-def _hint(failures: list[str]) -> str:
-    if any(WEB_PAGE in f for f in failures):
+def _hint(failures: list[tuple[str, str]]) -> str:
+    whys = [why for _, why in failures]
+    if any(LFS_POINTER in w for w in whys):
+        return "run `git lfs pull` in that repository, or fetch from the manifest's mirrors (drop --url)"
+    if any(WEB_PAGE in w for w in whys):
         return (
             "download the file in a browser, then install it with "
             "`medcli weights fetch --url /path/to/file` (it is checksum-verified)"
         )
-    if any("checksum" in f or "different file" in f for f in failures):
+    if any(LOCAL_WEB_PAGE in w for w in whys):
+        return "download it again, saving the linked file itself, not the page, and pass that with --url"
+    if any("checksum" in w or "different file" in w for w in whys):
         return "the mirror serves a different file; try another with --url URL, or report the mirror"
+    if all(_local_source(url) for url, _ in failures):
+        return "check the path given with --url"
+    if any(PROXY_FAILED in w for w in whys):
+        return "check the proxy address in HTTPS_PROXY / HTTP_PROXY, or unset it; NO_PROXY hosts go direct"
+    if all(w.startswith("HTTP 4") for w in whys):
+        return "the server has no such file: check the URL, or download the file yourself and pass its path"
     return (
         "check your connection (behind a proxy set HTTPS_PROXY), try a longer --timeout, "
         "or download the file yourself and pass --url /path/to/file"
@@ -480,12 +544,30 @@ def _retry_after(r: requests.Response) -> float | None:
         return None
 
 
-def _starts_like_html(path: Path) -> bool:
+def _first_bytes(r: requests.Response) -> bytes:
+    try:
+        return next(r.iter_content(512), b"")
+    except requests.RequestException:
+        return b""
+
+
+def _head(path: Path) -> bytes:
     try:
         with open(path, "rb") as f:
-            return f.read(512).lstrip()[:1] == b"<"
+            return f.read(512)
     except OSError:
-        return False
+        return b""
+
+
+def _sniff(head: bytes, local: bool = False) -> str | None:
+    """What a file that is not the weights is, from its first bytes: a web page, a Git LFS pointer, or None.
+    (The weights start with a pickle or zip header, never with text.)"""
+    head = head.lstrip()
+    if head[:1] == b"<":
+        return LOCAL_WEB_PAGE if local else WEB_PAGE
+    if head.startswith(b"version https://git-lfs"):
+        return LFS_POINTER
+    return None
 
 
 def _cannot_write(path: Path, e: OSError) -> DownloadError:

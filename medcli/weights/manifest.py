@@ -22,7 +22,7 @@ from pathlib import Path
 from medcli.errors import WeightsError
 from medcli.paths import DEFAULT_WEIGHTS, medcli_home
 from medcli.registry import normalize, unknown_name_error
-from medcli.weights.verify import FileCheck, check_file
+from medcli.weights.verify import FileCheck, check_file, is_sha256
 
 MANIFEST_FORMAT = "medcli-weights-manifest/1"
 MANIFEST_ENV = "MEDCLI_WEIGHTS_MANIFEST"  # a site's own manifest: internal mirrors, extra releases
@@ -142,6 +142,15 @@ class Manifest:
 
 
 def _entry(raw: dict, default_name: str) -> WeightsEntry:
+    # A site's manifest is written by hand: a wrong type must fail here, naming the file, not later (a
+    # string of URLs was tried one character at a time).
+    name, urls, size = raw.get("name"), raw.get("urls"), raw.get("size")
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise ValueError(f"{name}: 'urls' must be a list of strings")
+    if not is_sha256(raw.get("sha256")):
+        raise ValueError(f"{name}: 'sha256' must be 64 hex digits")
+    if size is not None and (type(size) is not int or size < 0):
+        raise ValueError(f"{name}: 'size' must be a number of bytes, or null")
     return WeightsEntry(
         name=raw["name"],
         depth=int(raw["depth"]),
@@ -169,7 +178,7 @@ def load_manifest(path: Path | None = None) -> Manifest:
         manifest.default  # noqa: B018 - the default must name an entry
     except Exception as e:  # a broken manifest is a packaging bug, but say which file
         raise WeightsError(
-            f"the weights manifest {source} is unreadable: {e}",
+            f"the weights manifest {source} is not valid: {e}",
             hint=f"fix or unset ${MANIFEST_ENV}" if path else "reinstall medcli (the manifest ships with it)",
         ) from e
     return manifest

@@ -25,6 +25,10 @@ def normalize_sha256(value: str) -> str:
     return sha
 
 
+def is_sha256(value: object) -> bool:
+    return isinstance(value, str) and _HEX64.fullmatch(value.lower()) is not None
+
+
 def sha256_file(path: Path):
     """A ``hashlib.sha256`` object fed with ``path``'s bytes, 1 MiB at a time (callers may update it)."""
     h = hashlib.sha256()
