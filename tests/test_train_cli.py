@@ -221,6 +221,34 @@ def test_config_file_values_of_the_wrong_type_name_the_key(cli, train_env, tmp_p
     assert "Traceback" not in result.output and not train_env["out"].exists()
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\xff\xfe", "is not valid TOML"),  # not UTF-8: was a UnicodeDecodeError traceback
+        (b"batch-size = 2\nbatch_size = 4\n", "sets batch_size twice (as batch_size too)"),
+        (b"min_lr_ratio = -5\n", "min_lr_ratio must be in [0, 1]"),  # trained with a negative lr, exit 0
+        (b'loss = "ldam"\nloss_options = {s = 5}\n', "--loss-opt s=... sets what --ldam-s sets for ldam"),
+        (b'loss_options = "gamma=2"\n', "see `medcli train --help` for --loss-opt"),
+    ],
+)
+def test_config_file_mistakes_are_one_usage_line(cli, train_env, tmp_path, content, message):
+    config = tmp_path / "c.toml"
+    config.write_bytes(content)
+    result = cli("train", "--data", train_env["data"], *train_env["tiny"], "--config", config)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.stderr.split()) and "Traceback" not in result.output
+    assert not train_env["out"].exists()
+
+
+def test_config_file_may_hold_other_commands_tables_and_not_be_a_folder(cli, train_env, tmp_path):
+    config = tmp_path / "medcli.toml"
+    config.write_text('[train]\nloss = "nonexistent"\n\n[eval]\nn_boot = 100\n')
+    result = cli("train", "--data", train_env["data"], *train_env["tiny"], "--config", config)
+    assert result.exit_code == 2 and "unknown loss 'nonexistent'" in result.stderr, result.output
+    folder = cli("train", "--data", train_env["data"], *train_env["tiny"], "--config", tmp_path)
+    assert folder.exit_code == 2 and f"--config {tmp_path} is a folder" in folder.stderr, folder.output
+
+
 def test_config_file_takes_every_spelling_a_setting_has(cli, train_env, tmp_path):
     """Lists or text for modalities and input size, a table for loss options, "all" for fold."""
     config = tmp_path / "spelled.toml"

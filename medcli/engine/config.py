@@ -215,6 +215,17 @@ class TrainConfig:
             raise UsageError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.drw_start is not None and self.drw_start <= 0:
             raise UsageError(f"--drw-start must be > 0 (an epoch, or a fraction < 1), got {self.drw_start}")
+        # Outside [0, 1] the lr rises, or turns negative and the optimiser climbs the loss.
+        if not (math.isfinite(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0):
+            raise UsageError(f"min_lr_ratio must be in [0, 1] (the lr's floor / lr): {self.min_lr_ratio!r}")
+        shadowed = {"s": "--ldam-s", "max_m": "--ldam-max-m", "drw_start": "--drw-start"}
+        twice = [k for k in self.loss_options if k in shadowed and self.loss in ("ldam", "ldam-drw")]
+        if twice:  # the loss took the option, but the cosine head's logit scale and checkpoints read the flag
+            flag = shadowed[twice[0]]
+            raise UsageError(
+                f"--loss-opt {twice[0]}=... sets what {flag} sets for {self.loss}",
+                hint=f"use {flag} {self.loss_options[twice[0]]}",
+            )
         if math.prod(_deepest_feature_map(self.input_size)) < 2:
             raise UsageError(
                 f"--input-size {','.join(map(str, self.input_size))} leaves the ResNet's last stages one "
@@ -306,12 +317,23 @@ def load_toml(path: Path) -> dict[str, Any]:
             data = tomllib.load(fh)
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist", hint="check the --config path") from None
-    except tomllib.TOMLDecodeError as e:
+    except IsADirectoryError:
+        raise UsageError(f"--config {path} is a folder", hint="pass a TOML file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # TOML is UTF-8 text
         raise UsageError(f"config file {path} is not valid TOML: {e}", hint="fix the file") from None
-    # Allow an optional [train] table so one file can hold several commands' settings.
-    if isinstance(data.get("train"), dict) and len(data) == 1:
+    # An optional [train] table lets one file hold several commands' settings: the others' are not ours.
+    if isinstance(data.get("train"), dict):
         data = data["train"]
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name in settings:  # batch-size and batch_size: which one would win is no one's guess
+            raise UsageError(f"config file {path} sets {name} twice (as {key} too)", hint="keep one of them")
+        settings[name] = value
+    return settings
+
+
+_FLAG_OF = {"loss_options": "loss_opt"}  # settings whose flag has another name
 
 
 def check_setting_types(path: Path, settings: dict[str, Any]) -> None:
@@ -326,7 +348,7 @@ def check_setting_types(path: Path, settings: dict[str, Any]) -> None:
         if hint is not None and not _has_type(value, hint):
             raise UsageError(
                 f"{path}: {key} = {value!r} is not {_type_words(hint)}",
-                hint=f"see `medcli train --help` for --{key.replace('_', '-')}",
+                hint=f"see `medcli train --help` for --{_FLAG_OF.get(key, key).replace('_', '-')}",
             )
 
 
