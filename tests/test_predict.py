@@ -55,7 +55,8 @@ def test_single_nifti_json_and_csv(cli, world, tmp_path):
     assert pred["scan_id"] == "BraTS20_Training_001"
     assert 0.0 <= pred["p_hgg"] <= 1.0
     assert pred["grade"] == ("HGG" if pred["p_hgg"] >= 0.5 else "LGG")
-    assert out["precision"] == "fp32"  # this CPU has no native bf16; auto must not pick emulated bf16
+    # The tiny model's input is below 64³: fp32 on every CPU (and never emulated bf16).
+    assert out["precision"] == "fp32"
     text = csv_path.read_text().splitlines()
     assert text[0].startswith("scan_id,grade,p_hgg") and text[1].startswith("BraTS20_Training_001,")
 
@@ -442,7 +443,13 @@ def test_bf16_close_to_fp32(world):
 def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16():
     from medcli.engine.speed import cpu_has_fast_bf16
 
-    assert P.resolve_precision("auto", torch.device("cpu")) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    cpu = torch.device("cpu")
+    assert P.resolve_precision("auto", cpu) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    assert P.resolve_precision("auto", cpu, (128, 128, 128)) == ("bf16" if cpu_has_fast_bf16() else "fp32")
+    # Below 64³ the trainer validates in fp32 (bf16 was slower there), so eval and predict do too.
+    assert P.resolve_precision("auto", cpu, (32, 32, 32)) == "fp32"
+    assert P.resolve_precision("auto", cpu, (128, 128, 32)) == "fp32"
+    assert P.resolve_precision("bf16", cpu, (32, 32, 32)) == "bf16"  # asked for: given
     assert P.resolve_precision("auto", torch.device("cuda")) == "fp32"  # measured faster at batch 1
     assert P.resolve_precision("BF16", torch.device("cpu")) == "bf16"
     with pytest.raises(UsageError, match="unknown precision"):

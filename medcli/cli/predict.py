@@ -62,7 +62,10 @@ def predict_command(
         help="Average over the 8 flips of the 3 spatial axes (batched with the ensemble).",
     ),
     precision: str = typer.Option(
-        "auto", "--precision", help="auto (bf16 on CPUs with native bf16, else fp32), fp32 or bf16."
+        "auto",
+        "--precision",
+        help="auto (bf16 on CPUs with native bf16, for inputs of 64³ and up as in training; else fp32), "
+        "fp32 or bf16.",
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     threshold: str = typer.Option(

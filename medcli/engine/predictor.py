@@ -116,16 +116,22 @@ def fuse_conv_bn(model: nn.Module, memory_format: torch.memory_format = torch.co
     return model
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` → ``bf16`` on CPUs with native bf16, else ``fp32``; explicit bf16 without native support
-    is slow.  On CUDA ``auto`` is fp32 (TF32 convolutions): a one-scan ResNet-50 forward at 128³ on an H200
-    ran 235 scans/s in plain fp32, 219 with BN folded + channels_last and 149 in bf16 + channels_last
-    (medcli bench): at batch 1 the GPU waits on kernel launches, not arithmetic."""
+def resolve_precision(precision: str, device: torch.device, input_size: Sequence[int] | None = None) -> str:
+    """``auto`` → ``bf16`` on CPUs with native bf16 for inputs of 64³ and up, else ``fp32``; explicit bf16
+    without native support is slow.  The size rule is the trainer's (``CPU_CHANNELS_LAST_MIN_SIZE``: below
+    it bf16 was slower than fp32 on AMX), so a model's validation during training and its eval --recompute
+    or predict run in the same precision and give the same probabilities.  On CUDA ``auto`` is fp32 (TF32
+    convolutions): a one-scan ResNet-50 forward at 128³ on an H200 ran 235 scans/s in plain fp32, 219 with
+    BN folded + channels_last and 149 in bf16 + channels_last (medcli bench): at batch 1 the GPU waits on
+    kernel launches, not arithmetic."""
+    from medcli.engine.speed import CPU_CHANNELS_LAST_MIN_SIZE  # the trainer's rule, so both agree
+
     p = precision.strip().lower()
     if p not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}", hint=f"choose one of: {', '.join(PRECISIONS)}")
     if p == "auto":
-        return "bf16" if device.type == "cpu" and native_bf16(device) else "fp32"
+        large = input_size is None or min(input_size) >= CPU_CHANNELS_LAST_MIN_SIZE
+        return "bf16" if device.type == "cpu" and large and native_bf16(device) else "fp32"
     return p
 
 
@@ -243,7 +249,9 @@ class Predictor:
                 "no models to predict with", hint="pass --model with a checkpoint or run directory"
             )
         self.device = device if isinstance(device, torch.device) else select_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(
+            precision, self.device, getattr(preprocess_cfg, "input_size", None)
+        )
         # channels_last_3d: oneDNN prefers it (fp32 ResNet-50 at 128^3 on 16 Sapphire Rapids cores: 0.36 s
         # vs 0.42 s contiguous; bf16 needs it); on CUDA at batch 1 it was slower (see resolve_precision).
         # fp32, fuse=False, contiguous = plain eager.

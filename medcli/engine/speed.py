@@ -23,6 +23,10 @@ from torch import nn
 
 MODES = ("fp32", "fp32-cl", "bf16", "bf16-cl", "fp16", "fp16-cl")
 
+# Smallest input edge from which channels_last_3d (and, where native, bf16) is faster on a CPU: the
+# trainer's and the predictor's ``auto`` precision both follow it (see trainer.resolve_precision).
+CPU_CHANNELS_LAST_MIN_SIZE = 64
+
 
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs that compute bf16 in hardware (AVX512-BF16 or AMX), where bf16 autocast pays off.

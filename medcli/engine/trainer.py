@@ -47,6 +47,7 @@ from medcli.engine.events import (
 )
 from medcli.engine.optim import create_optimizer, create_schedule, set_backbone_frozen, train_mode
 from medcli.engine.runs import FoldDir, RunLog
+from medcli.engine.speed import CPU_CHANNELS_LAST_MIN_SIZE
 from medcli.errors import (
     PEER_GONE,
     CheckpointError,
@@ -148,11 +149,6 @@ def place_model(model: nn.Module, device: torch.device, precision: Precision) ->
     fmt = torch.channels_last_3d if precision.channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt)
     return rewrites
-
-
-# Smallest input edge from which channels_last_3d (and, where native, bf16) is faster on a CPU
-# (see resolve_precision).
-CPU_CHANNELS_LAST_MIN_SIZE = 64
 
 
 def autocast(device: torch.device, precision: Precision):
