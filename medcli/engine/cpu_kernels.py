@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from medcli import switches
+from medcli.engine import cpu_bf16
+from medcli.engine.speed import cpu_has_fast_bf16
 from medcli.engine.tap_conv import TapwiseConv3d
 from medcli.engine.winograd import WinogradConv3d
 
@@ -132,12 +134,18 @@ class PointwiseConv3d(nn.Conv3d):
         return y.permute(0, 4, 1, 2, 3)  # channels_last_3d, as the conv's output would be
 
 
-def rewrite_for_cpu(model: nn.Module, *, bf16: bool) -> nn.Module:
+def rewrite_for_cpu(model: nn.Module, *, bf16: bool, inference: bool = False) -> nn.Module:
     """In place: the CPU rewrites for fp32 (``bf16=False``) or bf16 autocast; same function and keys.
 
+    ``inference=True`` with ``bf16`` (the predictor, on a BN-folded eval-mode ResNet3D, on a CPU with
+    native bf16): the backbone runs in bf16 on fused oneDNN ops instead (:mod:`medcli.engine.cpu_bf16`;
+    other keys, no autograd).  Without native bf16 oneDNN emulates it, and the autocast path stays.
     Returns the model.  ``MEDCLI_CPU_KERNELS=0`` leaves it as it is (oneDNN's convs throughout)."""
     if switches.switched_off(switches.CPU_KERNELS):
         return model
+    if bf16 and inference:
+        if cpu_bf16.applies(model) and cpu_has_fast_bf16():
+            return cpu_bf16.rewrite_for_bf16_inference(model)
     if bf16 and type(getattr(model, "conv1", None)) is nn.Conv3d:
         model.conv1 = _like(Float32Conv3d, model.conv1)
     for module in list(model.modules()):
@@ -155,6 +163,8 @@ def rewrite_for_cpu(model: nn.Module, *, bf16: bool) -> nn.Module:
 def describe(model: nn.Module) -> str | None:
     """What :func:`rewrite_for_cpu` changed in ``model`` (read from its modules), for log lines and
     reports; None where it changed nothing."""
+    if cpu_bf16.is_rewritten(model):
+        return cpu_bf16.DESCRIPTION
     parts = ["fp32 stem"] if isinstance(getattr(model, "conv1", None), Float32Conv3d) else []
     if any(type(m) is WinogradConv3d for m in model.modules()):
         parts.append("3³ convs by Winograd F(4,3)")

@@ -10,10 +10,10 @@ The fast path (``fuse=True``, the default) changes how, never what, the model co
 * BatchNorm folded into the preceding conv (one less pass over every activation);
 * channels-last-3d memory format on CPU (and with bf16 on CUDA);
 * on CPU (:mod:`medcli.engine.cpu_kernels`), in fp32 every stride-1 3³ conv by Winograd F(4³, 3³) (the
-  dilated ones over their phase sub-grids) and the large 1³ convs as GEMMs; under bf16 the dilated convs
-  tap by tap without the taps that read zero padding, and a float32 stem conv (oneDNN's bf16 kernels for
-  those are slower than fp32);
-* ``precision="bf16"``: ``torch.autocast(bfloat16)``.
+  dilated ones over their phase sub-grids) and the large 1³ convs as GEMMs;
+* ``precision="bf16"`` on a CPU with native bf16: the backbone in bf16 on fused oneDNN ops, conv+ReLU and
+  conv+add+ReLU, with a space-to-depth stem and layer4's dilated convs tap by tap
+  (:mod:`medcli.engine.cpu_bf16`); elsewhere ``torch.autocast(bfloat16)``.
 * ``precision="auto"``: bf16 on CPUs that compute it natively (AMX / AVX512-BF16), else fp32 (emulated
   bf16 is slower than fp32; on CUDA a batch-1 forward is launch-bound and fp32/TF32 was fastest).
 
@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from medcli.data import label_to_grade
+from medcli.engine import cpu_bf16
 from medcli.engine.cpu_kernels import rewrite_for_cpu
 from medcli.engine.devices import select_device
 from medcli.engine.runs import fold_number, missing_folds
@@ -286,7 +287,7 @@ class Predictor:
             if fuse:  # the fast path: BN folded; on CPU the CPU kernels too
                 fuse_conv_bn(m, memory_format=fmt)
                 if self.device.type == "cpu":
-                    rewrite_for_cpu(m, bf16=self.precision == "bf16")
+                    rewrite_for_cpu(m, bf16=self.precision == "bf16", inference=True)
             self.models.append(m.to(device=self.device, memory_format=fmt))
         check_members(self.models, self.member_names)
         # On CPU in fp32 the 3³ convs run by Winograd, whose weights are transformed on every call unless
@@ -304,8 +305,9 @@ class Predictor:
     def in_channels(self) -> int:
         return int(self.models[0].in_channels)
 
-    def _autocast(self):
-        if self.precision == "bf16":
+    def _autocast(self, model: nn.Module):
+        # A backbone on medcli's fused bf16 ops is bf16 already (oneDNN refuses those ops under autocast).
+        if self.precision == "bf16" and not cpu_bf16.is_rewritten(model):
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return torch.autocast(device_type=self.device.type, enabled=False)
 
@@ -332,7 +334,7 @@ class Predictor:
         for m, (model, scale) in enumerate(zip(self.models, self.logit_scales, strict=True)):
             for start in range(0, batch.shape[0], self.max_batch):
                 chunk = self._prepare(batch[start : start + self.max_batch])
-                with self._autocast():
+                with self._autocast(model):
                     logits = model(chunk)
                 probs = torch.softmax(logits.float() * scale, dim=1)[:, 1]
                 out[m, start : start + chunk.shape[0]] = probs.cpu().numpy()

@@ -234,8 +234,12 @@ class ResNet3D(nn.Module):
         return self.layer4(x)
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
-        """Global average pooling: ``[N, F, d, h, w] -> [N, F]`` (works for any memory format)."""
-        return features.mean(dim=(2, 3, 4))
+        """Global average pooling: ``[N, F, d, h, w] -> [N, F]`` (works for any memory format).
+
+        bf16/fp16 features are averaged into float32, so the head gets fp32 features from a bf16 backbone
+        (``medcli.engine.cpu_bf16``) as from an fp32 one (under autocast, fc still casts them)."""
+        low = features.dtype in (torch.bfloat16, torch.float16)
+        return features.mean(dim=(2, 3, 4), dtype=torch.float32 if low else None)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(self.pool(features)))
