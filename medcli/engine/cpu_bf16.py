@@ -41,12 +41,24 @@ DESCRIPTION = (
 )
 
 
+def _pointwise(conv: nn.Conv3d) -> bool:
+    return conv.kernel_size == (1, 1, 1) and conv.stride == (1, 1, 1) and conv.groups == 1
+
+
 def _conv(conv: nn.Conv3d, x: torch.Tensor, relu: bool = True) -> torch.Tensor:
-    """``relu(conv(x))`` (or ``conv(x)``) in one oneDNN primitive, tap by tap for dilation >= 4."""
+    """``relu(conv(x))`` (or ``conv(x)``) in one oneDNN primitive, tap by tap for dilation >= 4.
+
+    A 1³ conv is one matmul over the channels_last voxels, with the ReLU as its post-op: oneDNN's matmul
+    ran 1.3x as fast as its 1³ conv on these shapes (2048→512 at 16³: 4.0 vs 5.3 ms on 2 AMX cores)."""
+    attr = "relu" if relu else "none"
+    if _pointwise(conv) and x.is_contiguous(memory_format=_CL):
+        n, c, d, h, w = x.shape
+        rows = x.permute(0, 2, 3, 4, 1).reshape(-1, c)  # a view: channels_last is [N, D, H, W, C]
+        y = _OPS._linear_pointwise(rows, conv.weight.view(conv.out_channels, c), conv.bias, attr, [], "")
+        return y.view(n, d, h, w, -1).permute(0, 4, 1, 2, 3)  # channels_last_3d, as the conv's output
     if conv.dilation[0] >= 4:
         y = tapwise_conv3d(x, conv.weight, conv.bias, conv.dilation[0])
         return y.relu_() if relu else y
-    attr = "relu" if relu else "none"
     return _OPS._convolution_pointwise(
         x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, attr, [], ""
     )
