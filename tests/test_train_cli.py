@@ -334,6 +334,44 @@ def test_seed_recipe_runs_and_writes_the_run_directory(cli, train_env):
         "3",
     )
     assert same.exit_code == 2 and "--resume" in same.stderr
+    # --resume --force: refused, not "force wins" (which deletes the checkpoint --resume asked to continue).
+    before = (fold / "last.pt").read_bytes()
+    both = cli(*seed_cpu, "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+               "--resume", "--force")  # fmt: skip
+    assert both.exit_code == 2 and "--resume and --force contradict" in both.stderr
+    assert (fold / "last.pt").read_bytes() == before
+    # A damaged config.json is one line naming it and what to do, not a JSONDecodeError traceback.
+    (fold / "config.json").write_text('{"lr": 2e-4, ')
+    damaged = cli(*seed_cpu, "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"],
+                  "--resume")  # fmt: skip
+    assert damaged.exit_code == 2 and "Traceback" not in damaged.output
+    assert f"{fold / 'config.json'} cannot be read" in " ".join(damaged.stderr.split())
+    assert "--force" in damaged.stderr and (fold / "last.pt").read_bytes() == before
+
+
+def test_starting_a_fold_over_removes_the_old_runs_files(tmp_path):
+    """--force (a fresh start) leaves none of the old training's outputs to be mistaken for the new one's,
+    curves.png included (it used to show the old curves until the first epoch ended)."""
+    from medcli.engine.runs import FoldDir
+
+    fd = FoldDir(tmp_path / "run", 0)
+    fd.path.mkdir(parents=True)
+    old = [
+        "metrics.csv",
+        "metrics.jsonl",
+        "val_predictions.csv",
+        "train.log",
+        "best.pt",
+        "last.pt",
+        "curves.png",
+    ]
+    for name in old:
+        (fd.path / name).write_text("old")
+    fd.start({"lr": 1.0}, fresh=False)  # a resume keeps them
+    assert all((fd.path / name).exists() for name in old)
+    fd.start({"lr": 1.0}, fresh=True)
+    assert not [name for name in old if (fd.path / name).exists()]
+    assert json.loads(fd.config.read_text()) == {"lr": 1.0}
 
 
 @pytest.mark.slow

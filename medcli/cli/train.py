@@ -165,6 +165,12 @@ def train_command(
     best.pt (by validation AUC), curves.png, train.log (every session, timestamped).  A diverging training
     (NaN/Inf loss or outputs) stops before that epoch is saved and exits 11.
     """
+    if resume and force:  # force would win and delete the checkpoints that --resume asked to continue
+        raise UsageError(
+            "--resume and --force contradict each other: --resume continues the fold from its last.pt, "
+            "--force deletes it and starts over",
+            hint="keep --resume to continue the training, or --force alone to start it over",
+        )
     given = {k: v for k, v in ctx.params.items() if k not in _NOT_CONFIG}
     explicit = {k for k in given if _from_command_line(ctx, k)}
     settings: dict[str, Any] = load_config_file(config) if config else {}

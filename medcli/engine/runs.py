@@ -157,7 +157,14 @@ class FoldDir:
         if force or not self.path.exists():
             return
         if self.config.exists():
-            old = TrainConfig.from_dict(json.loads(self.config.read_text()))
+            try:
+                old = TrainConfig.from_dict(json.loads(self.config.read_text(encoding="utf-8")))
+            except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
+                raise UsageError(
+                    f"{self.config} cannot be read as the fold's settings ({type(e).__name__}: {e})",
+                    hint="--force starts the fold over (its checkpoints too), --name trains a new run "
+                    "beside it",
+                ) from None
             new = TrainConfig.from_dict(cfg_dict)
             diff = old.differences(new)
             if diff:
@@ -184,6 +191,7 @@ class FoldDir:
                 "train.log",
                 "best.pt",
                 "last.pt",
+                "curves.png",  # else the old run's curves stand until the first epoch ends
             ):
                 (self.path / name).unlink(missing_ok=True)
         self.write_config(cfg_dict)
