@@ -315,8 +315,11 @@ def test_bench_command_smoke_json():
         fp32 = s["modes"]["fp32"]
         assert fp32["seconds"]["min"] <= fp32["seconds"]["median"] <= fp32["seconds"]["max"]
         assert fp32["seconds"]["reps"] == 2 and fp32["speedup_vs_fp32"] == 1.0
-        # The section's ceiling: the best of the run's first probe and its own re-probe (same load).
-        assert s["ceiling_tflops"] == max(s["ceiling_first_tflops"], s["ceiling_here_tflops"])
+        # The section's ceiling: the best of the run's first probe, its own re-probe, and the probe timed in
+        # turn with the section's variants (a slow moment of the earlier ones cannot flatter the model).
+        probes = ("ceiling_first_tflops", "ceiling_here_tflops", "ceiling_interleaved_tflops")
+        assert s["ceiling_interleaved_tflops"] > 0
+        assert s["ceiling_tflops"] == max(s[k] for k in probes)
         assert s["ceiling_first_tflops"] == ceiling["ceiling_tflops"]
         assert fp32["fraction_of_ceiling"] == pytest.approx(fp32["tflops"]["median"] / s["ceiling_tflops"])
         bf16 = s["modes"]["bf16-cl" if name == "train" else "bf16-fused-cl"]
@@ -337,6 +340,12 @@ def test_bench_rejects_unknown_section_and_bad_values(cli):
     for flag in ("--threads", "--ceiling-size", "--warmup"):
         r = cli("bench", flag, "-1")
         assert r.exit_code == 2 and f"{flag} -1 is negative (use 0 or more)" in r.output, r.output
+    # More threads than usable cores would time threads taking turns; refused before any section runs.
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    r = cli("bench", "--threads", str(cores + 1), "--sections", "ceiling")
+    assert r.exit_code == 2 and f"more than the {cores} cores" in r.output and "ceiling" not in r.stderr
 
 
 def test_bench_list(cli):

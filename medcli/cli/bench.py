@@ -8,6 +8,7 @@ sections, and the remaining figures per section.  ``--json`` prints only the rep
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import typer
@@ -157,6 +158,12 @@ def bench(
     for flag, value in (("--warmup", warmup), ("--threads", threads), ("--ceiling-size", ceiling_size)):
         if value < 0:
             raise UsageError(f"{flag} {value} is negative", hint="use 0 or more")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if threads > cores:  # threads taking turns on a core would time the scheduler, not medcli
+        raise UsageError(
+            f"--threads {threads} is more than the {cores} cores this process may use",
+            hint=f"use {cores} or fewer (0: torch's choice)",
+        )
     from medcli.models import MODELS, model_name
 
     if model_name(depth) not in MODELS:

@@ -207,14 +207,8 @@ def conv_ceiling(opts: dict, *, reps: int | None = None, skip_emulated: bool = F
         if emulated and skip_emulated:
             continue
         s = min(size, 8) if emulated else size
-        fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-        conv = torch.nn.Conv3d(ch, ch, 3, padding=1, bias=False).to(device, dtype, memory_format=fmt)
-        x = torch.randn(batch, ch, s, s, s, device=device, dtype=dtype).contiguous(memory_format=fmt)
-        flops = _dense_conv_flops(ch, s, batch)
-        with torch.inference_mode():
-            t = time_it(
-                lambda conv=conv, x=x: conv(x), warmup=0 if emulated else 2, reps=1 if emulated else reps
-            )
+        probe, flops = _ceiling_probe(device, dtype, channels_last, ch, s, batch)
+        t = time_it(probe, warmup=0 if emulated else 2, reps=1 if emulated else reps)
         results[name] = {
             "tflops": flops / t.min / 1e12,  # the ceiling is the *best* achieved rate
             "tflops_median": flops / t.median / 1e12,
@@ -222,13 +216,55 @@ def conv_ceiling(opts: dict, *, reps: int | None = None, skip_emulated: bool = F
             "batch": batch,
             "emulated": emulated,
         }
-        del conv, x
+        del probe
     if cuda:
         results["note"] = "fp32 on CUDA uses TF32 tensor cores (PyTorch's default for convolutions)"
     best = max((k for k in results if isinstance(results[k], dict)), key=lambda k: results[k]["tflops"])
     results["ceiling_tflops"] = results[best]["tflops"]
     results["ceiling_from"] = best
     return results
+
+
+def _ceiling_probe(
+    device: torch.device, dtype: torch.dtype, channels_last: bool, channels: int, size: int, batch: int
+) -> tuple[Callable[[], Any], int]:
+    """The ceiling's dense 3³ Conv3d as a no-argument forward, and its FLOPs."""
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    conv = torch.nn.Conv3d(channels, channels, 3, padding=1, bias=False).to(device, dtype, memory_format=fmt)
+    x = torch.randn(batch, channels, size, size, size, device=device, dtype=dtype).contiguous(
+        memory_format=fmt
+    )
+
+    def probe() -> None:
+        with torch.inference_mode():
+            conv(x)
+
+    return probe, _dense_conv_flops(channels, size, batch)
+
+
+def interleaved_ceiling_probe(opts: dict, dtype: torch.dtype) -> tuple[Callable[[], Any], int]:
+    """:func:`conv_ceiling`'s probe in ``dtype`` (its channels_last config), to time in turn with a
+    section's variants: on a shared machine whose speed swings within seconds (2-core cloud VMs were seen
+    to run the same conv 2-3x slower for a while), a ceiling timed minutes earlier, or only at a slow
+    moment, is no yardstick; one timed in the same rounds is."""
+    device = _device(opts)
+    size = int(opts.get("ceiling_size") or (48 if device.type == "cuda" else 24))
+    batch = 8 if device.type == "cuda" else 2
+    return _ceiling_probe(device, dtype, True, int(opts.get("ceiling_channels", 256)), size, batch)
+
+
+def time_with_ceiling(
+    fns: dict[str, Callable[[], Any]], opts: dict, ceilings: dict[str, float], bf16: bool
+) -> dict[str, Timing]:
+    """:func:`time_interleaved` over ``fns`` with the ceiling's conv among them (bf16 where native), and
+    ``ceilings["ceiling_tflops"]`` raised to the best rate that probe reached (kept in
+    ``ceiling_interleaved_tflops``): the ceiling is the best of every probe, so a slow moment of the
+    earlier ones cannot make a model look faster than the machine."""
+    probe, flops = interleaved_ceiling_probe(opts, torch.bfloat16 if bf16 else torch.float32)
+    timings = time_interleaved({**fns, "ceiling": probe}, warmup=_warmup(opts), reps=_reps(opts))
+    ceilings["ceiling_interleaved_tflops"] = flops / timings.pop("ceiling").min / 1e12
+    ceilings["ceiling_tflops"] = max(ceilings["ceiling_tflops"], ceilings["ceiling_interleaved_tflops"])
+    return timings
 
 
 def section_ceiling(opts: dict) -> dict[str, float]:
@@ -373,7 +409,7 @@ def train_step(opts: dict) -> dict:
         name: functools.partial(train_step_throughput, net, (x, y), mode, steps=1, warmup=0, flops=flops)
         for name, (net, mode) in nets.items()
     }
-    timings = time_interleaved(steps, warmup=_warmup(opts), reps=_reps(opts))
+    timings = time_with_ceiling(steps, opts, ceiling, bf16)
     for name in candidates:
         if name not in timings:
             modes[name] = {"skipped": SKIP_NO_BF16}
@@ -447,7 +483,8 @@ def inference(opts: dict) -> dict:
             resolved = {"precision": p.precision, "channels_last": p.channels_last, "fused": True}
         forwards[name] = functools.partial(lambda p: float(p.probabilities(x)[0, 0, 0]), p)
     # All variants in turn (A B C A B C ...), so a shared machine's drifting load hits each alike.
-    timings = time_interleaved(forwards, warmup=_warmup(opts), reps=_reps(opts))
+    timings = time_with_ceiling(forwards, opts, ceilings, bf16)
+    ceiling = ceilings["ceiling_tflops"]
     for name in ["fp32", *variants]:
         if name not in forwards:
             modes[name] = {"skipped": SKIP_NO_BF16}
