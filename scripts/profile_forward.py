@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from medcli.engine.bench import time_it
 from medcli.engine.predictor import synthetic_predictor
+from medcli.models import create_model
 
 
 def profile(depth: str, input_size: int, precision: str, reps: int = 3, warmup: int = 2) -> dict:
@@ -28,8 +29,13 @@ def profile(depth: str, input_size: int, precision: str, reps: int = 3, warmup: 
     stages = [name for name, _ in model.named_children() if name not in ("fc", "head", "dropout")]
     x = torch.randn(1, 1, *[input_size] * 3)
 
-    with FlopCounterMode(display=False) as counter:
-        p.probabilities(x)
+    # The declared model's FLOPs (on the meta device, as `medcli bench` counts them): the rewritten one's
+    # kernels do other work (Winograd's products, tap-wise GEMMs) or hide it from the counter (fused oneDNN
+    # ops), so TFLOP/s here compare with the bench's and the ceiling.
+    with torch.device("meta"):
+        plain = create_model(depth, in_channels=x.shape[1])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        plain(x.to("meta"))
     # Keys are "Root.stage.block.conv": keep the model's direct children only.
     flops = {
         name.split(".")[1]: sum(c.values())

@@ -16,8 +16,14 @@ streams gigabytes through two cores:
 Layer4's dilation-4 convs keep the tap-wise GEMMs (:mod:`medcli.engine.tap_conv`; oneDNN's dilated bf16
 kernel took 35x as long for layer4's conv), with bias and ReLU after them; the other convs, layer3's
 dilation-2 ones included, are oneDNN's direct kernels (there 1.7x faster than tap by tap).  One 128³ scan
-through a random ResNet-50 on 2 Sapphire Rapids cores: 1.75x faster than the autocast path (interleaved,
-min of 5; README "Benchmarks").
+through a random ResNet-50 on 2 Sapphire Rapids cores: 236 ms against 348 ms for bf16 autocast with the
+CPU rewrites (1.47x, interleaved, min of 5); 1³ convs run as oneDNN matmuls (see :func:`_conv`).
+
+Tried and left out, on the same cores: Winograd F(2³, 3³) in bf16 for the dilated convs (over their
+phase sub-grids; 3.4x fewer products, but its relative error was 1e-2 against direct bf16's 3e-3, its
+batched GEMMs of 512 tiles ran at 1 TFLOP/s where one large GEMM runs at 2.2, and its transforms are
+memory-bound: layer4's conv took longer than tap by tap), and weights prepacked for oneDNN (~3% of a pass
+in reorders, but the packed layout is tied to one input shape).
 
 The function is the model's up to bf16 rounding (tests compare it with the float64 model; ``medcli bench``
 compares P(HGG) with plain fp32).  Inference only: the fused ops have no autograd, so the trainer keeps
