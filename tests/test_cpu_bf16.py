@@ -23,10 +23,10 @@ native = pytest.mark.skipif(not cpu_has_fast_bf16(), reason="needs a CPU with na
 CL = torch.channels_last_3d
 
 
-def _trained_looking(depth: str, in_channels: int = 1, seed: int = 0) -> torch.nn.Module:
+def _trained_looking(depth: str, in_channels: int = 1, head: str = "linear") -> torch.nn.Module:
     """A model whose BNs do something when folded (running stats and affine away from identity)."""
-    torch.manual_seed(seed)
-    model = create_model(depth, in_channels=in_channels, zero_init_last=False).eval()
+    torch.manual_seed(0)
+    model = create_model(depth, in_channels=in_channels, head=head, zero_init_last=False).eval()
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm3d):
             m.running_mean.uniform_(-0.2, 0.2)
@@ -42,14 +42,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @native
 @pytest.mark.parametrize(
-    ("depth", "in_channels", "size"),
-    [("tiny", 2, 32), ("tiny", 1, 33), ("10", 1, 24), ("50", 4, 20)],
-    ids=["tiny-2ch-32", "tiny-odd-33", "resnet10-basic-blocks", "resnet50-4ch"],
+    ("depth", "in_channels", "size", "head"),
+    [("tiny", 2, 32, "linear"), ("tiny", 1, 33, "cosine"), ("18", 1, 24, "linear"), ("50", 4, 20, "linear")],
+    ids=["tiny-2ch-32", "tiny-odd-33-cosine-head", "resnet18-zero-pad-shortcuts", "resnet50-4ch"],
 )
-def test_fused_bf16_model_computes_the_models_function(depth, in_channels, size):
+def test_fused_bf16_model_computes_the_models_function(depth, in_channels, size, head):
     """Features and logits against the float64 model: within bf16's rounding (the autocast path's error is
     the yardstick), and the ReLUs, residual sums and the space-to-depth stem really happen."""
-    model = _trained_looking(depth, in_channels)
+    model = _trained_looking(depth, in_channels, head)
     x = torch.randn(2, in_channels, size, size + 1, size - 1)  # three different extents, two odd
     with torch.inference_mode():
         ref_feats = copy.deepcopy(model).double().forward_features(x.double())
