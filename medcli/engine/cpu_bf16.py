@@ -48,7 +48,12 @@ DESCRIPTION = (
 
 
 def _pointwise(conv: nn.Conv3d) -> bool:
-    return conv.kernel_size == (1, 1, 1) and conv.stride == (1, 1, 1) and conv.groups == 1
+    return (
+        conv.kernel_size == (1, 1, 1)
+        and conv.stride == (1, 1, 1)
+        and conv.padding == (0, 0, 0)
+        and conv.groups == 1
+    )
 
 
 def _conv(conv: nn.Conv3d, x: torch.Tensor, relu: bool = True) -> torch.Tensor:

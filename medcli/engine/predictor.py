@@ -121,10 +121,12 @@ def resolve_precision(precision: str, device: torch.device, input_size: Sequence
     """``auto`` → ``bf16`` on CPUs with native bf16 for inputs of 64³ and up, else ``fp32``; explicit bf16
     without native support is slow.  The size rule is the trainer's (``CPU_CHANNELS_LAST_MIN_SIZE``: below
     it bf16 was slower than fp32 on AMX), so a model's validation during training and its eval --recompute
-    or predict run in the same precision and give the same probabilities.  On CUDA ``auto`` is fp32 (TF32
-    convolutions): a one-scan ResNet-50 forward at 128³ on an H200 ran 235 scans/s in plain fp32, 219 with
-    BN folded + channels_last and 149 in bf16 + channels_last (medcli bench): at batch 1 the GPU waits on
-    kernel launches, not arithmetic."""
+    or predict run in the same precision: the same probabilities below 64³, equal within bf16's rounding
+    from there (training's autocast and predict's fused bf16 ops round differently).
+
+    On CUDA ``auto`` is fp32 (TF32 convolutions): a one-scan ResNet-50 forward at 128³ on an H200 ran 235
+    scans/s in plain fp32, 219 with BN folded + channels_last and 149 in bf16 + channels_last (medcli
+    bench): at batch 1 the GPU waits on kernel launches, not arithmetic."""
     from medcli.engine.speed import CPU_CHANNELS_LAST_MIN_SIZE  # the trainer's rule, so both agree
 
     p = precision.strip().lower()
