@@ -96,6 +96,22 @@ def test_truncated_uncompressed_file_is_a_data_error(tmp_path):
         load_volume(path)
 
 
+def test_a_header_claiming_more_voxels_than_the_file_holds_is_refused_before_reading(tmp_path):
+    """A damaged header of an uncompressed file (2000³ float32 voxels, 32 GB, in a 4 kB file) is named as a
+    truncated file before any array is allocated; it was "out of memory (leave out --tta ...)" in predict."""
+    import resource
+
+    path = save_nifti(tmp_path / "huge.nii", phantom())
+    blob = bytearray(path.read_bytes())
+    blob[40:56] = np.array([3, 2000, 2000, 2000, 1, 1, 1, 1], dtype="<i2").tobytes()  # dim[0..7]
+    path.write_bytes(bytes(blob))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DataError, match=r"huge.nii: is truncated: its header describes 2000×2000×2000") as e:
+        load_volume(path)
+    assert "re-copy" in str(e.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # kB: nothing allocated
+
+
 def test_corrupt_gzip_stream_is_a_data_error(tmp_path):
     path = save_nifti(tmp_path / "bad.nii.gz", phantom())
     blob = bytearray(path.read_bytes())

@@ -65,6 +65,28 @@ def misnamed_compression(path: Path) -> tuple[str, str] | None:
     return None
 
 
+def _check_data_size(img: Any, path: Path) -> None:
+    """An uncompressed file must hold the voxels its header describes: checked before they are read, so
+    a truncated copy (or a damaged header claiming 2000³ voxels) is named as such instead of failing as
+    "out of memory" once the array is allocated.  A compressed file's size says nothing about its content;
+    its decompression fails on a truncated stream instead."""
+    with open(path, "rb") as f:
+        if f.read(2) == b"\x1f\x8b":  # gzip, whatever the suffix says
+            return
+    header = img.header
+    shape = header.get_data_shape()
+    need = int(np.prod(shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+    offset = getattr(img.dataobj, "offset", None)  # nibabel's: vox_offset 0 in a .nii means 352
+    have = path.stat().st_size - int(header.get_data_offset() if offset is None else offset)
+    if have < need:
+        raise _fail(
+            path,
+            f"is truncated: its header describes {'×'.join(map(str, shape))} voxels ({need:,} bytes), "
+            f"the file holds {max(have, 0):,} bytes of them",
+            "re-copy or re-download the file",
+        )
+
+
 def _squeeze_to_3d(raw: np.ndarray, path: Path) -> np.ndarray:
     """Accept 3D, or 4D+ whose extra dimensions are all 1 (common for NIfTI written by some tools)."""
     if raw.ndim > 3 and all(n == 1 for n in raw.shape[3:]):
@@ -107,6 +129,7 @@ def read_nifti(path: str | Path, orientation: str = "RAS") -> NiftiVolume:
         raise _fail(
             path, f"is a {type(img).__name__}, not NIfTI", "convert it to .nii.gz (e.g. with dcm2niix)"
         )
+    _check_data_size(img, path)
     try:
         proxy = img.dataobj
         if hasattr(proxy, "get_unscaled"):
@@ -120,6 +143,13 @@ def read_nifti(path: str | Path, orientation: str = "RAS") -> NiftiVolume:
             f"is truncated or corrupt ({type(e).__name__}: {e})",
             "re-copy or re-download the file; check it with `gzip -t`",
         ) from e
+    except MemoryError:  # a compressed file whose header claims more voxels than fit in memory
+        shape = "×".join(map(str, img.header.get_data_shape()))
+        raise _fail(
+            path,
+            f"does not fit in memory: its header describes a {shape} volume",
+            "check the file (a damaged header?), or crop or resample it before medcli reads it",
+        ) from None
     raw = _squeeze_to_3d(raw, path)
     if slope != 1.0 or inter != 0.0:
         raw = raw.astype(np.float32) * np.float32(slope) + np.float32(inter)
