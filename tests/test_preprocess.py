@@ -187,6 +187,18 @@ def test_bad_file_inside_a_subject_names_the_file(tmp_path):
         preprocess(paths, PreprocessConfig(**SMALL))
 
 
+def test_a_brain_of_a_single_intensity_is_refused_naming_the_file(tmp_path):
+    """A brain mask or label map given as a scan (one value over the brain) would normalise to all zeros and
+    be graded near the prior without a word; it is refused, naming the file and the modality wanted."""
+    paths = make_subject(tmp_path / "S1", ("t1ce", "flair"))
+    mask = (phantom() > 0).astype(np.int16)
+    save_nifti(paths["flair"], mask)
+    with pytest.raises(DataError, match=r"S1_flair.nii.gz: the brain holds a single intensity \(1\)") as e:
+        preprocess(paths, PreprocessConfig(modalities=("t1ce", "flair"), input_size=(16, 16, 16)))
+    assert "pass the flair scan itself" in e.value.hint
+    preprocess(paths, PreprocessConfig(modalities=("t1ce",), input_size=(16, 16, 16)))  # the scan is fine
+
+
 # --- back to the original grid -------------------------------------------------------------------------
 
 

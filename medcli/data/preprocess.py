@@ -213,18 +213,23 @@ def _bounding_box(mask: np.ndarray, margin: int) -> tuple[tuple[int, int], ...]:
 
 def _normalise(
     channel: np.ndarray, brain: np.ndarray, background: np.ndarray, clip: tuple[float, float]
-) -> None:
-    """In place: clip to the brain's percentiles, z-score over the brain, background to exactly 0."""
+) -> bool:
+    """In place: clip to the brain's percentiles, z-score over the brain, background to exactly 0.
+
+    Returns False, leaving the channel as it is, where the brain holds a single intensity: there is no
+    contrast to normalise (the caller refuses such a scan)."""
     values = channel[brain]
     lo, hi = np.percentile(values, clip)
     np.clip(values, lo, hi, out=values)
     mean = float(values.mean(dtype=np.float64))
     std = float(values.std(dtype=np.float64))
+    if not std > 1e-8 * max(1.0, abs(mean)):
+        return False
     np.clip(channel, lo, hi, out=channel)
     channel -= mean
-    if std > 1e-8:  # a constant brain (a broken export) stays 0 rather than dividing by ~0
-        channel *= np.float32(1.0 / std)
+    channel *= np.float32(1.0 / std)
     channel[background] = 0.0
+    return True
 
 
 def _resize(array: np.ndarray, size: Sequence[int], mode: str = "trilinear") -> np.ndarray:
@@ -271,7 +276,13 @@ def preprocess(
     array = np.empty((len(vols), *brain.shape), dtype=np.float32)
     for c, v in enumerate(vols):
         array[c] = v.data[sl]
-        _normalise(array[c], brain, background, cfg.clip_percentiles)
+        if not _normalise(array[c], brain, background, cfg.clip_percentiles):
+            # It would become all zeros and be graded anyway (P(HGG) near the prior, without a word).
+            raise DataError(
+                f"{v.path}: the brain holds a single intensity ({float(array[c][brain][0]):g}): there is no "
+                "image contrast to grade (a mask or label map given as a scan?)",
+                hint=f"pass the {cfg.modalities[c]} scan itself, not a brain mask or a segmentation",
+            )
     array = _resize(array, cfg.input_size)
 
     ref = vols[0]
