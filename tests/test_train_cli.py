@@ -603,6 +603,21 @@ def test_train_log_keeps_every_session_of_a_fold_with_times(cli, train_env, tmp_
     assert "epoch 2/2 ·" in unlogged.stderr and log_path.is_dir()
 
 
+def test_a_warm_up_as_long_as_the_training_is_warned_about(cli, train_env):
+    """--warmup-epochs 1 (the default) with --epochs 1: the schedule clamps the warm-up to the last step, so
+    the lr rises all along and never decays; a WARNING says so and what to change.  A shorter warm-up, or a
+    schedule without one, trains without it."""
+    base = ["train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"]]
+    base += ["--loss", "ce", "--max-steps", "1"]
+    r = cli(*base, "--name", "w1", "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    assert "WARNING: --warmup-epochs 1 spans the whole training (1 epoch)" in " ".join(r.stderr.split())
+    assert "--warmup-epochs 0.1" in r.stderr
+    for name, extra in (("w2", ["--warmup-epochs", "0.5"]), ("w3", ["--scheduler", "plateau"])):
+        r = cli(*base, "--name", name, "--epochs", "1", *extra)
+        assert r.exit_code == 0 and "spans the whole training" not in r.stderr, r.output
+
+
 def test_a_diverging_training_stops_with_exit_11_and_saves_nothing_of_it(cli, train_env):
     """An absurd learning rate: NaN/Inf outputs stop the run before the epoch is saved; the log says why."""
     result = cli(

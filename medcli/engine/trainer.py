@@ -734,6 +734,15 @@ def _fit(
         min_ratio=cfg.min_lr_ratio,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
+    if not resume and cfg.scheduler in ("cosine", "step") and cfg.warmup_epochs >= cfg.epochs:
+        # The schedule clamps the warm-up to the last step: the lr would rise all along and never decay.
+        emit(
+            Warning(
+                f"--warmup-epochs {cfg.warmup_epochs:g} spans the whole training ({_epochs(cfg.epochs)}): "
+                f"the lr rises until the last step and the {cfg.scheduler} decay never comes; use a "
+                f"shorter warm-up (e.g. --warmup-epochs {max(cfg.epochs / 10, 0.1):g}) or more --epochs"
+            )
+        )
 
     state = TrainState()
     complete = None
