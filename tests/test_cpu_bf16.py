@@ -119,6 +119,7 @@ def test_grad_cam_runs_on_a_fused_bf16_model():
     assert float(torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1]) > 0.95
 
 
+@native  # elsewhere the autocast path is kept anyway: the switch would be untested
 def test_medcli_cpu_kernels_0_keeps_the_autocast_path(monkeypatch):
     monkeypatch.setenv("MEDCLI_CPU_KERNELS", "0")
     model = rewrite_for_cpu(fuse_conv_bn(create_model("tiny").eval()), bf16=True, inference=True)

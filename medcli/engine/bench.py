@@ -269,8 +269,9 @@ def time_with_ceiling(
 
 def section_ceiling(opts: dict) -> dict[str, float]:
     """The ceiling a model section compares itself with: the best of the run's first measurement and a
-    short re-probe in this section's own time window.  On a shared machine the load changes over a run
-    of many minutes; a ceiling taken at a busier moment would make the model look better than it is."""
+    short re-probe in this section's own time window (:func:`time_with_ceiling` raises it further with
+    the probe timed among the section's variants).  On a shared machine the load changes over a run of
+    many minutes; a ceiling taken at a busier moment would make the model look better than it is."""
     local = conv_ceiling(opts, reps=3, skip_emulated=True)["ceiling_tflops"]
     first = float(opts.get("ceiling_tflops") or 0.0)
     return {"ceiling_tflops": max(first, local), "ceiling_first_tflops": first, "ceiling_here_tflops": local}

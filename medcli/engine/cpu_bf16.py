@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medcli.engine.tap_conv import tapwise_conv3d
+from medcli.models.resnet3d import BasicBlock, Bottleneck, ResNet3D
 
 _OPS = torch.ops.mkldnn
 _CL = torch.channels_last_3d
@@ -166,8 +167,6 @@ class SpaceToDepthStem(nn.Module):
 
 def applies(model: nn.Module) -> bool:
     """A BN-folded ResNet3D whose stem :class:`SpaceToDepthStem` can run."""
-    from medcli.models.resnet3d import ResNet3D
-
     return (
         isinstance(model, ResNet3D)
         and isinstance(model.bn1, nn.Identity)  # folded (predictor.fuse_conv_bn)
@@ -181,8 +180,6 @@ def rewrite_for_bf16_inference(model: nn.Module) -> nn.Module:
 
     The head stays fp32 (``ResNet3D.pool`` averages in fp32).  The state dict changes (bf16, stem
     reshaped): inference only, like the BN folding before it."""
-    from medcli.models.resnet3d import BasicBlock, Bottleneck
-
     fused = {Bottleneck: FusedBottleneck, BasicBlock: FusedBasicBlock}
     model.conv1 = SpaceToDepthStem(model.conv1)
     model.relu = nn.Identity()  # the stem's ReLU runs inside its conv; blocks have ReLUs of their own
