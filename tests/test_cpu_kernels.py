@@ -8,8 +8,15 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from medcli.engine.cpu_kernels import Float32Conv3d, PhaseBatchedConv3d, describe, rewrite_for_cpu
+from medcli.engine.cpu_kernels import (
+    Bf16SafeConv3d,
+    Float32Conv3d,
+    PhaseBatchedConv3d,
+    describe,
+    rewrite_for_cpu,
+)
 from medcli.engine.tap_conv import TapwiseConv3d
 from medcli.engine.winograd import WinogradConv3d
 from medcli.models import create_model
@@ -171,3 +178,61 @@ def test_only_large_stride_one_pointwise_convs_become_gemms():
     assert rewrite_for_cpu(torch.nn.Sequential(torch.nn.Conv3d(256, 512, 1)), bf16=True)[0].__class__ is (
         torch.nn.Conv3d
     )  # bf16 keeps oneDNN's
+
+
+def _poison_freed_memory() -> None:
+    """Free NaN-filled blocks, so that a kernel reading memory it never wrote is likely to read NaN."""
+    sizes = (1 << 10, 1 << 14, 1 << 16, 1 << 18)
+    junk = [torch.full((n,), float("nan"), dtype=torch.bfloat16) for n in sizes]
+    del junk
+
+
+# A depth-2 volume under a 3³ kernel: oneDNN's AVX512-BF16 backward-weights kernel (CPUs with bf16 but
+# no AMX, e.g. AMD Zen 5) returned wrong or NaN weight gradients for it.  Phase batching at dilation 2
+# turns layer3's 4³ grid (a 32³ input) into such 2³ sub-grids.
+@pytest.mark.parametrize(
+    "cls, shape, dilation",
+    [(Bf16SafeConv3d, (2, 4, 4), 1), (Bf16SafeConv3d, (2, 2, 2), 1), (PhaseBatchedConv3d, (4, 8, 8), 2)],
+    ids=["depth2", "grid2", "phase-batched-4"],
+)
+def test_bf16_weight_gradient_is_right_on_volumes_shallower_than_the_kernel(cls, shape, dilation):
+    for seed in range(4):
+        torch.manual_seed(seed)
+        conv = cls(16, 16, 3, padding=dilation, dilation=dilation)
+        x, grad_out = torch.randn(2, 16, *shape), torch.randn(2, 16, *shape)
+        w64 = conv.weight.detach().double().requires_grad_()
+        F.conv3d(x.double(), w64, None, 1, dilation, dilation).backward(grad_out.double())
+        _poison_freed_memory()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x)
+        y.backward(grad_out.to(y.dtype))
+        got = conv.weight.grad.double()
+        assert torch.isfinite(got).all()
+        assert (got - w64.grad).norm() / w64.grad.norm() < 0.02
+
+
+@pytest.mark.parametrize("kernels", ["1", "0"], ids=["cpu-kernels", "MEDCLI_CPU_KERNELS=0"])
+def test_bf16_training_on_a_16_cube_gets_the_fp32_gradients(monkeypatch, kernels):
+    """The trainer's CPU bf16 placement on an input whose layer2 grid is 2³: every conv's weight gradient
+    points where float32's does (before the guard, layer2's was off, or NaN, on a Zen 5)."""
+    from medcli.engine.trainer import Precision, autocast, place_model
+
+    monkeypatch.setenv("MEDCLI_CPU_KERNELS", kernels)
+    torch.manual_seed(0)
+    model = create_model("tiny", zero_init_last=False, dropout=0.0).train()
+    _relu_to_silu(model)  # no kinks: bf16 rounding cannot switch a gradient path on or off
+    fast = copy.deepcopy(model)
+    cpu = torch.device("cpu")
+    place_model(fast, cpu, Precision(torch.bfloat16, False, True))
+    assert _count(fast, torch.nn.Conv3d) == 0  # each plain conv guarded or rewritten
+    x, y = torch.randn(2, 1, 16, 16, 16), torch.tensor([0, 1])
+    F.cross_entropy(model(x), y).backward()
+    _poison_freed_memory()
+    with autocast(cpu, Precision(torch.bfloat16, False, True)):
+        logits = fast(x.contiguous(memory_format=torch.channels_last_3d))
+    F.cross_entropy(logits.float(), y).backward()
+    for (name, p), q in zip(model.named_parameters(), fast.parameters(), strict=True):
+        if p.dim() == 5:
+            assert torch.isfinite(q.grad).all(), name
+            cos = F.cosine_similarity(q.grad.flatten().double(), p.grad.flatten().double(), dim=0)
+            assert cos > 0.98, name

@@ -25,6 +25,10 @@ kernels.  Used by the predictor's fast path and the trainer on CPU (:func:`rewri
   stem and phase rewrites it ran 2.35x fp32 at 128³ on 2 Sapphire Rapids cores.  Winograd is not used
   in bf16: its transforms would round the tiles to 8 bits of mantissa.
 
+Correctness, not speed: under bf16 training every other plain conv becomes a :class:`Bf16SafeConv3d`,
+which computes in float32 on volumes shallower than its kernel, where oneDNN's AVX512-BF16 kernel got the
+weight gradient wrong (:func:`guard_bf16_weight_grads`; applied with ``MEDCLI_CPU_KERNELS=0`` too).
+
 All replacements are ``nn.Conv3d`` subclasses that take over the original's parameter objects under the
 same attribute name, so checkpoints, EMA copies and optimisers see the model they would have seen.
 """
@@ -69,7 +73,61 @@ class Float32Conv3d(nn.Conv3d):
             return super().forward(x.float())
 
 
-class PhaseBatchedConv3d(nn.Conv3d):
+def _bf16_weight_grad_is_wrong(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> bool:
+    """Would oneDNN compute this conv's weight gradient in bf16 on a volume shallower than the kernel?
+
+    oneDNN's AVX512-BF16 backward-weights kernel (``jit_bf16:avx512_core_bf16``, CPUs with bf16 but no
+    AMX, e.g. AMD Zen 4/5) gets the weight gradient wrong when the input's depth is smaller than the
+    kernel's: on a ``[2, 16, 2, 4, 4]`` input with a 3³ kernel the gradient was off by more than 5% every
+    time, and NaN in one case of ten (it reads memory it never wrote); the forward pass, the input's
+    gradient, depth >= kernel and AMX's kernels were right.  ResNets reach such depths on small inputs: a
+    16³ input leaves layer2 with a 2³ grid, and a 32³ input gives layer3's phase sub-grids 2³."""
+    bf16 = x.dtype is torch.bfloat16 or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
+    )
+    extent = (weight.shape[2] - 1) * dilation + 1
+    return (
+        bf16
+        and x.device.type == "cpu"
+        and x.dim() == 5
+        and x.shape[2] < extent
+        and weight.requires_grad
+        and torch.is_grad_enabled()
+    )
+
+
+def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation):
+    """``F.conv3d`` (zero padding, isotropic dilation), in float32 where oneDNN's bf16 weight gradient
+    would be wrong (:func:`_bf16_weight_grad_is_wrong`); such volumes are tiny, so it costs nothing."""
+    d = dilation if isinstance(dilation, int) else dilation[0]
+    if _bf16_weight_grad_is_wrong(x, weight, d):
+        with torch.autocast("cpu", enabled=False):
+            b = bias.float() if bias is not None else None
+            return F.conv3d(x.float(), weight.float(), b, stride, padding, dilation)
+    return F.conv3d(x, weight, bias, stride, padding, dilation)
+
+
+class Bf16SafeConv3d(nn.Conv3d):
+    """A zero-padded Conv3d whose weight gradient is right under bf16 autocast on every CPU: it runs in
+    float32 on volumes shallower than its kernel (:func:`conv3d`).  The trainer's CPU bf16 path puts it in
+    place of every plain conv (:func:`guard_bf16_weight_grads`)."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return conv3d(x, weight, bias, self.stride, self.padding, self.dilation)
+
+
+def guard_bf16_weight_grads(model: nn.Module) -> nn.Module:
+    """In place: every plain zero-padded Conv3d of ``model`` becomes a :class:`Bf16SafeConv3d` (same
+    parameter objects and keys).  For bf16 training on a CPU; a correctness fix, so it is applied with
+    ``MEDCLI_CPU_KERNELS=0`` too.  Returns the model."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Conv3d and child.padding_mode == "zeros":
+                setattr(module, name, _like(Bf16SafeConv3d, child))
+    return model
+
+
+class PhaseBatchedConv3d(Bf16SafeConv3d):
     """A stride-1 3³ Conv3d with dilation r (padding r), computed as an undilated conv over r³ phases.
 
     Output voxel p reads inputs p - r, p, p + r: all in the same phase (p mod r).  Splitting the volume
@@ -92,7 +150,7 @@ class PhaseBatchedConv3d(nn.Conv3d):
             .reshape(n * r**3, c, d // r, h // r, w // r)
             .contiguous(memory_format=fmt)
         )
-        y = F.conv3d(phases, self.weight, self.bias, 1, 1, 1)
+        y = conv3d(phases, self.weight, self.bias, 1, 1, 1)
         k = y.shape[1]
         y = y.reshape(n, r, r, r, k, d // r, h // r, w // r).permute(0, 4, 5, 1, 6, 2, 7, 3)
         return y.reshape(n, k, d, h, w).contiguous(memory_format=fmt)
