@@ -7,6 +7,9 @@ import os
 
 KEEP_FREED_MEMORY = "MEDCLI_KEEP_FREED_MEMORY"  # medcli.allocator
 CPU_KERNELS = "MEDCLI_CPU_KERNELS"  # medcli.engine.cpu_kernels
+# Not an on/off switch: which fp32 CPU kernels run, "all" or "onednn" (unset: this CPU's choice,
+# medcli.engine.cpu_kernels.fp32_kernels_here).
+FP32_KERNELS = "MEDCLI_FP32_KERNELS"
 
 
 def switched_off(name: str) -> bool:

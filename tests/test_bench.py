@@ -289,7 +289,11 @@ def test_train_section_times_fp32_kernels_where_the_cpu_default_is_bf16(monkeypa
     opts = {"depth": "tiny", "input_size": 16, "reps": 1, "warmup": 0, "ceiling_size": 8}
     modes = bench.train_step(opts)["modes"]
     assert modes["fp32-kernels"]["seconds"]["reps"] == 1 and modes["fp32-kernels"]["speedup_vs_fp32"] > 0
-    assert "Winograd" in modes["fp32-kernels"]["resolved"]
+    from medcli.engine.cpu_kernels import describe, rewrite_for_cpu
+    from medcli.models import create_model
+
+    kernels = describe(rewrite_for_cpu(create_model("tiny"), bf16=False))  # this CPU's fp32 kernels
+    assert kernels and modes["fp32-kernels"]["resolved"] == f"fp32 + channels_last_3d; {kernels}"
 
 
 # ------------------------------------------------------------------------------------------------ the CLI

@@ -12,9 +12,12 @@ import torch.nn.functional as F
 
 from medcli.engine.cpu_kernels import (
     Bf16SafeConv3d,
+    CentreTapConv3d,
     Float32Conv3d,
     PhaseBatchedConv3d,
     describe,
+    fp32_kernels_for,
+    fp32_kernels_here,
     rewrite_for_cpu,
 )
 from medcli.engine.tap_conv import TapwiseConv3d
@@ -54,7 +57,7 @@ def test_rewritten_model_trains_identically_in_fp32(size, bf16):
     # rounding of 0 can fall on either side in the two models and switch its whole gradient path on or off
     # (seen on an AVX-512 Xeon at 64³: conv1.weight's gradient ~4e-3 off while every kernel agreed to 1e-6).
     _relu_to_silu(model)
-    fast = rewrite_for_cpu(copy.deepcopy(model), bf16=bf16)
+    fast = rewrite_for_cpu(copy.deepcopy(model), bf16=bf16, fp32_kernels="all")
     # The tiny model has seven stride-1 3³ convs: three undilated (layer1, layer2), two at dilation 2
     # (layer3) and two at dilation 4 (layer4).
     if bf16:
@@ -115,7 +118,11 @@ def test_bf16_autocast_keeps_the_stem_in_float32():
 
 def test_describe_reads_what_was_rewritten_from_the_model():
     assert describe(create_model("tiny")) is None  # nothing rewritten
-    assert describe(rewrite_for_cpu(create_model("tiny"), bf16=False)) == "3³ convs by Winograd F(4,3)"
+    fp32 = rewrite_for_cpu(create_model("tiny"), bf16=False, fp32_kernels="all")
+    assert describe(fp32) == "3³ convs by Winograd F(4,3)"
+    assert describe(rewrite_for_cpu(create_model("tiny"), bf16=False, fp32_kernels="onednn")) == (
+        "dilation-2/4 convs as their centre tap on grids within the dilation"
+    )
     assert describe(rewrite_for_cpu(create_model("tiny"), bf16=True)) == (
         "fp32 stem, dilation-4 convs tap by tap, dilation-2 convs phase-batched"
     )
@@ -135,7 +142,8 @@ def test_medcli_cpu_kernels_0_keeps_onednns_convs_in_training_and_predict(monkey
         assert describe(predictor.models[0]) is None
     monkeypatch.setenv("MEDCLI_CPU_KERNELS", "1")
     predictor = synthetic_predictor("tiny", members=1, input_size=32, device="cpu", precision="fp32")
-    assert any(isinstance(m, WinogradConv3d) for m in predictor.models[0].modules())
+    wanted = WinogradConv3d if fp32_kernels_here() == "all" else CentreTapConv3d
+    assert any(type(m) is wanted for m in predictor.models[0].modules())
 
 
 @pytest.mark.parametrize("fmt", [torch.channels_last_3d, torch.contiguous_format])
@@ -171,7 +179,7 @@ def test_only_large_stride_one_pointwise_convs_become_gemms():
         torch.nn.Conv3d(256, 512, 1, stride=2),  # a strided downsample
     )
     keys = list(net.state_dict())
-    rewrite_for_cpu(net, bf16=False)
+    rewrite_for_cpu(net, bf16=False, fp32_kernels="all")
     assert [type(m) for m in net] == [PointwiseConv3d, torch.nn.Conv3d, torch.nn.Conv3d]
     assert list(net.state_dict()) == keys
     assert describe(net) == "large 1³ convs as GEMMs"
@@ -236,3 +244,58 @@ def test_bf16_training_on_a_16_cube_gets_the_fp32_gradients(monkeypatch, kernels
             assert torch.isfinite(q.grad).all(), name
             cos = F.cosine_similarity(q.grad.flatten().double(), p.grad.flatten().double(), dim=0)
             assert cos > 0.98, name
+
+
+def test_fp32_kernels_follow_the_cpu():
+    """MKL (Winograd's products, the 1³ GEMMs) runs its AVX2 code on AMD's AVX-512 CPUs, where oneDNN's convs
+    were faster; elsewhere medcli's fp32 kernels stay."""
+    assert fp32_kernels_for("AuthenticAMD", "AVX512") == "onednn"
+    assert fp32_kernels_for("AuthenticAMD", "AVX2") == "all"
+    assert fp32_kernels_for("GenuineIntel", "AVX512") == "all"
+    assert fp32_kernels_for("", "DEFAULT") == "all"
+    # The default is this CPU's plan.
+    here = rewrite_for_cpu(create_model("tiny"), bf16=False, fp32_kernels=fp32_kernels_here())
+    assert describe(rewrite_for_cpu(create_model("tiny"), bf16=False)) == describe(here)
+    with pytest.raises(ValueError, match="fp32_kernels"):
+        rewrite_for_cpu(create_model("tiny"), bf16=False, fp32_kernels="fast")
+
+
+def test_medcli_fp32_kernels_chooses_the_plan(monkeypatch):
+    from medcli.errors import UsageError
+
+    for plan, kind in (("all", WinogradConv3d), ("onednn", CentreTapConv3d)):
+        monkeypatch.setenv("MEDCLI_FP32_KERNELS", plan.upper())
+        assert fp32_kernels_here() == plan
+        assert _count(rewrite_for_cpu(create_model("tiny"), bf16=False), kind) > 0
+    monkeypatch.setenv("MEDCLI_FP32_KERNELS", "fast")
+    with pytest.raises(UsageError, match="MEDCLI_FP32_KERNELS=fast is not one of all, onednn"):
+        rewrite_for_cpu(create_model("tiny"), bf16=False)
+
+
+# 16: every dilated conv sees a 2³ grid (centre tap only); 32: layer4's 4³ grid at dilation 4 is centre-only,
+# layer3's at dilation 2 is not (oneDNN's conv); 64: no conv is centre-only.
+@pytest.mark.parametrize("size, centre_only", [(16, 4), (32, 2), (64, 0)])
+def test_onednn_plan_trains_identically_and_runs_centre_only_convs_as_one_tap(size, centre_only):
+    torch.manual_seed(0)
+    model = create_model("tiny", zero_init_last=False, dropout=0.0).train()
+    _relu_to_silu(model)
+    fast = rewrite_for_cpu(copy.deepcopy(model), bf16=False, fp32_kernels="onednn")
+    assert _count(fast, CentreTapConv3d) == 4 and _count(fast, WinogradConv3d) == 0
+    assert list(fast.state_dict()) == list(model.state_dict())
+    ran = []  # per CentreTapConv3d call: did its input fit within the dilation (one tap)?
+
+    def record(module, inputs, output):
+        ran.append(max(inputs[0].shape[2:]) <= module.dilation[0])
+
+    hooks = [m.register_forward_hook(record) for m in fast.modules() if type(m) is CentreTapConv3d]
+    x, y = torch.randn(2, 1, size, size, size), torch.tensor([0, 1])
+    for net in (model, fast):
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+    for hook in hooks:
+        hook.remove()
+    assert sum(ran) == centre_only and len(ran) == 4
+    torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(
+            q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )

@@ -622,7 +622,7 @@ def test_fast_path_rewrites_compute_the_same_function():
     from medcli.engine.winograd import WinogradConv3d
 
     for bf16 in (False, True):  # the rewrites of either precision, run here in fp32
-        fast = rewrite_for_cpu(P.fuse_conv_bn(copy.deepcopy(model)), bf16=bf16)
+        fast = rewrite_for_cpu(P.fuse_conv_bn(copy.deepcopy(model)), bf16=bf16, fp32_kernels="all")
         assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fast.modules())
         assert any(isinstance(m, TapwiseConv3d) for m in fast.modules()) is bf16
         assert any(isinstance(m, WinogradConv3d) for m in fast.modules()) is not bf16
@@ -671,6 +671,8 @@ def test_cpu_members_keep_winograd_transforms_only_while_they_fit(monkeypatch):
     budget transforms them per pass instead (memory over speed), with the same probabilities."""
     from medcli.engine.winograd import WinogradConv3d
 
+    monkeypatch.setenv("MEDCLI_FP32_KERNELS", "all")  # Winograd's convs, whatever this CPU would choose
+
     def kept(p):
         convs = [m for model in p.models for m in model.modules() if type(m) is WinogradConv3d]
         return {m.keep_transformed for m in convs}
@@ -685,10 +687,12 @@ def test_cpu_members_keep_winograd_transforms_only_while_they_fit(monkeypatch):
     np.testing.assert_allclose(one.probabilities(x), one.probabilities(x))  # kept: same result again
 
 
-def test_one_forward_pass_does_not_keep_transforms_more_do(world):
+def test_one_forward_pass_does_not_keep_transforms_more_do(world, monkeypatch):
     """One scan without TTA is one pass per member: transforming each weight as it is used beats keeping
     1 GB (for a ResNet-50) of fresh memory; two scans, or TTA, reuse what is kept."""
     from medcli.engine.winograd import WinogradConv3d
+
+    monkeypatch.setenv("MEDCLI_FP32_KERNELS", "all")  # Winograd's convs, whatever this CPU would choose
 
     source = P.find_checkpoints(world["run"], world["root"])
     scans, _ = P.collect_scans([world["data"]], ("t1ce",))

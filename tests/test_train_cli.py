@@ -284,7 +284,11 @@ def test_seed_recipe_runs_and_writes_the_run_directory(cli, train_env):
     assert "Loading MedicalNet pretrained weights from: pretrained/medicalnet_resnet50_3d.pth" in err
     assert "random initialization" in err  # the file is absent here: warning, not failure
     assert "Model created: 0.23M total params, 0.23M trainable" in err
-    assert "CPU fp32: 3³ convs by Winograd F(4,3)" in err  # medcli's CPU kernels, in fp32 too
+    # medcli's CPU kernels, in fp32 too (which ones depends on the CPU: fp32_kernels_here)
+    from medcli.engine.cpu_kernels import describe, rewrite_for_cpu
+    from medcli.models import create_model
+
+    assert f"CPU fp32: {describe(rewrite_for_cpu(create_model('tiny'), bf16=False))}" in " ".join(err.split())
     run_dir = train_env["out"] / "resnettiny-t1ce-ldam"
     assert f"runresnettiny-t1ce-ldamin{run_dir}" in "".join(result.stdout.split())  # the summary's title
     assert f"Next: `medcli eval {run_dir}`" in " ".join(err.split())

@@ -10,6 +10,10 @@ kernels.  Used by the predictor's fast path and the trainer on CPU (:func:`rewri
   (:class:`medcli.engine.tap_conv.TapwiseConv3d`, the taps that read zero padding skipped).
 * In float32, the larger 1³ convs (layer3 and layer4 of a ResNet-50) run as plain GEMMs over
   channels_last voxels (:class:`PointwiseConv3d`).
+* Those two run in MKL, which on AMD's AVX-512 CPUs (Zen 4/5) runs its AVX2 code while oneDNN's convs use
+  AVX-512: there oneDNN's convs were faster and stay, but for the dilated convs on grids no larger than
+  their dilation, which run as their one in-volume (centre) tap (:class:`CentreTapConv3d`).
+  :func:`fp32_kernels_for` says which, ``MEDCLI_FP32_KERNELS=all|onednn`` overrides it.
 * Under bf16 autocast (CPUs with AMX / AVX512-BF16):
 
   - the 7³ stem conv over 1-4 input channels runs in float32: oneDNN has no fast bf16 kernel for it (4x
@@ -35,6 +39,9 @@ same attribute name, so checkpoints, EMA copies and optimisers see the model the
 
 from __future__ import annotations
 
+import os
+import platform
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,6 +51,7 @@ from medcli.engine import cpu_bf16
 from medcli.engine.speed import cpu_has_fast_bf16
 from medcli.engine.tap_conv import TapwiseConv3d
 from medcli.engine.winograd import WinogradConv3d
+from medcli.errors import UsageError
 
 
 def _like(cls: type[nn.Conv3d], conv: nn.Conv3d) -> nn.Conv3d:
@@ -192,13 +200,88 @@ class PointwiseConv3d(nn.Conv3d):
         return y.permute(0, 4, 1, 2, 3)  # channels_last_3d, as the conv's output would be
 
 
-def rewrite_for_cpu(model: nn.Module, *, bf16: bool, inference: bool = False) -> nn.Module:
+# Which fp32 rewrites run (rewrite_for_cpu's ``fp32_kernels``): "all" (Winograd for every stride-1 3³
+# conv, GEMMs for the large 1³ convs) or "onednn" (oneDNN's convs, but for the dilated convs that only
+# their centre tap can reach, :class:`CentreTapConv3d`).
+FP32_KERNELS = ("all", "onednn")
+
+
+def _cpu_vendor() -> str:
+    """'AuthenticAMD', 'GenuineIntel', ... ('' where unknown)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    text = platform.processor()  # Windows: "AMD64 Family 26 Model 2 Stepping 1, AuthenticAMD"
+    return next((v for v in ("AuthenticAMD", "GenuineIntel") if v in text), "")
+
+
+def fp32_kernels_for(vendor: str, capability: str) -> str:
+    """The fp32 rewrites that pay off on a CPU of ``vendor`` with ATen's ``capability`` (one of
+    :data:`FP32_KERNELS`).
+
+    Winograd's batched products and the 1³ GEMMs run in MKL, and MKL runs its AVX2 code on AMD CPUs even
+    where they have AVX-512, while oneDNN's convs use AVX-512: on 2 Zen 5 cores a ``[4096, 2048] @ [2048,
+    512]`` fp32 GEMM took 40 ms in MKL and 18 ms as oneDNN's 1³ conv.  A ResNet-50 there, against plain
+    fp32 (medians, interleaved): train step (batch 2) with all the kernels 0.65x at 128³ and 0.67x at 64³,
+    with oneDNN's convs 1.13x and 0.98x; BN-folded forward pass 0.84x and 0.72x with all of them, 1.37x
+    and 1.02x without.  So on AMD with AVX-512: "onednn".  Elsewhere "all": on the AVX2 EPYC they won
+    everywhere (see the module doc); on Intel's AVX-512 CPUs MKL runs its AVX-512 code, and the fp32
+    kernels were not timed there."""
+    if vendor == "AuthenticAMD" and capability.startswith("AVX512"):
+        return "onednn"
+    return "all"
+
+
+def fp32_kernels_here() -> str:
+    """``MEDCLI_FP32_KERNELS`` where set, else :func:`fp32_kernels_for` this CPU."""
+    choice = os.environ.get(switches.FP32_KERNELS, "").strip().lower()
+    if not choice:
+        return fp32_kernels_for(_cpu_vendor(), torch.backends.cpu.get_cpu_capability())
+    if choice not in FP32_KERNELS:
+        raise UsageError(
+            f"{switches.FP32_KERNELS}={choice} is not one of {', '.join(FP32_KERNELS)}",
+            hint="set it to all or onednn, or unset it to let medcli choose for this CPU",
+        )
+    return choice
+
+
+class CentreTapConv3d(TapwiseConv3d):
+    """A dilated 3³ conv that runs as its centre tap alone (one GEMM, :mod:`medcli.engine.tap_conv`) on
+    volumes no larger than its dilation, where every other tap reads zero padding, and as oneDNN's conv
+    elsewhere.  A 32³ input leaves layer4 (dilation 4) such a 4³ grid: on 2 Zen 5 cores its conv took
+    0.9 ms that way against 5.5 in oneDNN (fwd + bwd at batch 2: 15 against 85 ms); on larger grids
+    oneDNN's was the faster (layer3's at 8³, dilation 2: 27 against 36 ms fwd + bwd)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 5 and max(x.shape[2:]) <= self.dilation[0]:
+            return super().forward(x)
+        return nn.Conv3d.forward(self, x)
+
+
+def _fp32_rewrite(conv: nn.Module, kernels: str) -> type[nn.Conv3d] | None:
+    if kernels == "onednn":
+        return CentreTapConv3d if TapwiseConv3d.applies(conv) else None
+    for cls in (WinogradConv3d, PointwiseConv3d):
+        if cls.applies(conv):
+            return cls
+    return None
+
+
+def rewrite_for_cpu(
+    model: nn.Module, *, bf16: bool, inference: bool = False, fp32_kernels: str | None = None
+) -> nn.Module:
     """In place: the CPU rewrites for fp32 (``bf16=False``) or bf16 autocast; same function and keys.
 
     ``inference=True`` with ``bf16`` (the predictor, on a BN-folded eval-mode ResNet3D, on a CPU with
     native bf16): the backbone runs in bf16 on fused oneDNN ops instead (:mod:`medcli.engine.cpu_bf16`;
     other keys, no autograd).  Without native bf16 oneDNN emulates it, and the autocast path stays.
-    Returns the model.  ``MEDCLI_CPU_KERNELS=0`` leaves it as it is (oneDNN's convs throughout)."""
+    In fp32, ``fp32_kernels`` (one of :data:`FP32_KERNELS`; default: what pays off on this CPU,
+    :func:`fp32_kernels_here`) chooses the rewrites.  Returns the model.  ``MEDCLI_CPU_KERNELS=0`` leaves
+    it as it is (oneDNN's convs throughout)."""
     if switches.switched_off(switches.CPU_KERNELS):
         return model
     if bf16 and inference:
@@ -206,12 +289,15 @@ def rewrite_for_cpu(model: nn.Module, *, bf16: bool, inference: bool = False) ->
             return cpu_bf16.rewrite_for_bf16_inference(model)
     if bf16 and type(getattr(model, "conv1", None)) is nn.Conv3d:
         model.conv1 = _like(Float32Conv3d, model.conv1)
+    kernels = fp32_kernels or fp32_kernels_here()
+    if kernels not in FP32_KERNELS:
+        raise ValueError(f"fp32_kernels must be one of {FP32_KERNELS}, not {kernels!r}")
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if not bf16:
-                for cls in (WinogradConv3d, PointwiseConv3d):
-                    if cls.applies(child):
-                        setattr(module, name, _like(cls, child))
+                cls = _fp32_rewrite(child, kernels)
+                if cls is not None:
+                    setattr(module, name, _like(cls, child))
             elif TapwiseConv3d.applies(child):
                 use = PhaseBatchedConv3d if child.dilation[0] < 4 else TapwiseConv3d
                 setattr(module, name, _like(use, child))
@@ -228,7 +314,12 @@ def describe(model: nn.Module) -> str | None:
         parts.append("3³ convs by Winograd F(4,3)")
     if any(type(m) is PointwiseConv3d for m in model.modules()):
         parts.append("large 1³ convs as GEMMs")
-    for cls, how in ((TapwiseConv3d, "tap by tap"), (PhaseBatchedConv3d, "phase-batched")):
+    kinds = (
+        (TapwiseConv3d, "tap by tap"),
+        (PhaseBatchedConv3d, "phase-batched"),
+        (CentreTapConv3d, "as their centre tap on grids within the dilation"),
+    )
+    for cls, how in kinds:
         dilations = sorted({m.dilation[0] for m in model.modules() if type(m) is cls})
         if dilations:
             parts.append(f"dilation-{'/'.join(map(str, dilations))} convs {how}")
