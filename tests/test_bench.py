@@ -177,6 +177,24 @@ def test_targets_are_na_with_the_reason_off_conditions_or_not_run():
     assert all(r["status"] == "n/a" for r in rows)
 
 
+def test_bf16_probabilities_are_judged_on_predicts_scan_too():
+    """The forward section's random input saturates P(HGG), which hides bf16's logit error; the predict
+    section's synthetic scan does not, and its difference counts."""
+    report = _full_report(p_diff=0.001)
+    predict = report["sections"]["predict"]["modes"]
+    predict["fp32"] = {"speedup_vs_fp32": 1.0, "p_hgg": 0.80, "resolved": {"precision": "fp32"}}
+    predict["default"].update(p_hgg=0.83, resolved={"precision": "bf16"})
+    row = next(r for r in evaluate_targets(report) if r["target"].startswith("bf16 probabilities"))
+    assert row["status"] == "FAIL" and row["reached"] == "max |Δp| 0.0300"
+    assert row["note"] == "forward section's input 0.0010, predict's scan 0.0300"
+    predict["default"]["p_hgg"] = 0.805
+    row = next(r for r in evaluate_targets(report) if r["target"].startswith("bf16 probabilities"))
+    assert row["status"] == "PASS" and row["reached"] == "max |Δp| 0.0050"
+    predict["default"]["resolved"] = {"precision": "fp32"}  # an fp32 default: nothing to compare there
+    row = next(r for r in evaluate_targets(report) if r["target"].startswith("bf16 probabilities"))
+    assert row["reached"] == "max |Δp| 0.0010"
+
+
 def test_without_native_bf16_the_speed_targets_say_why():
     report = _full_report(train_speedup=1.0)
     report["machine"]["native_bf16"] = False
