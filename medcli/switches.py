@@ -10,7 +10,22 @@ CPU_KERNELS = "MEDCLI_CPU_KERNELS"  # medcli.engine.cpu_kernels
 # Not an on/off switch: which fp32 CPU kernels run, "all" or "onednn" (unset: this CPU's choice,
 # medcli.engine.cpu_kernels.fp32_kernels_here).
 FP32_KERNELS = "MEDCLI_FP32_KERNELS"
+FP32_KERNELS_CHOICES = ("all", "onednn")
 
 
 def switched_off(name: str) -> bool:
     return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def fp32_kernels_choice() -> str | None:
+    """``MEDCLI_FP32_KERNELS``, checked: one of :data:`FP32_KERNELS_CHOICES`, or None where unset.  The CLI
+    checks it before any command starts, so a typo fails before a training writes anything."""
+    from medcli.errors import UsageError
+
+    choice = os.environ.get(FP32_KERNELS, "").strip().lower()
+    if choice and choice not in FP32_KERNELS_CHOICES:
+        raise UsageError(
+            f"{FP32_KERNELS}={choice} is not one of {', '.join(FP32_KERNELS_CHOICES)}",
+            hint="set it to all or onednn, or unset it to let medcli choose for this CPU",
+        )
+    return choice or None

@@ -529,6 +529,14 @@ def test_amp_on_the_cpu_trains_in_bf16_and_warns_where_bf16_is_emulated(cli, tra
     assert cli("eval", str(fold), "--json").exit_code == 0
 
 
+def test_a_bad_medcli_fp32_kernels_fails_before_anything_is_written(cli, train_env, monkeypatch):
+    monkeypatch.setenv("MEDCLI_FP32_KERNELS", "fast")
+    result = cli("train", "--data", train_env["data"], "--out", train_env["out"], *train_env["tiny"])
+    assert result.exit_code == 2
+    assert "MEDCLI_FP32_KERNELS=fast is not one of all, onednn" in " ".join(result.stderr.split())
+    assert not train_env["out"].exists()
+
+
 @pytest.mark.slow
 def test_compile_trains_like_eager_and_saves_plain_keys(cli, train_env):
     """--compile (torch.compile, inductor on CPU) is a real path: same loss as eager, clean checkpoint keys,

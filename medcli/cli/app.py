@@ -15,7 +15,7 @@ import sys
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from medcli import __version__, pywarnings
+from medcli import __version__, pywarnings, switches
 from medcli.allocator import keep_freed_memory
 from medcli.cli import console
 from medcli.errors import (
@@ -219,6 +219,7 @@ def root(
     ),
 ) -> None:
     console.set_verbose(verbose)
+    switches.fp32_kernels_choice()  # a typo in MEDCLI_FP32_KERNELS fails here, before a command writes
 
 
 def reflow(text: str) -> str:

@@ -39,7 +39,6 @@ same attribute name, so checkpoints, EMA copies and optimisers see the model the
 
 from __future__ import annotations
 
-import os
 import platform
 
 import torch
@@ -51,7 +50,6 @@ from medcli.engine import cpu_bf16
 from medcli.engine.speed import cpu_has_fast_bf16
 from medcli.engine.tap_conv import TapwiseConv3d
 from medcli.engine.winograd import WinogradConv3d
-from medcli.errors import UsageError
 
 
 def _like(cls: type[nn.Conv3d], conv: nn.Conv3d) -> nn.Conv3d:
@@ -203,7 +201,7 @@ class PointwiseConv3d(nn.Conv3d):
 # Which fp32 rewrites run (rewrite_for_cpu's ``fp32_kernels``): "all" (Winograd for every stride-1 3³
 # conv, GEMMs for the large 1³ convs) or "onednn" (oneDNN's convs, but for the dilated convs that only
 # their centre tap can reach, :class:`CentreTapConv3d`).
-FP32_KERNELS = ("all", "onednn")
+FP32_KERNELS = switches.FP32_KERNELS_CHOICES
 
 
 def _cpu_vendor() -> str:
@@ -238,15 +236,9 @@ def fp32_kernels_for(vendor: str, capability: str) -> str:
 
 def fp32_kernels_here() -> str:
     """``MEDCLI_FP32_KERNELS`` where set, else :func:`fp32_kernels_for` this CPU."""
-    choice = os.environ.get(switches.FP32_KERNELS, "").strip().lower()
-    if not choice:
-        return fp32_kernels_for(_cpu_vendor(), torch.backends.cpu.get_cpu_capability())
-    if choice not in FP32_KERNELS:
-        raise UsageError(
-            f"{switches.FP32_KERNELS}={choice} is not one of {', '.join(FP32_KERNELS)}",
-            hint="set it to all or onednn, or unset it to let medcli choose for this CPU",
-        )
-    return choice
+    return switches.fp32_kernels_choice() or fp32_kernels_for(
+        _cpu_vendor(), torch.backends.cpu.get_cpu_capability()
+    )
 
 
 class CentreTapConv3d(TapwiseConv3d):
