@@ -103,16 +103,17 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
     step at 128³ ran 161 samples/s that way, vs 122 (bf16), 114 (bf16 + channels_last) and 86 (fp32/TF32)
     (medcli.engine.speed).  bf16 needs no scaler and is kept contiguous (channels_last made it slower).
     CPU: ``auto`` is bf16 + channels_last_3d on inputs of 64³ and up where the CPU computes bf16 natively
-    (AVX512-BF16 / AMX), with the predictor's bf16 rewrites (``medcli.engine.cpu_kernels``: fp32 stem,
-    dilated convs as phase-batched undilated ones or tap by tap).  A ResNet-50 step on 2 Sapphire Rapids
-    (AMX) cores, bf16 + channels_last vs plain fp32: 2.35× at 128³ (16 cores: 2.10×), 1.22× at 64³, 0.89×
-    at 32³ (medcli bench, one run each; fp32 + channels_last: 1.11×, 0.97×, 0.73×).  Plain bf16 autocast
-    without the rewrites had been 0.94–1.07× at 128³: oneDNN has no fast bf16 kernel for dilated 3-D
-    convs.  Elsewhere ``auto`` is fp32: bf16 is emulated there, many times slower, and ``--amp`` opts in
-    with a warning.  channels_last_3d pays off in fp32 on large volumes only: 1.2× at 96³ and 1.2–2.0× at
-    128³ on a 2-core AVX2 EPYC, slower at 16³–32³.  (Those ratios predate medcli's CPU kernels: tap-wise
-    dilated convs, then Winograd 3³ convs in fp32; the AMX thresholds were not re-measured with them, and
-    neither was fp32 with Winograd against bf16 there.)
+    (AVX512-BF16 / AMX), with the predictor's bf16 rewrites (``medcli.engine.cpu_kernels``: fp32 stem, dilated
+    convs as phase-batched undilated ones or tap by tap). A ResNet-50 step on 2 Sapphire Rapids (AMX) cores,
+    bf16 + channels_last vs plain fp32: 2.35× at 128³ (16 cores: 2.10×), 1.22× at 64³, 0.89× at 32³ (medcli
+    bench, one run each; fp32 + channels_last: 1.11×, 0.97×, 0.73×); on 2 Zen 5 cores (AVX512-BF16, no AMX)
+    2.10× at 128³, 1.75× at 64³, 1.04× at 32³ (the fp32 default there: 1.10×). Plain bf16 autocast without the
+    rewrites had been 0.94–1.07× at 128³: oneDNN has no fast bf16 kernel for dilated 3-D convs. Elsewhere
+    ``auto`` is fp32: bf16 is emulated there, many times slower, and ``--amp`` opts in with a warning.
+    channels_last_3d pays off in fp32 on large volumes only: 1.2× at 96³ and 1.2–2.0× at 128³ on a 2-core AVX2
+    EPYC, slower at 16³–32³. (Those ratios predate medcli's CPU kernels: tap-wise dilated convs, then Winograd
+    3³ convs in fp32; the AMX thresholds were not re-measured with them, and neither was fp32 with Winograd
+    against bf16 there.)
     """
     if device.type == "cuda":
         amp = True if cfg.amp is None else cfg.amp
