@@ -363,7 +363,7 @@ def train_step(opts: dict) -> dict:
     with the CPU bf16 kernels), ``fp16-cl`` (CUDA) and ``default``: exactly what the trainer runs by
     default here (on CPU that includes medcli's CPU kernels, so it is its own row); ``fp32-kernels`` where
     that default is bf16 (:func:`train_candidates`)."""
-    from medcli.engine.cpu_kernels import describe, rewrite_for_cpu
+    from medcli.engine.cpu_kernels import describe, guard_bf16_weight_grads, rewrite_for_cpu
     from medcli.engine.speed import train_step_throughput
     from medcli.models import create_model
 
@@ -400,7 +400,7 @@ def train_step(opts: dict) -> dict:
             net, mode = rewrite_for_cpu(copy.deepcopy(model), bf16=False), "fp32-cl"
             kernels = f"fp32 + channels_last_3d; {describe(net)}"
         elif mode.startswith("bf16") and device.type == "cpu":
-            net = rewrite_for_cpu(copy.deepcopy(model), bf16=True)  # the trainer's CPU bf16 path
+            net = guard_bf16_weight_grads(rewrite_for_cpu(copy.deepcopy(model), bf16=True))  # the trainer's
         else:
             net = copy.deepcopy(model)
         nets[name] = (net, mode)
