@@ -39,6 +39,7 @@ same attribute name, so checkpoints, EMA copies and optimisers see the model the
 
 from __future__ import annotations
 
+import functools
 import platform
 
 import torch
@@ -204,6 +205,7 @@ class PointwiseConv3d(nn.Conv3d):
 FP32_KERNELS = switches.FP32_KERNELS_CHOICES
 
 
+@functools.cache
 def _cpu_vendor() -> str:
     """'AuthenticAMD', 'GenuineIntel', ... ('' where unknown)."""
     try:
