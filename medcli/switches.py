@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from medcli.errors import UsageError
+
 KEEP_FREED_MEMORY = "MEDCLI_KEEP_FREED_MEMORY"  # medcli.allocator
 CPU_KERNELS = "MEDCLI_CPU_KERNELS"  # medcli.engine.cpu_kernels
 # Not an on/off switch: which fp32 CPU kernels run, "all" or "onednn" (unset: this CPU's choice,
@@ -20,8 +22,6 @@ def switched_off(name: str) -> bool:
 def fp32_kernels_choice() -> str | None:
     """``MEDCLI_FP32_KERNELS``, checked: one of :data:`FP32_KERNELS_CHOICES`, or None where unset.  The CLI
     checks it before any command starts, so a typo fails before a training writes anything."""
-    from medcli.errors import UsageError
-
     choice = os.environ.get(FP32_KERNELS, "").strip().lower()
     if choice and choice not in FP32_KERNELS_CHOICES:
         raise UsageError(

@@ -135,7 +135,9 @@ def test_medcli_cpu_kernels_0_keeps_onednns_convs_in_training_and_predict(monkey
     monkeypatch.setenv("MEDCLI_CPU_KERNELS", "0")
     model = rewrite_for_cpu(create_model("tiny"), bf16=bf16)
     assert describe(model) is None
-    assert all(type(m) is torch.nn.Conv3d for m in model.modules() if isinstance(m, torch.nn.Conv3d))
+    # oneDNN's convs; bf16 training keeps the weight-gradient guard, a correctness fix (still oneDNN's conv)
+    kept = Bf16SafeConv3d if bf16 else torch.nn.Conv3d
+    assert all(type(m) is kept for m in model.modules() if isinstance(m, torch.nn.Conv3d))
     # Both precisions: which one ``auto`` picks depends on the CPU (bf16 where it is native).
     for precision in ("fp32", "bf16"):
         predictor = synthetic_predictor("tiny", members=1, input_size=32, device="cpu", precision=precision)
@@ -183,9 +185,8 @@ def test_only_large_stride_one_pointwise_convs_become_gemms():
     assert [type(m) for m in net] == [PointwiseConv3d, torch.nn.Conv3d, torch.nn.Conv3d]
     assert list(net.state_dict()) == keys
     assert describe(net) == "large 1³ convs as GEMMs"
-    assert rewrite_for_cpu(torch.nn.Sequential(torch.nn.Conv3d(256, 512, 1)), bf16=True)[0].__class__ is (
-        torch.nn.Conv3d
-    )  # bf16 keeps oneDNN's
+    bf16 = rewrite_for_cpu(torch.nn.Sequential(torch.nn.Conv3d(256, 512, 1)), bf16=True)
+    assert type(bf16[0]) is Bf16SafeConv3d  # bf16 keeps oneDNN's conv (guarded for training), not a GEMM
 
 
 def _poison_freed_memory() -> None:

@@ -363,7 +363,7 @@ def train_step(opts: dict) -> dict:
     with the CPU bf16 kernels), ``fp16-cl`` (CUDA) and ``default``: exactly what the trainer runs by
     default here (on CPU that includes medcli's CPU kernels, so it is its own row); ``fp32-kernels`` where
     that default is bf16 (:func:`train_candidates`)."""
-    from medcli.engine.cpu_kernels import describe, guard_bf16_weight_grads, rewrite_for_cpu
+    from medcli.engine.cpu_kernels import describe, rewrite_for_cpu
     from medcli.engine.speed import train_step_throughput
     from medcli.models import create_model
 
@@ -400,7 +400,7 @@ def train_step(opts: dict) -> dict:
             net, mode = rewrite_for_cpu(copy.deepcopy(model), bf16=False), "fp32-cl"
             kernels = f"fp32 + channels_last_3d; {describe(net)}"
         elif mode.startswith("bf16") and device.type == "cpu":
-            net = guard_bf16_weight_grads(rewrite_for_cpu(copy.deepcopy(model), bf16=True))  # the trainer's
+            net = rewrite_for_cpu(copy.deepcopy(model), bf16=True)  # the trainer's CPU bf16 path
         else:
             net = copy.deepcopy(model)
         nets[name] = (net, mode)
@@ -1072,11 +1072,12 @@ def evaluate_targets(report: dict) -> list[dict[str, Any]]:
         )
         # The forward section's random input drives a random model to P(HGG) near 0 or 1, where
         # probabilities hide logit differences; predict's synthetic full-size scan gives a P(HGG) in between.
-        diffs = {"forward section's input": inf.get("max_abs_p_diff_bf16_vs_fp32"), "predict's scan": None}
+        diffs = {}
+        if inf.get("max_abs_p_diff_bf16_vs_fp32") is not None:
+            diffs["forward section's input"] = inf["max_abs_p_diff_bf16_vs_fp32"]
         default, fp32 = (pr["modes"].get(k, {}) for k in ("default", "fp32")) if _measured(pr) else ({}, {})
         if default.get("resolved", {}).get("precision") == "bf16" and "p_hgg" in fp32:
             diffs["predict's scan"] = abs(default["p_hgg"] - fp32["p_hgg"])
-        diffs = {k: v for k, v in diffs.items() if v is not None}
         diff = max(diffs.values(), default=None)
         add(
             "bf16_probs",

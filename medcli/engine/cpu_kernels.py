@@ -31,7 +31,7 @@ kernels.  Used by the predictor's fast path and the trainer on CPU (:func:`rewri
 
 Correctness, not speed: under bf16 training every other plain conv becomes a :class:`Bf16SafeConv3d`,
 which computes in float32 on volumes shallower than its kernel, where oneDNN's AVX512-BF16 kernel got the
-weight gradient wrong (:func:`guard_bf16_weight_grads`; applied with ``MEDCLI_CPU_KERNELS=0`` too).
+weight gradient wrong (applied with ``MEDCLI_CPU_KERNELS=0`` too).
 
 All replacements are ``nn.Conv3d`` subclasses that take over the original's parameter objects under the
 same attribute name, so checkpoints, EMA copies and optimisers see the model they would have seen.
@@ -117,21 +117,19 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
 class Bf16SafeConv3d(nn.Conv3d):
     """A zero-padded Conv3d whose weight gradient is right under bf16 autocast on every CPU: it runs in
     float32 on volumes shallower than its kernel (:func:`conv3d`).  The trainer's CPU bf16 path puts it in
-    place of every plain conv (:func:`guard_bf16_weight_grads`)."""
+    place of every plain conv (:func:`rewrite_for_cpu`)."""
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return conv3d(x, weight, bias, self.stride, self.padding, self.dilation)
 
 
-def guard_bf16_weight_grads(model: nn.Module) -> nn.Module:
+def _guard_bf16_weight_grads(model: nn.Module) -> None:
     """In place: every plain zero-padded Conv3d of ``model`` becomes a :class:`Bf16SafeConv3d` (same
-    parameter objects and keys).  For bf16 training on a CPU; a correctness fix, so it is applied with
-    ``MEDCLI_CPU_KERNELS=0`` too.  Returns the model."""
+    parameter objects and keys); :func:`rewrite_for_cpu` does it for bf16 training."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Conv3d and child.padding_mode == "zeros":
                 setattr(module, name, _like(Bf16SafeConv3d, child))
-    return model
 
 
 class PhaseBatchedConv3d(Bf16SafeConv3d):
@@ -275,9 +273,34 @@ def rewrite_for_cpu(
     other keys, no autograd).  Without native bf16 oneDNN emulates it, and the autocast path stays.
     In fp32, ``fp32_kernels`` (one of :data:`FP32_KERNELS`; default: what pays off on this CPU,
     :func:`fp32_kernels_here`) chooses the rewrites.  Returns the model.  ``MEDCLI_CPU_KERNELS=0`` leaves
-    it as it is (oneDNN's convs throughout)."""
-    if switches.switched_off(switches.CPU_KERNELS):
-        return model
+    the speed rewrites out (oneDNN's convs throughout); bf16 training keeps the weight-gradient guard
+    (:func:`_guard_bf16_weight_grads`) either way, being a correctness fix."""
+    if not switches.switched_off(switches.CPU_KERNELS):
+        model = _speed_rewrites(model, bf16=bf16, inference=inference, fp32_kernels=fp32_kernels)
+    if bf16 and not inference:
+        _guard_bf16_weight_grads(model)
+    return model
+
+
+def _speed_rewrites(model: nn.Module, *, bf16: bool, inference: bool, fp32_kernels: str | None) -> nn.Module:
+    if bf16 and inference:
+        if cpu_bf16.applies(model) and cpu_has_fast_bf16():
+            return cpu_bf16.rewrite_for_bf16_inference(model)
+    if bf16 and type(getattr(model, "conv1", None)) is nn.Conv3d:
+        model.conv1 = _like(Float32Conv3d, model.conv1)
+    kernels = fp32_kernels or fp32_kernels_here()
+    if kernels not in FP32_KERNELS:
+        raise ValueError(f"fp32_kernels must be one of {FP32_KERNELS}, not {kernels!r}")
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if not bf16:
+                cls = _fp32_rewrite(child, kernels)
+                if cls is not None:
+                    setattr(module, name, _like(cls, child))
+            elif TapwiseConv3d.applies(child):
+                use = PhaseBatchedConv3d if child.dilation[0] < 4 else TapwiseConv3d
+                setattr(module, name, _like(use, child))
+    return model
     if bf16 and inference:
         if cpu_bf16.applies(model) and cpu_has_fast_bf16():
             return cpu_bf16.rewrite_for_bf16_inference(model)

@@ -31,7 +31,7 @@ from medcli.engine import checkpoint as ckpt_io
 from medcli.engine import distributed as dist
 from medcli.engine import speed
 from medcli.engine.config import TrainConfig
-from medcli.engine.cpu_kernels import describe, guard_bf16_weight_grads, rewrite_for_cpu
+from medcli.engine.cpu_kernels import describe, rewrite_for_cpu
 from medcli.engine.devices import select_device
 from medcli.engine.ema import create_ema, ema_checkpoint, restore_ema
 from medcli.engine.events import (
@@ -146,10 +146,7 @@ def place_model(model: nn.Module, device: torch.device, precision: Precision) ->
     was rewritten (None where nothing was), for the log.  ``medcli bench`` times its train step this way."""
     rewrites = None
     if device.type == "cpu":
-        bf16 = precision.amp_dtype is torch.bfloat16
-        rewrites = describe(rewrite_for_cpu(model, bf16=bf16))
-        if bf16:
-            guard_bf16_weight_grads(model)  # right weight gradients on tiny grids (not a speed rewrite)
+        rewrites = describe(rewrite_for_cpu(model, bf16=precision.amp_dtype is torch.bfloat16))
     fmt = torch.channels_last_3d if precision.channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt)
     return rewrites
